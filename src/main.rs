@@ -1,0 +1,2 @@
+//! tollgate binary entry point.
+fn main() {}
