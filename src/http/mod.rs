@@ -1,0 +1,2 @@
+//! HTTP layer (axum): routers and handlers.
+pub mod admin;

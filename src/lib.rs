@@ -1,0 +1,4 @@
+//! tollgate library crate: module registry.
+pub mod billing;
+pub mod http;
+pub mod store;
