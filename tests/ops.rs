@@ -36,7 +36,7 @@ impl Drop for Server {
 fn start(config: &std::path::Path) -> Server {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
         .args(["--listen", &addr.to_string()])
@@ -51,6 +51,8 @@ fn start(config: &std::path::Path) -> Server {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("tollgate did not start listening on {addr}");
 }
 
