@@ -56,6 +56,7 @@ fn params(id: &str, model: &str, prompt: u64, max_out: u64) -> HoldParams {
         request_id: id.to_string(),
         model: model.to_string(),
         provider: None,
+        fallback_providers: Vec::new(),
         prompt_tokens_estimate: prompt,
         max_output_tokens: max_out,
     }

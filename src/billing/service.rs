@@ -48,6 +48,18 @@ impl Default for BillingSettings {
 }
 
 impl BillingSettings {
+    /// Settings from the resolved config (`[database]`, `[auth]`, `[billing]`).
+    pub fn from_config(cfg: &crate::config::Config) -> BillingSettings {
+        BillingSettings {
+            database_url: cfg.database_url.clone(),
+            secret_env: cfg.auth.secret_env.clone(),
+            secret_file: cfg.auth.secret_file.clone(),
+            hold_ttl: cfg.billing.hold_ttl,
+            sweep_interval: cfg.billing.sweep_interval,
+            allow_unpriced: cfg.billing.allow_unpriced,
+        }
+    }
+
     /// The secret file actually used: configured, or next to the SQLite database.
     pub fn effective_secret_file(&self) -> Option<PathBuf> {
         self.secret_file.clone().or_else(|| {
@@ -144,6 +156,8 @@ pub struct HoldParams {
     pub model: String,
     /// Provider of the chosen route, if known (prices may differ per route).
     pub provider: Option<String>,
+    /// Other providers the request may fail over to; the hold covers the dearest of them all.
+    pub fallback_providers: Vec<String>,
     pub prompt_tokens_estimate: u64,
     /// min(max_tokens requested, model max output) — the caller clamps.
     pub max_output_tokens: u64,
@@ -157,7 +171,10 @@ pub struct Hold {
     pub account_id: String,
     pub key_id: Option<String>,
     pub amount: Micros,
+    /// The price the hold was computed at (the dearest candidate route).
     pub price: PriceRow,
+    /// Prices of every candidate route by provider; settlement uses the serving route's.
+    pub route_prices: Vec<(String, PriceRow)>,
     pub model: String,
     pub provider: Option<String>,
     pub expires_at: i64,
@@ -357,20 +374,31 @@ impl Billing {
         &self,
         entries: &[(String, String, PriceSpec)],
     ) -> Result<usize, BillingError> {
-        let mut written = 0;
         let now = now_ms();
+        let mut rows = Vec::with_capacity(entries.len());
         for (model, provider, spec) in entries {
-            let row = spec
-                .to_row(model, provider, "config", now)
-                .map_err(|e| BillingError::Invalid(format!("price of {model}: {e}")))?;
-            let hist = self.store.price_history(model).await?;
+            rows.push(
+                spec.to_row(model, provider, "config", now)
+                    .map_err(|e| BillingError::Invalid(format!("price of {model}: {e}")))?,
+            );
+        }
+        self.sync_config_price_rows(&rows).await
+    }
+
+    /// Like [`sync_config_prices`](Self::sync_config_prices) for ready price rows.
+    pub async fn sync_config_price_rows(&self, rows: &[PriceRow]) -> Result<usize, BillingError> {
+        let mut written = 0;
+        for row in rows {
+            let hist = self.store.price_history(&row.model).await?;
             let last_config = hist
                 .iter()
                 .rev()
-                .find(|p| p.provider == *provider && p.source == "config");
-            if last_config.is_some_and(|p| p.same_amounts(&row)) {
+                .find(|p| p.provider == row.provider && p.source == "config");
+            if last_config.is_some_and(|p| p.same_amounts(row)) {
                 continue;
             }
+            let mut row = row.clone();
+            row.source = "config".to_string();
             self.store.insert_price(&row).await?;
             written += 1;
         }
@@ -387,15 +415,34 @@ impl Billing {
     /// Holds the worst-case cost before the upstream call. Fails with `InsufficientCredits`
     /// (HTTP 402) without any upstream call when the available balance is too low.
     pub async fn hold(&self, p: &Principal, params: &HoldParams) -> Result<Hold, BillingError> {
-        let price = match self
-            .price_for(&params.model, params.provider.as_deref())
-            .await?
-        {
-            Some(pr) => pr,
-            None if self.settings.allow_unpriced => free_price(&params.model),
-            None => return Err(BillingError::NoPrice(params.model.clone())),
+        let mut candidates: Vec<Option<&str>> = vec![params.provider.as_deref()];
+        candidates.extend(params.fallback_providers.iter().map(|s| Some(s.as_str())));
+        let mut route_prices = Vec::new();
+        let mut dearest: Option<(Micros, PriceRow)> = None;
+        for prov in candidates {
+            let price = match self.price_for(&params.model, prov).await? {
+                Some(pr) => pr,
+                None if self.settings.allow_unpriced => free_price(&params.model),
+                None => return Err(BillingError::NoPrice(params.model.clone())),
+            };
+            let amount = hold_amount(
+                &price,
+                params.prompt_tokens_estimate,
+                params.max_output_tokens,
+            );
+            if dearest.as_ref().is_none_or(|(a, _)| amount > *a) {
+                dearest = Some((amount, price.clone()));
+            }
+            if let Some(name) = prov {
+                route_prices.push((name.to_string(), price));
+            }
+        }
+        let Some((_, price)) = dearest else {
+            return Err(BillingError::NoPrice(params.model.clone()));
         };
-        self.hold_at_price(p, params, price).await
+        let mut hold = self.hold_at_price(p, params, price).await?;
+        hold.route_prices = route_prices;
+        Ok(hold)
     }
 
     /// Like [`hold`](Self::hold) with an explicit price.
@@ -433,6 +480,7 @@ impl Billing {
                 key_id: Some(p.key_id.clone()),
                 amount,
                 price,
+                route_prices: Vec::new(),
                 model: params.model.clone(),
                 provider: params.provider.clone(),
                 expires_at,
@@ -461,8 +509,13 @@ impl Billing {
         input: &SettleInput,
     ) -> Result<Settlement, BillingError> {
         let latency = i64::try_from(hold.started.elapsed().as_millis()).ok();
+        let price = input
+            .provider
+            .as_deref()
+            .and_then(|prov| hold.route_prices.iter().find(|(n, _)| n == prov))
+            .map_or(&hold.price, |(_, pr)| pr);
         let (state, cost, charged) = if input.delivered {
-            let cost = compute_cost(&hold.price, &input.usage);
+            let cost = compute_cost(price, &input.usage);
             (FinalState::Settled, cost, cost.total.min(hold.amount))
         } else {
             (FinalState::Released, Cost::default(), 0)

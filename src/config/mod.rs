@@ -76,6 +76,8 @@ struct RawConfig {
     #[serde(default)]
     database: Option<RawDatabase>,
     #[serde(default)]
+    billing: RawBilling,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -95,10 +97,24 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     required: Option<bool>,
+    /// Replaced by database keys; present only to give an upgrade message.
     #[serde(default)]
     static_keys_env: Vec<String>,
+    /// Replaced by database keys; present only to give an upgrade message.
     #[serde(default)]
     static_keys: Vec<String>,
+    /// Environment variable holding the server secret for API-key digests.
+    secret_env: Option<String>,
+    /// File holding the server secret when the variable is unset.
+    secret_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBilling {
+    hold_ttl_secs: Option<u64>,
+    sweep_interval_secs: Option<u64>,
+    allow_unpriced: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +189,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub database_url: String,
+    pub billing: BillingConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
 }
@@ -189,8 +206,18 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub required: bool,
-    /// Accepted static keys (from the file and from the named environment variables).
-    pub static_keys: Vec<String>,
+    /// Environment variable holding the server secret (default `TOLLGATE_SECRET`).
+    pub secret_env: String,
+    /// Secret file used when the variable is unset (default: next to the SQLite database).
+    pub secret_file: Option<PathBuf>,
+}
+
+/// `[billing]`: hold lifetime, sweeper interval, unpriced models.
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    pub hold_ttl: Duration,
+    pub sweep_interval: Duration,
+    pub allow_unpriced: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +267,8 @@ pub struct RouteConfig {
     pub provider: String,
     pub upstream_model: String,
     pub price: Price,
+    /// The config gave a price (`price_per_mtok`); unpriced routes are refused when billing.
+    pub priced: bool,
     pub weight: u32,
     pub model_path: Option<PathBuf>,
 }
@@ -344,22 +373,26 @@ fn resolve(
         metrics: raw.server.metrics.unwrap_or(true),
     };
 
-    let mut static_keys = raw.auth.static_keys;
-    for var in &raw.auth.static_keys_env {
-        match env(var) {
-            Some(v) if !v.is_empty() => {
-                static_keys.extend(v.split(',').map(|s| s.trim().to_string()))
-            }
-            _ => {
-                return Err(format!(
-                    "[auth] static_keys_env names {var}, which is not set"
-                ))
-            }
-        }
+    if !raw.auth.static_keys.is_empty() || !raw.auth.static_keys_env.is_empty() {
+        return Err("[auth] static_keys / static_keys_env were replaced by database keys: remove them and \
+             create keys with `tollgate accounts create NAME` and `tollgate keys create --account NAME`"
+            .to_string());
     }
     let auth = AuthConfig {
         required: raw.auth.required.unwrap_or(true),
-        static_keys,
+        secret_env: raw
+            .auth
+            .secret_env
+            .unwrap_or_else(|| "TOLLGATE_SECRET".to_string()),
+        secret_file: raw.auth.secret_file.map(|f| match base_dir {
+            Some(d) if Path::new(&f).is_relative() => d.join(f),
+            _ => PathBuf::from(f),
+        }),
+    };
+    let billing = BillingConfig {
+        hold_ttl: Duration::from_secs(raw.billing.hold_ttl_secs.unwrap_or(3600).max(1)),
+        sweep_interval: Duration::from_secs(raw.billing.sweep_interval_secs.unwrap_or(30).max(1)),
+        allow_unpriced: raw.billing.allow_unpriced.unwrap_or(false),
     };
 
     let mut providers = Vec::with_capacity(raw.providers.len());
@@ -460,6 +493,7 @@ fn resolve(
                         .map(str::to_string)
                 })
                 .unwrap_or_else(|| m.id.clone());
+            let priced = r.price_per_mtok.is_some();
             let price = match r.price_per_mtok {
                 Some(p) => Price {
                     input: usd_to_micros(&format!("model {:?} price input", m.id), p.input)?,
@@ -488,6 +522,7 @@ fn resolve(
                 provider: r.provider,
                 upstream_model,
                 price,
+                priced,
                 weight: r.weight.unwrap_or(1),
                 model_path,
             });
@@ -537,6 +572,7 @@ fn resolve(
         server,
         auth,
         database_url,
+        billing,
         providers,
         models,
     })

@@ -58,6 +58,11 @@ impl Gateway {
         &self.catalog
     }
 
+    /// The sink every request's outcome goes to (log line and metrics).
+    pub fn sink(&self) -> Arc<dyn OutcomeSink> {
+        self.sink.clone()
+    }
+
     /// Finds the model and validates the request for it.
     pub fn prepare(&self, mut request: ChatRequest) -> Result<Prepared, GatewayError> {
         let model = match self.catalog.get(&request.model) {

@@ -23,7 +23,6 @@ pub fn router(billing: Arc<Billing>) -> Router {
         .route("/v1/account", get(get_account))
         .route("/v1/usage", get(get_usage))
         .route("/v1/requests/{id}", get(get_request))
-        .route("/v1/models/{id}/pricing-history", get(get_pricing_history))
         .route(
             "/admin/v1/accounts",
             get(admin_list_accounts).post(admin_create_account),
@@ -324,18 +323,15 @@ async fn get_request(
     Ok(Json(request_json(&r)))
 }
 
-async fn get_pricing_history(
-    State(b): State<Arc<Billing>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    principal(&b, &headers).await?;
-    let hist = b.price_history(&id).await?;
+/// `GET /v1/models/{id}/pricing-history` (routed by the models handler; the caller is authenticated).
+pub async fn pricing_history_response(b: &Billing, model: &str) -> Result<Response, BillingError> {
+    let hist = b.price_history(model).await?;
     Ok(Json(json!({
         "object": "list",
-        "model": id,
+        "model": model,
         "data": hist.iter().map(price_json).collect::<Vec<_>>(),
-    })))
+    }))
+    .into_response())
 }
 
 async fn admin_list_accounts(

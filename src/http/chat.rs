@@ -10,8 +10,9 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
 use super::error::ApiError;
-use super::{authorize, sse, AppState, RequestId};
+use super::{authorize, billing, sse, AppState, RequestId};
 use crate::error::GatewayError;
+use crate::gateway::usage::Metered;
 use crate::gateway::{estimate_prompt_tokens, Answer};
 use crate::openai::{self, wire::Envelope};
 
@@ -54,12 +55,30 @@ pub async fn chat_completions(
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_default();
-    authorize(&state, req.headers())?;
+    let principal = authorize(&state, req.headers()).await?;
     let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
     let parsed = openai::parse_chat_request(&body)?;
     let prepared = state.gateway.prepare(parsed)?;
     let prompt_estimate = estimate_prompt_tokens(&prepared.request);
-    let (answer, served) = state.gateway.dispatch(&prepared, &request_id).await?;
+    // Hold the worst case before any upstream call (402 insufficient_credits otherwise).
+    let ticket = billing::hold(
+        &state,
+        principal.as_ref(),
+        &prepared,
+        &request_id,
+        prompt_estimate,
+    )
+    .await?;
+    let (answer, served) = match state.gateway.dispatch(&prepared, &request_id).await {
+        Ok(x) => x,
+        Err(e) => {
+            // nothing was delivered: charge 0
+            if let Some(t) = ticket {
+                t.release("upstream_error").await;
+            }
+            return Err(e.into());
+        }
+    };
     let model_id = prepared.model.id.as_str();
     let template = state.gateway.outcome(&request_id, model_id, &served);
     let show_reasoning = !prepared.request.reasoning.exclude;
@@ -71,27 +90,43 @@ pub async fn chat_completions(
 
     let mut resp = match answer {
         Answer::Complete(r) => {
-            state
+            let usage = state
                 .gateway
                 .record_complete(template, &r, prompt_estimate, started);
+            // Settle before answering, so the cost shown is the cost charged.
+            let cost = match ticket {
+                Some(t) => t.settle_complete(&served, &usage, r.usage.is_none()).await,
+                None => None,
+            };
             let env = Envelope {
                 id: &completion_id,
                 created,
                 model: model_id,
                 provider: &served.provider,
             };
-            let json = openai::wire::completion_json(&env, &r, show_reasoning, None);
-            (
+            let json = openai::wire::completion_json(&env, &r, show_reasoning, cost);
+            let mut resp = (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
                 json,
             )
-                .into_response()
+                .into_response();
+            if let Some(c) = cost.and_then(|c| i64::try_from(c).ok()) {
+                if let Ok(v) = HeaderValue::from_str(&crate::billing::format_usd(c)) {
+                    resp.headers_mut().insert("x-tollgate-cost-usd", v);
+                }
+            }
+            resp
         }
         Answer::Stream(stream) => {
-            let metered = state
-                .gateway
-                .meter_stream(stream, template, prompt_estimate, started);
+            let (sink, cost) = match ticket {
+                Some(t) => {
+                    let (sink, rx) = t.into_sink(state.gateway.sink());
+                    (sink, Some(rx))
+                }
+                None => (state.gateway.sink(), None),
+            };
+            let metered = Metered::new(stream, sink, template, prompt_estimate, started);
             let body = sse::chat_sse(
                 metered,
                 sse::ChatSseOptions {
@@ -102,6 +137,7 @@ pub async fn chat_completions(
                     include_usage: prepared.request.include_usage,
                     show_reasoning,
                     keepalive: state.config.server.keepalive,
+                    cost,
                 },
             );
             let mut r = Response::new(Body::from_stream(body));
