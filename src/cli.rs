@@ -43,7 +43,7 @@ pub enum Command {
         command: ConfigCommand,
     },
     #[command(flatten)]
-    Billing(crate::billing::cli::BillingCommand),
+    Billing(Box<crate::billing::cli::BillingCommand>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,7 +114,7 @@ pub fn main() -> ExitCode {
                 }
             };
             let mut out = std::io::stdout();
-            match runtime.block_on(crate::billing::cli::run(cmd, settings, &mut out)) {
+            match runtime.block_on(crate::billing::cli::run(*cmd, settings, &mut out)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
