@@ -2,6 +2,9 @@
 
 pub mod chat;
 pub mod error;
+mod events;
+pub mod messages;
+pub mod responses;
 mod sse;
 
 use std::net::SocketAddr;
@@ -37,6 +40,8 @@ pub struct RequestId(pub String);
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/healthz", get(healthz))
