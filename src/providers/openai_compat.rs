@@ -538,7 +538,8 @@ struct UpMessage {
     refusal: Option<Value>,
 }
 
-fn parse_completion(body: &[u8]) -> Result<ChatResponse, String> {
+/// Parses a non-streamed OpenAI-like answer (any dialect's quirks) into the internal model.
+pub fn parse_completion(body: &[u8]) -> Result<ChatResponse, String> {
     let up: UpCompletion = serde_json::from_slice(body)
         .map_err(|e| format!("the upstream answer is not a chat completion: {e}"))?;
     if let Some(err) = up.error {
@@ -705,6 +706,25 @@ impl StreamNormaliser {
             system_fingerprint: up.system_fingerprint,
         }))
     }
+}
+
+/// Normalises a whole recorded stream (each SSE `data` payload in order), as the live adapter
+/// does: for golden tests and tools. Stops at `[DONE]`; an upstream error ends it with `Err`.
+pub fn normalise_stream(events: &[String]) -> Result<Vec<ChatChunk>, String> {
+    let mut n = StreamNormaliser::default();
+    let mut out = Vec::new();
+    for data in events {
+        if let Some(c) = n.event(&SseEvent {
+            event: None,
+            data: data.clone(),
+        })? {
+            out.push(c);
+        }
+        if n.done {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 fn error_message(err: &Value) -> String {
