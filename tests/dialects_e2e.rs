@@ -17,8 +17,8 @@ async fn start(behavior: Behavior) -> (FakeUpstream, Tollgate) {
         .provider(Provider::new("moonshot", "moonshot", &up.base_url()))
         .model(
             Model::new("kimi-k2.6")
-                .set("input_modalities", "[\"text\", \"image\"]")
                 .set("reasoning_efforts", "false")
+                .set("fixed_parameters", "[\"temperature\", \"top_p\"]")
                 .route(Route::new("moonshot", "kimi-k2.6")),
         )
         .start()
@@ -59,7 +59,9 @@ fn fold_anthropic_stream(body: &str) -> (Vec<Value>, String) {
     let mut stop = String::new();
     let mut partial: Vec<String> = Vec::new();
     for f in sse::parse(body) {
-        let sse::Frame::Data { event, data } = f else { continue };
+        let sse::Frame::Data { event, data } = f else {
+            continue;
+        };
         let v: Value = serde_json::from_str(&data).expect("event json");
         let name = event.expect("every Anthropic event is named");
         assert_eq!(v["type"], name.as_str());
@@ -74,21 +76,26 @@ fn fold_anthropic_stream(body: &str) -> (Vec<Value>, String) {
                 let d = &v["delta"];
                 match d["type"].as_str().unwrap_or("") {
                     "text_delta" => {
-                        let t = blocks[i]["text"].as_str().unwrap_or("").to_string() + d["text"].as_str().unwrap_or("");
+                        let t = blocks[i]["text"].as_str().unwrap_or("").to_string()
+                            + d["text"].as_str().unwrap_or("");
                         blocks[i]["text"] = json!(t);
                     }
                     "thinking_delta" => {
-                        let t = blocks[i]["thinking"].as_str().unwrap_or("").to_string() + d["thinking"].as_str().unwrap_or("");
+                        let t = blocks[i]["thinking"].as_str().unwrap_or("").to_string()
+                            + d["thinking"].as_str().unwrap_or("");
                         blocks[i]["thinking"] = json!(t);
                     }
-                    "input_json_delta" => partial[i].push_str(d["partial_json"].as_str().unwrap_or("")),
+                    "input_json_delta" => {
+                        partial[i].push_str(d["partial_json"].as_str().unwrap_or(""))
+                    }
                     other => panic!("unexpected delta {other}"),
                 }
             }
             "content_block_stop" => {
                 let i = v["index"].as_u64().expect("index") as usize;
                 if blocks[i]["type"] == "tool_use" {
-                    blocks[i]["input"] = serde_json::from_str(&partial[i]).expect("tool input json");
+                    blocks[i]["input"] =
+                        serde_json::from_str(&partial[i]).expect("tool input json");
                 }
             }
             "message_delta" => stop = v["delta"]["stop_reason"].as_str().unwrap_or("").to_string(),
@@ -110,7 +117,9 @@ async fn ten_turn_thinking_tools_conversation_over_messages() {
     let url = tg.url("/v1/messages");
     let mut messages: Vec<Value> = Vec::new();
     for turn in 0..10 {
-        messages.push(json!({"role": "user", "content": format!("turn {turn}: weather and time in Paris?")}));
+        messages.push(
+            json!({"role": "user", "content": format!("turn {turn}: weather and time in Paris?")}),
+        );
         for phase in 0..2 {
             let stream = (turn + phase) % 2 == 1;
             let body = json!({"model": "kimi-k2.6", "max_tokens": 4096, "stream": stream,
@@ -125,9 +134,15 @@ async fn ten_turn_thinking_tools_conversation_over_messages() {
             } else {
                 let v: Value = serde_json::from_str(&text).expect("json");
                 assert_eq!(v["type"], "message");
-                (v["content"].as_array().cloned().unwrap_or_default(), v["stop_reason"].as_str().unwrap_or("").to_string())
+                (
+                    v["content"].as_array().cloned().unwrap_or_default(),
+                    v["stop_reason"].as_str().unwrap_or("").to_string(),
+                )
             };
-            assert_eq!(blocks[0]["type"], "thinking", "thinking comes first: {blocks:?}");
+            assert_eq!(
+                blocks[0]["type"], "thinking",
+                "thinking comes first: {blocks:?}"
+            );
             messages.push(json!({"role": "assistant", "content": blocks.clone()}));
             if phase == 0 {
                 assert_eq!(stop, "tool_use");
@@ -188,7 +203,10 @@ async fn ten_turn_conversation_with_a_client_that_drops_reasoning() {
             } else {
                 let v: Value = serde_json::from_str(&text).expect("json");
                 let m = &v["choices"][0]["message"];
-                (m["content"].as_str().unwrap_or("").to_string(), m["tool_calls"].as_array().cloned().unwrap_or_default())
+                (
+                    m["content"].as_str().unwrap_or("").to_string(),
+                    m["tool_calls"].as_array().cloned().unwrap_or_default(),
+                )
             };
             // The client keeps content and tool calls only.
             let mut a = json!({"role": "assistant", "content": content});
@@ -199,7 +217,8 @@ async fn ten_turn_conversation_with_a_client_that_drops_reasoning() {
             if phase == 0 {
                 assert_eq!(calls.len(), 2, "{text}");
                 for c in &calls {
-                    messages.push(json!({"role": "tool", "tool_call_id": c["id"], "content": "18C"}));
+                    messages
+                        .push(json!({"role": "tool", "tool_call_id": c["id"], "content": "18C"}));
                 }
             }
         }
@@ -213,67 +232,129 @@ async fn ten_turn_conversation_with_a_client_that_drops_reasoning() {
         .filter(|m| m.get("tool_calls").is_some())
         .filter(|m| m["reasoning_content"] == want.as_str())
         .count();
-    assert_eq!(restored, 10, "every tool-call turn got its real reasoning back");
+    assert_eq!(
+        restored, 10,
+        "every tool-call turn got its real reasoning back"
+    );
 }
 
 #[tokio::test]
 async fn anthropic_errors_have_anthropic_shape_and_529_for_overload() {
-    let (_up, tg) = start(Behavior::status_json(429, "engine_overloaded_error", "The engine is currently overloaded")).await;
-    let r = post(&tg.url("/v1/messages"), &json!({"model": "kimi-k2.6", "max_tokens": 10,
-        "messages": [{"role": "user", "content": "hi"}]})).await;
+    let (_up, tg) = start(Behavior::status_json(
+        429,
+        "engine_overloaded_error",
+        "The engine is currently overloaded",
+    ))
+    .await;
+    let r = post(
+        &tg.url("/v1/messages"),
+        &json!({"model": "kimi-k2.6", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(r.status(), 529);
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "overloaded_error");
-    let r = post(&tg.url("/v1/messages"), &json!({"model": "nope", "max_tokens": 10,
-        "messages": [{"role": "user", "content": "hi"}]})).await;
+    let r = post(
+        &tg.url("/v1/messages"),
+        &json!({"model": "nope", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.expect("json");
-    assert_eq!((v["type"].as_str(), v["error"]["type"].as_str()), (Some("error"), Some("not_found_error")));
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["type"].as_str()),
+        (Some("error"), Some("not_found_error"))
+    );
 }
 
 #[tokio::test]
 async fn kimi_request_quirks_reach_moonshot() {
     let (up, tg) = start(Behavior::moonshot()).await;
     // tool_choice "required" is emulated; an effort becomes thinking on; temperature is dropped.
-    let r = post(&tg.url("/v1/chat/completions"), &json!({"model": "kimi-k2.6", "tools": tools_chat(),
+    let r = post(
+        &tg.url("/v1/chat/completions"),
+        &json!({"model": "kimi-k2.6", "tools": tools_chat(),
         "tool_choice": "required", "reasoning_effort": "low", "temperature": 0.2,
-        "messages": [{"role": "user", "content": "hi"}]})).await;
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
-    let warning = r.headers().get("x-tollgate-warning").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let warning = r
+        .headers()
+        .get("x-tollgate-warning")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     assert!(warning.contains("effort"), "{warning}");
     let sent = up.last_request().expect("request").json();
     assert_eq!(sent["tool_choice"], "auto");
     assert_eq!(sent["thinking"], json!({"type": "enabled"}));
     assert!(sent.get("reasoning_effort").is_none() && sent.get("temperature").is_none());
-    assert_eq!(sent["messages"].as_array().and_then(|m| m.last()).map(|m| m["role"].clone()), Some(json!("user")));
+    assert_eq!(
+        sent["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .map(|m| m["role"].clone()),
+        Some(json!("user"))
+    );
     // A named tool with thinking on cannot be emulated: a clear 400.
-    let r = post(&tg.url("/v1/chat/completions"), &json!({"model": "kimi-k2.6", "tools": tools_chat(),
+    let r = post(
+        &tg.url("/v1/chat/completions"),
+        &json!({"model": "kimi-k2.6", "tools": tools_chat(),
         "tool_choice": {"type": "function", "function": {"name": "get_time"}},
-        "messages": [{"role": "user", "content": "hi"}]})).await;
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["error"]["param"], "tool_choice");
     // Contradictory thinking spellings name both.
-    let r = post(&tg.url("/v1/chat/completions"), &json!({"model": "kimi-k2.6",
+    let r = post(
+        &tg.url("/v1/chat/completions"),
+        &json!({"model": "kimi-k2.6",
         "thinking": {"type": "disabled"}, "reasoning": {"enabled": true},
-        "messages": [{"role": "user", "content": "hi"}]})).await;
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.expect("json");
     let msg = v["error"]["message"].as_str().unwrap_or("");
-    assert!(msg.contains("thinking.type") && msg.contains("reasoning.enabled"), "{msg}");
+    assert!(
+        msg.contains("thinking.type") && msg.contains("reasoning.enabled"),
+        "{msg}"
+    );
     // Anthropic prefill becomes Moonshot partial mode.
-    let r = post(&tg.url("/v1/messages"), &json!({"model": "kimi-k2.6", "max_tokens": 100,
-        "messages": [{"role": "user", "content": "json"}, {"role": "assistant", "content": "{"}]})).await;
+    let r = post(
+        &tg.url("/v1/messages"),
+        &json!({"model": "kimi-k2.6", "max_tokens": 100,
+        "messages": [{"role": "user", "content": "json"}, {"role": "assistant", "content": "{"}]}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let sent = up.last_request().expect("request").json();
-    assert_eq!(sent["messages"][1], json!({"role": "assistant", "content": "{", "partial": true}));
+    assert_eq!(
+        sent["messages"][1],
+        json!({"role": "assistant", "content": "{", "partial": true})
+    );
     // Video to a model without video is a 400 that names the models accepting video (none here).
-    let r = post(&tg.url("/v1/chat/completions"), &json!({"model": "kimi-k2.6", "messages": [{"role": "user",
-        "content": [{"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]}]})).await;
+    let r = post(
+        &tg.url("/v1/chat/completions"),
+        &json!({"model": "kimi-k2.6", "messages": [{"role": "user",
+        "content": [{"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]}]}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.expect("json");
-    assert!(v["error"]["message"].as_str().unwrap_or("").contains("video"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("video"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -287,17 +368,29 @@ async fn responses_create_and_stream() {
     assert_eq!(v["status"], "completed");
     let t = Transcript::plain();
     assert_eq!(v["output"][0]["type"], "reasoning");
-    assert_eq!(v["output"][0]["content"][0]["text"], t.reasoning_text().as_str());
-    assert_eq!(v["output"][1]["content"][0]["text"], t.content_text().as_str());
+    assert_eq!(
+        v["output"][0]["content"][0]["text"],
+        t.reasoning_text().as_str()
+    );
+    assert_eq!(
+        v["output"][1]["content"][0]["text"],
+        t.content_text().as_str()
+    );
     assert_eq!(v["usage"]["input_tokens"], t.usage.prompt_tokens);
-    let r = post(&url, &json!({"model": "kimi-k2.6", "input": "weather?", "stream": true,
+    let r = post(
+        &url,
+        &json!({"model": "kimi-k2.6", "input": "weather?", "stream": true,
         "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}},
-                  {"type": "function", "name": "get_time", "parameters": {"type": "object"}}]})).await;
+                  {"type": "function", "name": "get_time", "parameters": {"type": "object"}}]}),
+    )
+    .await;
     let text = r.text().await.expect("body");
     let mut seq = 0;
     let mut names = Vec::new();
     for f in sse::parse(&text) {
-        let sse::Frame::Data { event, data } = f else { continue };
+        let sse::Frame::Data { event, data } = f else {
+            continue;
+        };
         let v: Value = serde_json::from_str(&data).expect("json");
         assert_eq!(v["sequence_number"], seq);
         seq += 1;
@@ -305,5 +398,11 @@ async fn responses_create_and_stream() {
     }
     assert_eq!(names.first().map(String::as_str), Some("response.created"));
     assert_eq!(names.last().map(String::as_str), Some("response.completed"));
-    assert_eq!(names.iter().filter(|n| *n == "response.function_call_arguments.done").count(), 2);
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| *n == "response.function_call_arguments.done")
+            .count(),
+        2
+    );
 }

@@ -54,7 +54,10 @@ const DIALECTS: [(&str, Dialect, &str); 4] = [
 ];
 
 fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/tests/fixtures/dialects/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/fixtures/dialects/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -100,10 +103,13 @@ fn requests_inbound_x_upstream() {
             for (name, dialect, upstream_model) in DIALECTS {
                 let body = upstream_body(dialect, &prepared.request, upstream_model, stream);
                 let mode = if stream { "stream" } else { "complete" };
-                insta::assert_json_snapshot!(format!("request__{api}__{name}__{mode}"), json!({
-                    "warnings": prepared.warnings,
-                    "body": body,
-                }));
+                insta::assert_json_snapshot!(
+                    format!("request__{api}__{name}__{mode}"),
+                    json!({
+                        "warnings": prepared.warnings,
+                        "body": body,
+                    })
+                );
             }
         }
     }
@@ -135,8 +141,9 @@ fn streamed_answer(dialect: Dialect) -> Vec<ChatChunk> {
                 .filter_map(|e| d.event(e).expect("event"))
                 .collect()
         }
-        Dialect::Openrouter => openai_compat::normalise_stream(&sse_data("openrouter_stream.sse"))
-            .expect("stream"),
+        Dialect::Openrouter => {
+            openai_compat::normalise_stream(&sse_data("openrouter_stream.sse")).expect("stream")
+        }
         Dialect::Vllm => {
             openai_compat::normalise_stream(&sse_data("vllm_stream.sse")).expect("stream")
         }
@@ -253,7 +260,9 @@ fn excluded_reasoning_is_hidden_everywhere_but_counted() {
         provider: "p",
     };
     let chat = to_json(openai::wire::completion_json(&env, &r, false, None));
-    assert!(chat["choices"][0]["message"].get("reasoning_content").is_none());
+    assert!(chat["choices"][0]["message"]
+        .get("reasoning_content")
+        .is_none());
     assert_eq!(chat["usage"]["completion_tokens"], 30);
     let msg = anthropic::outbound::message_json("m", "kimi-k2.6", &r, false);
     assert!(msg["content"]

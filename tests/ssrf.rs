@@ -60,12 +60,33 @@ async fn private_and_metadata_addresses_are_refused() {
     // A real server on loopback, so a refusal cannot be a connection error in disguise.
     let live = serve(png_response()).await;
     let f = fetcher(Vec::new());
-    assert_refused(f.fetch("http://169.254.169.254/latest/meta-data/").await, "metadata");
-    assert_refused(f.fetch(&format!("http://127.0.0.1:{}/img.png", live.port())).await, "127.0.0.1");
-    assert_refused(f.fetch(&format!("http://[::ffff:127.0.0.1]:{}/img.png", live.port())).await, "::ffff:127.0.0.1");
+    assert_refused(
+        f.fetch("http://169.254.169.254/latest/meta-data/").await,
+        "metadata",
+    );
+    assert_refused(
+        f.fetch(&format!("http://127.0.0.1:{}/img.png", live.port()))
+            .await,
+        "127.0.0.1",
+    );
+    assert_refused(
+        f.fetch(&format!(
+            "http://[::ffff:127.0.0.1]:{}/img.png",
+            live.port()
+        ))
+        .await,
+        "::ffff:127.0.0.1",
+    );
     assert_refused(f.fetch("http://10.0.0.1/img.png").await, "10/8");
-    assert_refused(f.fetch("http://10.255.255.254:8080/img.png").await, "10/8 high");
-    assert_refused(f.fetch(&format!("http://localhost:{}/img.png", live.port())).await, "localhost");
+    assert_refused(
+        f.fetch("http://10.255.255.254:8080/img.png").await,
+        "10/8 high",
+    );
+    assert_refused(
+        f.fetch(&format!("http://localhost:{}/img.png", live.port()))
+            .await,
+        "localhost",
+    );
     assert_refused(f.fetch("http://[::1]/").await, "::1");
     assert_refused(f.fetch("file:///etc/passwd").await, "file scheme");
 }
@@ -84,17 +105,40 @@ async fn allowed_test_address_is_fetched() {
 #[tokio::test]
 async fn redirects_to_localhost_or_metadata_are_refused() {
     let target = serve(png_response()).await;
-    let to_localhost = serve(redirect_to(&format!("http://localhost:{}/img.png", target.port()))).await;
+    let to_localhost = serve(redirect_to(&format!(
+        "http://localhost:{}/img.png",
+        target.port()
+    )))
+    .await;
     let to_metadata = serve(redirect_to("http://169.254.169.254/latest/meta-data/")).await;
-    let to_allowed = serve(redirect_to(&format!("http://127.0.0.1:{}/img.png", target.port()))).await;
+    let to_allowed = serve(redirect_to(&format!(
+        "http://127.0.0.1:{}/img.png",
+        target.port()
+    )))
+    .await;
     // The redirecting servers are allowed; the redirect targets are not.
     let f = fetcher(vec![to_localhost, to_metadata, to_allowed]);
-    assert_refused(f.fetch(&format!("http://127.0.0.1:{}/a", to_localhost.port())).await, "redirect to localhost");
-    assert_refused(f.fetch(&format!("http://127.0.0.1:{}/a", to_metadata.port())).await, "redirect to metadata");
-    assert_refused(f.fetch(&format!("http://127.0.0.1:{}/a", to_allowed.port())).await, "redirect to an unlisted loopback port");
+    assert_refused(
+        f.fetch(&format!("http://127.0.0.1:{}/a", to_localhost.port()))
+            .await,
+        "redirect to localhost",
+    );
+    assert_refused(
+        f.fetch(&format!("http://127.0.0.1:{}/a", to_metadata.port()))
+            .await,
+        "redirect to metadata",
+    );
+    assert_refused(
+        f.fetch(&format!("http://127.0.0.1:{}/a", to_allowed.port()))
+            .await,
+        "redirect to an unlisted loopback port",
+    );
     // Positive control: the same redirect is followed when its target is allowed too.
     let g = fetcher(vec![to_allowed, target]);
-    let got = g.fetch(&format!("http://127.0.0.1:{}/a", to_allowed.port())).await.expect("followed");
+    let got = g
+        .fetch(&format!("http://127.0.0.1:{}/a", to_allowed.port()))
+        .await
+        .expect("followed");
     assert_eq!(got.content_type, "image/png");
 }
 
@@ -111,7 +155,10 @@ async fn size_cap_is_enforced() {
         allow: vec![live],
         ..FetchPolicy::default()
     });
-    match f.fetch(&format!("http://127.0.0.1:{}/big", live.port())).await {
+    match f
+        .fetch(&format!("http://127.0.0.1:{}/big", live.port()))
+        .await
+    {
         Err(FetchError::TooLarge(..)) => {}
         other => panic!("expected TooLarge, got {other:?}"),
     }

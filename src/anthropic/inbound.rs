@@ -82,6 +82,19 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> 
         }
         thinking.insert("thinking".into(), t);
     }
+    // Other spellings a client may add (e.g. through an SDK's extra body) reduce alike, so a
+    // contradiction with `thinking` is a 400 naming both.
+    for k in [
+        "reasoning",
+        "reasoning_effort",
+        "enable_thinking",
+        "thinking_budget",
+        "include_reasoning",
+    ] {
+        if let Some(v) = obj.remove(k) {
+            thinking.insert(k.into(), v);
+        }
+    }
     let mut reasoning = parse_reasoning(&mut thinking)?;
     reasoning.exclude |= exclude;
 
