@@ -52,7 +52,8 @@ async fn stack() -> (FakeUpstream, Tollgate, Value) {
         .static_keys(&[API_KEY])
         .provider(Provider::new("moonshot", "moonshot", &up.base_url()))
         .provider(
-            Provider::new("moonshot-slow", "moonshot", &up.base_url()).set("timeout_ms", "1000"),
+            Provider::new("moonshot-slow", "moonshot", &up.base_url())
+                .set("first_byte_timeout_ms", "1000"),
         )
         .provider(Provider::new("openrouter", "openrouter", &up.base_url()))
         .model(

@@ -708,7 +708,6 @@ mod gateway {
             "logit_bias": {"1234": -100},
             "parallel_tool_calls": false,
             "thinking": {"type": "enabled", "keep": "all"},
-            "reasoning_effort": "high",
             "metadata": {"trace": "abc"},
         });
         let mut body = hello("kimi-k2.6", false);
@@ -1116,7 +1115,10 @@ mod gateway {
                     "moonshot",
                     &format!("http://{closed}/v1"),
                 ))
-                .provider(Provider::new("slowp", "moonshot", &up_base).set("timeout_ms", "1000"))
+                .provider(
+                    Provider::new("slowp", "moonshot", &up_base)
+                        .set("first_byte_timeout_ms", "1000"),
+                )
                 .model(Model::new("m-400").route(Route::new("moonshot", "f-400")))
                 .model(Model::new("m-401").route(Route::new("moonshot", "f-401")))
                 .model(Model::new("m-429").route(Route::new("moonshot", "f-429")))
