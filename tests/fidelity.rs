@@ -559,6 +559,78 @@ mod gateway {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crlf_framed_upstream_split_anywhere_parses_identically() {
+        let (up, tg) = default_stack().await;
+        for (model, b) in [
+            ("kimi-k2.6", Behavior::moonshot()),
+            ("kimi-or", Behavior::openrouter()),
+        ] {
+            let mut body = hello(model, true);
+            body["tools"] = tools();
+            body["stream_options"] = json!({"include_usage": true});
+            let (status, _, clean) = post_text(&tg, &body).await;
+            assert_eq!(status, 200, "{clean}");
+            let want = normalised(&clean);
+            up.push(b.clone().crlf());
+            let (status, _, text) = post_text(&tg, &body).await;
+            assert_eq!(status, 200, "{text}");
+            assert_eq!(
+                normalised(&text),
+                want,
+                "{model}: CRLF-framed upstream differs"
+            );
+            for seed in 10..=13u64 {
+                up.push(b.clone().crlf().split(seed));
+                let (status, _, text) = post_text(&tg, &body).await;
+                assert_eq!(status, 200, "{text}");
+                assert!(sse::ends_with_done(&text), "{model} seed {seed}: no [DONE]");
+                assert_eq!(
+                    normalised(&text),
+                    want,
+                    "{model} seed {seed}: split CRLF run differs"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_chunks_reach_client_while_upstream_still_streaming() {
+        // The upstream sends the role chunk and two reasoning deltas, then stalls forever: they
+        // must reach the client without waiting for the rest (bound 10 s, generous; a buffering
+        // gateway would never deliver them).
+        let (up, tg) = stack(Scenario::new(Behavior::moonshot().stall_after(3)), |c, _| c).await;
+        let r = post(&tg, &hello("kimi-k2.6", true)).await;
+        assert_eq!(r.status(), 200);
+        let mut s = r.bytes_stream();
+        let mut got = String::new();
+        let want = format!(
+            "{}{}",
+            Transcript::plain().reasoning[0],
+            Transcript::plain().reasoning[1]
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let chunks: Vec<Value> = sse::data_payloads(&got)
+                .iter()
+                .filter_map(|d| serde_json::from_str(d).ok())
+                .collect();
+            if sse::fold(&chunks).reasoning_content == want {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, s.next()).await {
+                Ok(Some(Ok(b))) => got.push_str(&String::from_utf8_lossy(&b)),
+                Ok(other) => panic!("stream ended early: {other:?}\n{got}"),
+                Err(_) => panic!("first deltas not delivered while the upstream streams:\n{got}"),
+            }
+        }
+        assert_eq!(
+            up.stats().streams_completed,
+            0,
+            "upstream should still be streaming"
+        );
+    }
+
     fn assert_openrouter_normalised(text: &str, t: &Transcript) {
         for c in sse::comments(text) {
             assert!(!c.contains("OPENROUTER"), "upstream comment leaked: {c:?}");
