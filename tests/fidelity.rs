@@ -631,6 +631,20 @@ mod gateway {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_upstream_event_does_not_corrupt_the_rest() {
+        // The core skips a malformed upstream event (src/providers/openai_compat.rs); everything
+        // else must come through intact, in order, and the stream must still end with [DONE].
+        let (up, tg) = default_stack().await;
+        let body = hello("kimi-k2.6", true);
+        let (_, _, clean) = post_text(&tg, &body).await;
+        up.push(Behavior::moonshot().malformed_at(3).split(5));
+        let (status, _, text) = post_text(&tg, &body).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(sse::ends_with_done(&text));
+        assert_eq!(normalised(&text), normalised(&clean));
+    }
+
     fn assert_openrouter_normalised(text: &str, t: &Transcript) {
         for c in sse::comments(text) {
             assert!(!c.contains("OPENROUTER"), "upstream comment leaked: {c:?}");
