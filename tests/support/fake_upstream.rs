@@ -63,6 +63,8 @@
 //! * `.stall_after(n)`: after `n` events, keep the stream open and silent until the client leaves.
 //! * `.malformed_at(n)`: insert a malformed `data:` event (broken JSON) before event `n`.
 //! * `.chunk_delay(d)`: pace events `d` apart.
+//! * `.crlf()`: frame SSE with `\r\n` line ends instead of `\n` (combine with `.split` to cut
+//!   between `\r` and `\n`).
 //! * `.split(seed)`: deliver the body in random 1–7 byte pieces (seeded), each a separate HTTP chunk
 //!   flushed on its own (channel-backed body); `.split_gap(d)` sleeps `d` between pieces.
 //!
@@ -368,6 +370,7 @@ pub struct Behavior {
     chunk_delay: Option<Duration>,
     split_seed: Option<u64>,
     split_gap: Option<Duration>,
+    crlf: bool,
 }
 
 impl fmt::Debug for Behavior {
@@ -404,6 +407,7 @@ impl Behavior {
             chunk_delay: None,
             split_seed: None,
             split_gap: None,
+            crlf: false,
         }
     }
 
@@ -475,7 +479,11 @@ impl Behavior {
     }
     /// 401 as Moonshot words a bad key.
     pub fn unauthorized() -> Self {
-        Self::status_json(401, "invalid_authentication_error", "Invalid Authentication")
+        Self::status_json(
+            401,
+            "invalid_authentication_error",
+            "Invalid Authentication",
+        )
     }
     /// 429 engine overloaded with `Retry-After`.
     pub fn rate_limited(retry_after_secs: u64) -> Self {
@@ -556,6 +564,10 @@ impl Behavior {
     }
     pub fn split_gap(mut self, d: Duration) -> Self {
         self.split_gap = Some(d);
+        self
+    }
+    pub fn crlf(mut self) -> Self {
+        self.crlf = true;
         self
     }
 }
@@ -791,7 +803,13 @@ impl FakeUpstream {
     pub fn chat_requests(&self) -> Vec<RecordedRequest> {
         self.requests()
             .into_iter()
-            .filter(|r| r.path.split('?').next().unwrap_or("").ends_with("/chat/completions"))
+            .filter(|r| {
+                r.path
+                    .split('?')
+                    .next()
+                    .unwrap_or("")
+                    .ends_with("/chat/completions")
+            })
             .collect()
     }
     pub fn last_request(&self) -> Option<RecordedRequest> {
@@ -924,10 +942,8 @@ async fn handle(
 fn json_response(status: u16, v: &Value) -> Response<Body> {
     let mut r = Response::new(Body::from(v.to_string()));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(
-        "content-type",
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
     r
 }
 
@@ -946,7 +962,9 @@ fn play(shared: &Arc<Shared>, b: &Behavior, rec: &RecordedRequest) -> Response<B
         Reply::Dynamic(_) => (
             500,
             "application/json",
-            vec![Bytes::from_static(b"{\"error\":{\"message\":\"dynamic nesting\"}}")],
+            vec![Bytes::from_static(
+                b"{\"error\":{\"message\":\"dynamic nesting\"}}",
+            )],
         ),
         Reply::Emulate {
             dialect,
@@ -1002,6 +1020,7 @@ struct Faults {
     chunk_delay: Option<Duration>,
     split_seed: Option<u64>,
     split_gap: Option<Duration>,
+    crlf: bool,
 }
 
 impl From<&Behavior> for Faults {
@@ -1013,6 +1032,7 @@ impl From<&Behavior> for Faults {
             chunk_delay: b.chunk_delay,
             split_seed: b.split_seed,
             split_gap: b.split_gap,
+            crlf: b.crlf,
         }
     }
 }
@@ -1055,7 +1075,10 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
     let mut buf = BytesMut::new();
     for (i, ev) in events.iter().enumerate() {
         if f.cut_after == Some(i) {
-            if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+            if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+                .await
+                .is_err()
+            {
                 return;
             }
             guard.end = StreamEnd::Cut;
@@ -1065,14 +1088,20 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
             return;
         }
         if f.stall_after == Some(i) {
-            if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+            if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+                .await
+                .is_err()
+            {
                 return;
             }
             tx.closed().await;
             return;
         }
         if let (Some(d), true) = (f.chunk_delay, i > 0) {
-            if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+            if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+                .await
+                .is_err()
+            {
                 return;
             }
             tokio::select! {
@@ -1081,10 +1110,25 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
             }
         }
         if f.malformed_at == Some(i) {
-            buf.extend_from_slice(b"data: {\"id\":\"chatcmpl-broken\",\"choices\":[{\"delta\":\n\n");
+            buf.extend_from_slice(
+                b"data: {\"id\":\"chatcmpl-broken\",\"choices\":[{\"delta\":\n\n",
+            );
         }
-        buf.extend_from_slice(ev);
-        if send(&tx, &mut buf, &mut rng, f.split_gap, false).await.is_err() {
+        if f.crlf {
+            for &byte in ev.iter() {
+                if byte == b'\n' {
+                    buf.extend_from_slice(b"\r\n");
+                } else {
+                    buf.extend_from_slice(&[byte]);
+                }
+            }
+        } else {
+            buf.extend_from_slice(ev);
+        }
+        if send(&tx, &mut buf, &mut rng, f.split_gap, false)
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -1092,7 +1136,10 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
         buf.extend_from_slice(b"data: {\"id\":\"chatcmpl-broken\",\"choices\":[{\"delta\":\n\n");
     }
     if f.cut_after.is_some_and(|c| c >= events.len()) {
-        if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+        if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+            .await
+            .is_err()
+        {
             return;
         }
         guard.end = StreamEnd::Cut;
@@ -1101,7 +1148,10 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
             .await;
         return;
     }
-    if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+    if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+        .await
+        .is_err()
+    {
         return;
     }
     guard.end = StreamEnd::Completed;
@@ -1119,8 +1169,7 @@ pub fn moonshot_violation(req: &Value) -> Option<usize> {
     let messages = req.get("messages")?.as_array()?;
     messages.iter().position(|m| {
         m.get("role").and_then(Value::as_str) == Some("assistant")
-            && m
-                .get("tool_calls")
+            && m.get("tool_calls")
                 .and_then(Value::as_array)
                 .is_some_and(|t| !t.is_empty())
             && m.get("reasoning_content").is_none_or(Value::is_null)
@@ -1149,7 +1198,9 @@ fn emulate(
     mid_err: Option<usize>,
     req: &Value,
 ) -> (u16, &'static str, Vec<Bytes>) {
-    let t = forced.cloned().unwrap_or_else(|| Transcript::for_request(req));
+    let t = forced
+        .cloned()
+        .unwrap_or_else(|| Transcript::for_request(req));
     let model = req
         .get("model")
         .and_then(Value::as_str)
@@ -1215,8 +1266,10 @@ fn moonshot_usage(u: &Usage) -> Value {
 
 fn moonshot_stream(t: &Transcript, model: &str, thinking: bool) -> Vec<SseOut> {
     let chunk = |choice: Value| {
-        SseOut::Data(json!({"id": MOONSHOT_ID, "object": "chat.completion.chunk", "created": CREATED,
-                            "model": model, "choices": [choice], "system_fingerprint": "fpv0_fake"}))
+        SseOut::Data(
+            json!({"id": MOONSHOT_ID, "object": "chat.completion.chunk", "created": CREATED,
+                            "model": model, "choices": [choice], "system_fingerprint": "fpv0_fake"}),
+        )
     };
     let delta = |d: Value| chunk(json!({"index": 0, "delta": d, "finish_reason": null}));
     let mut ev = vec![delta(json!({"role": "assistant", "content": ""}))];
@@ -1231,8 +1284,10 @@ fn moonshot_stream(t: &Transcript, model: &str, thinking: bool) -> Vec<SseOut> {
     for tc in tool_call_deltas(t) {
         ev.push(delta(json!({"tool_calls": tc})));
     }
-    ev.push(chunk(json!({"index": 0, "delta": {}, "finish_reason": t.finish_reason,
-                         "usage": moonshot_usage(&t.usage)})));
+    ev.push(chunk(
+        json!({"index": 0, "delta": {}, "finish_reason": t.finish_reason,
+                         "usage": moonshot_usage(&t.usage)}),
+    ));
     ev.push(SseOut::Done);
     ev
 }
@@ -1282,23 +1337,31 @@ fn openrouter_stream(
     };
     let mut data: Vec<Value> = vec![];
     for r in &t.reasoning {
-        data.push(delta(json!({"role": "assistant", "content": "", "reasoning": r,
-                                "reasoning_details": reasoning_details(r)})));
+        data.push(delta(
+            json!({"role": "assistant", "content": "", "reasoning": r,
+                                "reasoning_details": reasoning_details(r)}),
+        ));
     }
     for c in &t.content {
         data.push(delta(json!({"role": "assistant", "content": c})));
     }
     for tc in tool_call_deltas(t) {
-        data.push(delta(json!({"role": "assistant", "content": null, "tool_calls": tc})));
+        data.push(delta(
+            json!({"role": "assistant", "content": null, "tool_calls": tc}),
+        ));
     }
-    let mut finish = chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+    let mut finish = chunk(
+        json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                                   "finish_reason": t.finish_reason,
-                                  "native_finish_reason": t.finish_reason, "logprobs": null}));
+                                  "native_finish_reason": t.finish_reason, "logprobs": null}),
+    );
     if separate_usage {
         data.push(finish);
-        let mut after = chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+        let mut after = chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "finish_reason": null, "native_finish_reason": null,
-                                     "logprobs": null}));
+                                     "logprobs": null}),
+        );
         after["usage"] = openrouter_usage(&t.usage);
         data.push(after);
     } else {
@@ -1386,15 +1449,21 @@ fn openai_stream(t: &Transcript, model: &str, req: &Value) -> Vec<SseOut> {
         } else {
             Value::Null
         };
-        ev.push(SseOut::Data(chunk(json!([{"index": 0, "delta": {"content": c},
-                                            "logprobs": lp, "finish_reason": null}]))));
+        ev.push(SseOut::Data(chunk(
+            json!([{"index": 0, "delta": {"content": c},
+                                            "logprobs": lp, "finish_reason": null}]),
+        )));
     }
     for tc in tool_call_deltas(t) {
-        ev.push(SseOut::Data(chunk(json!([{"index": 0, "delta": {"tool_calls": tc},
-                                            "logprobs": null, "finish_reason": null}]))));
+        ev.push(SseOut::Data(chunk(
+            json!([{"index": 0, "delta": {"tool_calls": tc},
+                                            "logprobs": null, "finish_reason": null}]),
+        )));
     }
-    ev.push(SseOut::Data(chunk(json!([{"index": 0, "delta": {}, "logprobs": null,
-                                        "finish_reason": t.finish_reason}]))));
+    ev.push(SseOut::Data(chunk(
+        json!([{"index": 0, "delta": {}, "logprobs": null,
+                                        "finish_reason": t.finish_reason}]),
+    )));
     if include_usage {
         let mut last = chunk(json!([]));
         last["usage"] = openai_usage(&t.usage);

@@ -47,7 +47,7 @@ pub struct Provider {
     pub dialect: String,
     pub base_url: String,
     pub with_key: bool,
-    /// Extra `key = value` lines (raw TOML values), e.g. `("timeout_ms", "500")`.
+    /// Extra `key = value` lines (raw TOML values), e.g. `("first_byte_timeout_ms", "500")`.
     pub extra: Vec<(String, String)>,
 }
 
@@ -108,7 +108,7 @@ impl Route {
             extra: vec![],
         }
     }
-    /// Adds `key = value` (raw TOML value), e.g. `("timeout_ms", "300")`.
+    /// Adds `key = value` (raw TOML value), e.g. `("weight", "2")`.
     pub fn set(mut self, key: &str, raw_value: &str) -> Self {
         self.extra.push((key.to_owned(), raw_value.to_owned()));
         self
@@ -356,7 +356,10 @@ impl Tollgate {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
-            .env("RUST_LOG", std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1");
         for p in &self.config.providers {
             if p.with_key {
