@@ -110,6 +110,27 @@ pub fn write_request(
     default_max_tokens: u32,
     provider: &str,
 ) -> Result<Value, GatewayError> {
+    write_request_for(
+        req,
+        upstream_model,
+        stream,
+        default_max_tokens,
+        provider,
+        false,
+    )
+}
+
+/// As [`write_request`]; `unsigned_thinking` replays reasoning without a signature as a thinking
+/// block with an empty signature — for Kimi's Anthropic-compatible route, which validates that
+/// tool-call turns carry thinking but not signatures (real Anthropic would reject it).
+pub fn write_request_for(
+    req: &ChatRequest,
+    upstream_model: &str,
+    stream: bool,
+    default_max_tokens: u32,
+    provider: &str,
+    unsigned_thinking: bool,
+) -> Result<Value, GatewayError> {
     let mut system: Vec<String> = Vec::new();
     let mut msgs: Vec<Value> = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
@@ -148,8 +169,14 @@ pub fn write_request(
             }
             Role::Assistant => {
                 let mut blocks = Vec::new();
-                if let (Some(r), Some(sig)) = (&m.reasoning_content, &m.reasoning_signature) {
-                    blocks.push(json!({"type": "thinking", "thinking": r, "signature": sig}));
+                match (&m.reasoning_content, &m.reasoning_signature) {
+                    (Some(r), Some(sig)) => {
+                        blocks.push(json!({"type": "thinking", "thinking": r, "signature": sig}))
+                    }
+                    (Some(r), None) if unsigned_thinking => {
+                        blocks.push(json!({"type": "thinking", "thinking": r, "signature": ""}))
+                    }
+                    _ => {}
                 }
                 if let Some(t) = m
                     .content

@@ -76,3 +76,27 @@ pub async fn messages(State(state): State<Arc<AppState>>, req: Request) -> Respo
     annotate(&mut resp, &d.served.provider, &p.warnings);
     resp
 }
+
+/// `POST /v1/messages/count_tokens`: a local estimate of the prompt's input tokens (Claude Code
+/// and the Anthropic SDK call it to size context); nothing is sent upstream.
+pub async fn count_tokens(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let work = async {
+        super::authorize(&state, req.headers())?;
+        let (_h, body) = super::chat::read_body(req, state.config.server.max_body_bytes).await?;
+        // count_tokens has no max_tokens; the parser does not require it.
+        let parsed = anthropic::parse_messages_request(&body)?;
+        let prepared = state.gateway.prepare(parsed)?;
+        Ok::<u64, GatewayError>(crate::gateway::estimate_prompt_tokens(&prepared.request))
+    };
+    match work.await {
+        Ok(n) => json_response(
+            serde_json::to_vec(&serde_json::json!({"input_tokens": n})).unwrap_or_default(),
+        ),
+        Err(e) => AnthropicError(e, request_id).into_response(),
+    }
+}

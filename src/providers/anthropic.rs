@@ -12,7 +12,7 @@ use tokio::time::{timeout, Instant};
 use super::openai_compat::{error_chain, read_capped};
 use super::sse::{SseEvent, SseParser};
 use super::{Provider, UpstreamCall};
-use crate::anthropic::upstream::{parse_response, write_request, StreamDecoder};
+use crate::anthropic::upstream::{parse_response, write_request_for, StreamDecoder};
 use crate::config::ProviderConfig;
 use crate::error::{GatewayError, UpstreamRejection};
 use crate::gateway::model::{ChatResponse, ChunkStream};
@@ -84,12 +84,15 @@ impl Anthropic {
         call: &UpstreamCall<'_>,
         stream: bool,
     ) -> Result<reqwest::Response, GatewayError> {
-        let body = write_request(
+        // Kimi's Anthropic-compatible routes want reasoning on tool-call turns, unsigned.
+        let kimi = self.cfg.base_url.contains("moonshot") || self.cfg.base_url.contains("kimi.com");
+        let body = write_request_for(
             call.request,
             &call.route.upstream_model,
             stream,
             call.model.max_output_tokens,
             &self.cfg.name,
+            kimi,
         )?;
         let fut = self
             .client

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use serde_json::{json, Map, Value};
 
 use crate::config::Dialect;
+use crate::gateway::model::ChatRequest;
 
 /// Whether the upstream model is a Kimi K2 (its template needs `functions.NAME:IDX` ids).
 pub fn is_k2(upstream_model: &str) -> bool {
@@ -53,6 +54,22 @@ pub fn rewrite_tool_ids(messages: &mut [Value]) {
     }
 }
 
+/// Patches a body for a self-hosted K2: history ids rewritten, and `keep: all` (preserved
+/// thinking) spelled as K2.6's template kwarg `preserve_thinking`.
+pub fn patch_body(body: &mut Map<String, Value>, req: &ChatRequest) {
+    if let Some(Value::Array(messages)) = body.get_mut("messages") {
+        rewrite_tool_ids(messages);
+    }
+    if req.reasoning.keep_history && req.reasoning.enabled != Some(false) {
+        if let Value::Object(k) = body
+            .entry("chat_template_kwargs")
+            .or_insert_with(|| json!({}))
+        {
+            k.entry("preserve_thinking").or_insert(json!(true));
+        }
+    }
+}
+
 /// Translates a trailing `partial: true` assistant turn for dialects other than Moonshot.
 pub fn apply_prefill(dialect: Dialect, body: &mut Map<String, Value>) {
     let mut prefill = false;
@@ -91,5 +108,30 @@ mod tests {
         assert_eq!(msgs[0]["tool_calls"][1]["id"], "functions.get_time:1");
         assert_eq!(msgs[2]["tool_call_id"], "functions.get_time:1");
         assert_eq!(msgs[4]["tool_call_id"], "functions.get_weather:2");
+    }
+}
+
+#[cfg(test)]
+mod prefill_tests {
+    use super::*;
+
+    #[test]
+    fn partial_becomes_continue_final_message_for_vllm_and_is_dropped_elsewhere() {
+        let mut body = Map::new();
+        body.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "{", "partial": true}]),
+        );
+        let mut or = body.clone();
+        apply_prefill(Dialect::Vllm, &mut body);
+        assert_eq!(body["continue_final_message"], true);
+        assert_eq!(body["add_generation_prompt"], false);
+        assert!(body["messages"][1].get("partial").is_none());
+        apply_prefill(Dialect::Openrouter, &mut or);
+        assert!(or.get("continue_final_message").is_none());
+        assert_eq!(
+            or["messages"][1],
+            json!({"role": "assistant", "content": "{"})
+        );
     }
 }

@@ -50,6 +50,20 @@ pub fn check(req: &ChatRequest, upstream_model: &str) -> Result<(), GatewayError
     Ok(())
 }
 
+/// `null`, `[]` or a list of text parts that are all empty.
+fn empty_parts(c: &Value) -> bool {
+    match c {
+        Value::Null => true,
+        Value::Array(parts) => parts.iter().all(|p| {
+            p.get("type").and_then(Value::as_str) == Some("text")
+                && p.get("text")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+        }),
+        _ => false,
+    }
+}
+
 /// Patches an OpenAI-shaped body for Moonshot.
 pub fn patch_body(body: &mut Map<String, Value>, req: &ChatRequest, upstream_model: &str) {
     let thinking = thinking_on(req, upstream_model);
@@ -65,11 +79,9 @@ pub fn patch_body(body: &mut Map<String, Value>, req: &ChatRequest, upstream_mod
                 .get("tool_calls")
                 .and_then(Value::as_array)
                 .is_some_and(|a| !a.is_empty());
-            // Tool-call turns without visible text omit `content` (Kimi rejects empty text).
-            if has_calls
-                && o.get("content")
-                    .is_some_and(|c| c.as_str() == Some("") || c.is_null())
-            {
+            // Tool-call turns whose content is only empty text parts omit `content` (Kimi rejects
+            // `[{"type":"text","text":""}]`); a plain string is echoed as the client sent it.
+            if has_calls && o.get("content").is_some_and(empty_parts) {
                 o.remove("content");
             }
             // Thinking on: every tool-call turn (every turn with keep=all) must carry reasoning.
@@ -102,5 +114,59 @@ pub fn patch_body(body: &mut Map<String, Value>, req: &ChatRequest, upstream_mod
                 f.remove("strict");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(req: &ChatRequest) -> Map<String, Value> {
+        let v: Value = serde_json::from_slice(&super::super::openai_compat::write_body(
+            crate::config::Dialect::Moonshot,
+            req,
+            "kimi-k2.6",
+            false,
+        ))
+        .expect("json");
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn tool_turns_get_reasoning_and_required_is_emulated() {
+        let req: ChatRequest = crate::openai::parse_chat_request(
+            serde_json::to_string(&json!({"model": "kimi-k2.6", "tool_choice": "required",
+                "tools": [{"type": "function", "function": {"name": "f", "strict": true, "parameters": {"type": "object"}}}],
+                "messages": [{"role": "user", "content": "x"},
+                    {"role": "assistant", "content": [{"type": "text", "text": ""}], "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]}))
+            .expect("json")
+            .as_bytes(),
+        )
+        .expect("parses");
+        let b = body_of(&req);
+        let msgs = b["messages"].as_array().expect("messages");
+        assert_eq!(msgs[1]["reasoning_content"], " ");
+        assert!(
+            msgs[1].get("content").is_none(),
+            "empty text parts are omitted"
+        );
+        assert_eq!(
+            msgs[1]["tool_calls"][0]["id"], "call_1",
+            "ids are echoed verbatim"
+        );
+        assert_eq!(
+            msgs.last().map(|m| m["content"].clone()),
+            Some(json!(REQUIRED_TOOL_STEER))
+        );
+        assert_eq!(b["tool_choice"], "auto");
+        assert!(b["tools"][0]["function"].get("strict").is_none());
+        let mut off = req.clone();
+        off.reasoning.enabled = Some(false);
+        let b = body_of(&off);
+        assert!(b["messages"][1].get("reasoning_content").is_none());
     }
 }

@@ -384,9 +384,7 @@ pub fn write_body(
             kimi_k2::apply_prefill(dialect, &mut body);
             if matches!(dialect, Dialect::Vllm | Dialect::Sglang) && kimi_k2::is_k2(upstream_model)
             {
-                if let Some(Value::Array(messages)) = body.get_mut("messages") {
-                    kimi_k2::rewrite_tool_ids(messages);
-                }
+                kimi_k2::patch_body(&mut body, req);
             }
         }
     }

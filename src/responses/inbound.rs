@@ -290,7 +290,9 @@ pub fn parse_responses_request(
         });
     }
     opts.tools = raw_tools;
-    let tool_choice = match take::<Value>(&mut obj, "tool_choice")? {
+    let raw_choice: Option<Value> = take(&mut obj, "tool_choice")?;
+    opts.tool_choice = raw_choice.clone();
+    let tool_choice = match raw_choice {
         None => None,
         Some(v @ Value::String(_)) => Some(v),
         Some(Value::Object(o)) => {
@@ -307,7 +309,6 @@ pub fn parse_responses_request(
             ))
         }
     };
-    opts.tool_choice = tool_choice.clone();
 
     let response_format = match take::<Value>(&mut obj, "text")? {
         None => None,
