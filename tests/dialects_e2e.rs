@@ -88,6 +88,7 @@ fn fold_anthropic_stream(body: &str) -> (Vec<Value>, String) {
                     "input_json_delta" => {
                         partial[i].push_str(d["partial_json"].as_str().unwrap_or(""))
                     }
+                    "signature_delta" => blocks[i]["signature"] = d["signature"].clone(),
                     other => panic!("unexpected delta {other}"),
                 }
             }
@@ -405,4 +406,196 @@ async fn responses_create_and_stream() {
             .count(),
         2
     );
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/tests/fixtures/dialects/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// One request the fake Anthropic upstream received: path, headers, JSON body.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, axum::http::HeaderMap, Value)>>>;
+
+/// A minimal Anthropic Messages upstream (the shared fake speaks only chat completions): answers
+/// `POST /v1/messages` with the recorded fixtures, streamed when asked.
+async fn fake_anthropic() -> (String, Seen) {
+    let seen: Seen = Default::default();
+    let rec = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let rec = rec.clone();
+                async move {
+                    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let stream = v["stream"] == true;
+                    if let Ok(mut g) = rec.lock() {
+                        g.push(("/v1/messages".to_string(), headers, v));
+                    }
+                    let (ct, body) = if stream {
+                        ("text/event-stream", fixture("anthropic_stream.sse"))
+                    } else {
+                        ("application/json", fixture("anthropic_complete.json"))
+                    };
+                    ([(axum::http::header::CONTENT_TYPE, ct)], body)
+                }
+            },
+        ),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (format!("http://{addr}/v1"), seen)
+}
+
+/// The `anthropic` upstream dialect over HTTP: path, headers, sanitised tool ids, thinking with a
+/// budget, and the answer (complete and streamed) read back into each client's dialect.
+#[tokio::test]
+async fn anthropic_upstream_dialect() {
+    let (base, seen) = fake_anthropic().await;
+    let provider = Provider::new("claude", "anthropic", &base);
+    let secret = provider.secret();
+    let tg = Config::new()
+        .provider(provider)
+        .model(
+            Model::new("kimi-k2.6")
+                .set("reasoning_efforts", "true")
+                .route(Route::new("claude", "claude-sonnet-4-5")),
+        )
+        .start()
+        .await;
+    let history = json!([
+        {"role": "user", "content": "time in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "functions.get_time:0", "type": "function",
+            "function": {"name": "get_time", "arguments": "{\"tz\":\"Europe/Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "functions.get_time:0", "content": "12:00"}
+    ]);
+    let r = post(
+        &tg.url("/v1/chat/completions"),
+        &json!({"model": "kimi-k2.6", "tools": tools_chat(),
+        "reasoning_effort": "high", "messages": history}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "Need the time in Paris.");
+    assert_eq!(m["tool_calls"][0]["id"], "toolu_02B");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(v["usage"]["prompt_tokens"], 120);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 64);
+    let (path, headers, sent) = seen.lock().expect("lock").last().cloned().expect("request");
+    assert_eq!(path, "/v1/messages");
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    assert_eq!(h("x-api-key").as_deref(), Some(secret.as_str()));
+    assert_eq!(h("anthropic-version").as_deref(), Some("2023-06-01"));
+    let use_id = sent["messages"][1]["content"][0]["id"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        !use_id.is_empty()
+            && use_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+        "{use_id}"
+    );
+    assert_eq!(
+        sent["messages"][2]["content"][0]["tool_use_id"],
+        use_id.as_str()
+    );
+    assert_eq!(
+        sent["thinking"],
+        json!({"type": "enabled", "budget_tokens": 4096})
+    );
+    // Streamed, to an Anthropic client: the signature survives the round trip.
+    let r = post(
+        &tg.url("/v1/messages"),
+        &json!({"model": "kimi-k2.6", "max_tokens": 8000, "stream": true,
+        "thinking": {"type": "enabled", "budget_tokens": 2048},
+        "messages": [{"role": "user", "content": "time?"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("body");
+    assert!(text.contains("\"signature_delta\""), "{text}");
+    let (blocks, stop) = fold_anthropic_stream(&text);
+    assert_eq!(stop, "tool_use");
+    assert_eq!(
+        blocks
+            .iter()
+            .map(|b| b["type"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>(),
+        ["thinking", "text", "tool_use"]
+    );
+    assert_eq!(blocks[2]["input"], json!({"tz": "Europe/Paris"}));
+    assert_eq!(blocks[0]["signature"], "EtYDsig==");
+}
+
+/// A remote image sent to Moonshot is fetched and inlined as a data URI; without the test-only
+/// allowance the same loopback URL is refused with a 400 (SSRF protection on the live path).
+#[tokio::test]
+async fn remote_images_are_inlined_for_moonshot_with_ssrf_checks() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let img = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: 3\r\nconnection: close\r\n\r\nPNG").await;
+            });
+        }
+    });
+    let up = FakeUpstream::start(Scenario::new(Behavior::moonshot())).await;
+    // The harness writes `input_modalities = ["text"]`; the vision model is raw TOML.
+    const VISION: &str = "[[models]]\nid = \"kimi-k2.6\"\ninput_modalities = [\"text\", \"image\"]\ncapabilities = [\"reasoning\", \"tools\"]\n  [[models.routes]]\n  provider = \"moonshot\"\n  upstream_model = \"kimi-k2.6\"\n";
+    let body = json!({"model": "kimi-k2.6", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": format!("http://127.0.0.1:{}/cat.png", img.port())}}]}]});
+    let allowed = Config::new()
+        .provider(Provider::new("moonshot", "moonshot", &up.base_url()))
+        .raw(VISION)
+        .env("TOLLGATE_TEST_FETCH_ALLOW", &img.to_string())
+        .start()
+        .await;
+    let r = post(&allowed.url("/v1/chat/completions"), &body).await;
+    assert_eq!(r.status(), 200);
+    let sent = up.last_request().expect("request").json();
+    assert_eq!(
+        sent["messages"][0]["content"][1]["image_url"]["url"],
+        "data:image/png;base64,UE5H"
+    );
+    let strict = Config::new()
+        .provider(Provider::new("moonshot", "moonshot", &up.base_url()))
+        .raw(VISION)
+        .start()
+        .await;
+    let before = up.requests().len();
+    let r = post(&strict.url("/v1/chat/completions"), &body).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("refused"),
+        "{v}"
+    );
+    assert_eq!(up.requests().len(), before, "nothing reached the upstream");
 }
