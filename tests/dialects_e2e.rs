@@ -599,3 +599,53 @@ async fn remote_images_are_inlined_for_moonshot_with_ssrf_checks() {
     );
     assert_eq!(up.requests().len(), before, "nothing reached the upstream");
 }
+
+/// An upstream failure after the stream started ends an Anthropic stream with an `error` event in
+/// Anthropic's shape (no `message_stop`), and a Responses stream with `error` + `response.failed`.
+#[tokio::test]
+async fn mid_stream_failures_in_each_dialect() {
+    let (_up, tg) = start(Behavior::openrouter().mid_stream_error_after(2)).await;
+    let r = post(
+        &tg.url("/v1/messages"),
+        &json!({"model": "kimi-k2.6", "max_tokens": 100, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("body");
+    let frames: Vec<(String, Value)> = sse::parse(&text)
+        .into_iter()
+        .filter_map(|f| match f {
+            sse::Frame::Data { event, data } => Some((
+                event.unwrap_or_default(),
+                serde_json::from_str(&data).expect("json"),
+            )),
+            _ => None,
+        })
+        .collect();
+    let (name, last) = frames.last().expect("frames");
+    assert_eq!(name, "error", "{text}");
+    assert_eq!(last["type"], "error");
+    assert!(last["error"]["type"].is_string() && last["error"]["message"].is_string());
+    assert!(!frames.iter().any(|(n, _)| n == "message_stop"));
+    let r = post(
+        &tg.url("/v1/responses"),
+        &json!({"model": "kimi-k2.6", "stream": true, "input": "hi"}),
+    )
+    .await;
+    let text = r.text().await.expect("body");
+    let names: Vec<String> = sse::parse(&text)
+        .into_iter()
+        .filter_map(|f| match f {
+            sse::Frame::Data { event, .. } => event,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("response.failed"),
+        "{text}"
+    );
+    assert!(names.iter().any(|n| n == "error"));
+    assert!(!names.iter().any(|n| n == "response.completed"));
+}
