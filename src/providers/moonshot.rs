@@ -1,5 +1,5 @@
 //! Moonshot (Kimi) dialect quirks: `thinking: {type, keep}`, reasoning carried back on assistant
-//! turns, `tool_choice` limits under thinking, tool schemas, and tool-call ids echoed verbatim.
+//! turns, `tool_choice` limits under thinking, and tool-call ids echoed verbatim.
 //!
 //! Moonshot puts streamed usage in `choices[0].usage` and may report `cached_tokens` at the top of
 //! `usage`; both are read by the shared parser in `openai_compat.rs`. This file writes the request.
@@ -108,13 +108,6 @@ pub fn patch_body(body: &mut Map<String, Value>, req: &ChatRequest, upstream_mod
     if body.get("tool_choice").and_then(Value::as_str) == Some("required") {
         body.insert("tool_choice".into(), json!("auto"));
     }
-    if let Some(Value::Array(tools)) = body.get_mut("tools") {
-        for t in tools {
-            if let Some(Value::Object(f)) = t.get_mut("function") {
-                f.remove("strict");
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -163,7 +156,10 @@ mod tests {
             Some(json!(REQUIRED_TOOL_STEER))
         );
         assert_eq!(b["tool_choice"], "auto");
-        assert!(b["tools"][0]["function"].get("strict").is_none());
+        assert_eq!(
+            b["tools"][0]["function"]["strict"], true,
+            "tool fields pass unchanged"
+        );
         let mut off = req.clone();
         off.reasoning.enabled = Some(false);
         let b = body_of(&off);
