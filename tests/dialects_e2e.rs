@@ -269,6 +269,14 @@ async fn anthropic_errors_have_anthropic_shape_and_529_for_overload() {
         (v["type"].as_str(), v["error"]["type"].as_str()),
         (Some("error"), Some("not_found_error"))
     );
+    let r = post(
+        &tg.url("/v1/messages/count_tokens"),
+        &json!({"model": "kimi-k2.6", "messages": [{"role": "user", "content": "hello there, how are you?"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert!(v["input_tokens"].as_u64().is_some_and(|n| n > 0), "{v}");
 }
 
 #[tokio::test]

@@ -6,10 +6,10 @@
 //! Entries are scoped to the caller's key (hashed; never stored in clear) and keyed by tool-call
 //! id, name and arguments. Memory is bounded (oldest entries evicted first).
 
-use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::StreamExt;
 
@@ -33,16 +33,22 @@ pub struct ReasoningMemory {
     state: Mutex<State>,
 }
 
-/// A caller scope: a hash of the presented key (or of nothing in open mode).
+/// Hasher keys chosen at random once per process, so scopes cannot be precomputed.
+fn hasher() -> impl Hasher {
+    static SEED: OnceLock<RandomState> = OnceLock::new();
+    SEED.get_or_init(RandomState::new).build_hasher()
+}
+
+/// A caller scope: a keyed hash of the presented key (or of nothing in open mode).
 pub fn scope_of(key: Option<&str>) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = hasher();
     "tollgate-scope".hash(&mut h);
     key.hash(&mut h);
     h.finish()
 }
 
 fn key_of(scope: u64, call: &ToolCall) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = hasher();
     scope.hash(&mut h);
     call.id.hash(&mut h);
     call.function.name.hash(&mut h);
