@@ -91,6 +91,13 @@ fn frames(events: Vec<Event>) -> Bytes {
     b.freeze()
 }
 
+fn keepalive_frame<E: EventEncoder>(enc: &mut E) -> Bytes {
+    match enc.keepalive() {
+        Some(ev) => frames(vec![ev]),
+        None => Bytes::from_static(b": keep-alive\n\n"),
+    }
+}
+
 /// Encodes the metered stream with `enc`. The stream is never buffered: each chunk's events are
 /// written as soon as they are encoded.
 pub fn event_sse<E: EventEncoder>(
@@ -100,13 +107,13 @@ pub fn event_sse<E: EventEncoder>(
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     async_stream::stream! {
         yield Ok(frames(enc.start()));
+        // Hidden reasoning produces no events: keep-alives also cover a busy but invisible upstream.
+        let mut last_write = tokio::time::Instant::now();
         loop {
             let next = match tokio::time::timeout(keepalive, metered.next()).await {
                 Err(_) => {
-                    match enc.keepalive() {
-                        Some(ev) => yield Ok(frames(vec![ev])),
-                        None => yield Ok(Bytes::from_static(b": keep-alive\n\n")),
-                    }
+                    yield Ok(keepalive_frame(&mut enc));
+                    last_write = tokio::time::Instant::now();
                     continue;
                 }
                 Ok(n) => n,
@@ -116,6 +123,10 @@ pub fn event_sse<E: EventEncoder>(
                     let evs = enc.chunk(&chunk);
                     if !evs.is_empty() {
                         yield Ok(frames(evs));
+                        last_write = tokio::time::Instant::now();
+                    } else if last_write.elapsed() >= keepalive {
+                        yield Ok(keepalive_frame(&mut enc));
+                        last_write = tokio::time::Instant::now();
                     }
                 }
                 Some(Err(e)) => {
