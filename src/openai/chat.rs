@@ -350,6 +350,12 @@ pub(crate) fn parse_reasoning(obj: &mut Map<String, Value>) -> Result<Reasoning,
 
     // OpenRouter legacy: include_reasoning
     if let Some(Value::Bool(inc)) = obj.remove("include_reasoning") {
+        if inc && r.exclude {
+            return Err(GatewayError::invalid(
+                "contradictory thinking settings: reasoning.exclude hides the reasoning but include_reasoning asks for it",
+                Some("include_reasoning".into()),
+            ));
+        }
         r.exclude = r.exclude || !inc;
     }
 
@@ -540,6 +546,20 @@ mod tests {
             (r.reasoning.enabled, r.reasoning.budget_tokens),
             (Some(true), Some(2048))
         );
+    }
+
+    #[test]
+    fn contradictory_visibility_is_400_naming_both() {
+        let e = parse(serde_json::json!({"model": "m", "messages": [], "reasoning": {"exclude": true}, "include_reasoning": true})).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("reasoning.exclude") && msg.contains("include_reasoning"),
+            "{msg}"
+        );
+        let r =
+            parse(serde_json::json!({"model": "m", "messages": [], "include_reasoning": false}))
+                .expect("ok");
+        assert!(r.reasoning.exclude);
     }
 
     #[test]

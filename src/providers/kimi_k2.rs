@@ -3,6 +3,7 @@
 //! K2's chat template renders tool-call ids into the prompt and the model was trained on
 //! `functions.NAME:IDX` with a conversation-global `IDX`; other ids (`call_…`, `toolu_…`) degrade
 //! its tool calling. History ids are rewritten to that form, with tool results rewritten alike.
+//! Earlier reasoning goes under both `reasoning_content` and `reasoning` (vLLM's rename).
 //! A trailing `partial: true` assistant turn (Moonshot's prefill) becomes vLLM/SGLang's
 //! `continue_final_message`, or a plain trailing assistant turn for OpenRouter.
 
@@ -59,6 +60,15 @@ pub fn rewrite_tool_ids(messages: &mut [Value]) {
 pub fn patch_body(body: &mut Map<String, Value>, req: &ChatRequest) {
     if let Some(Value::Array(messages)) = body.get_mut("messages") {
         rewrite_tool_ids(messages);
+        // vLLM renamed the field to `reasoning` (and dropped `reasoning_content` in 2026); K2
+        // templates and SGLang read `reasoning_content`. Earlier reasoning is sent under both.
+        for m in messages.iter_mut() {
+            if let Value::Object(o) = m {
+                if let Some(r) = o.get("reasoning_content").cloned() {
+                    o.entry("reasoning").or_insert(r);
+                }
+            }
+        }
     }
     if req.reasoning.keep_history && req.reasoning.enabled != Some(false) {
         if let Value::Object(k) = body
