@@ -54,6 +54,15 @@ pub enum KeysCmd {
         #[arg(long)]
         spend_cap: Option<String>,
     },
+    /// Import an existing key (e.g. a former static key), read from stdin; prints its prefix.
+    Import {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// List keys (prefixes only).
     List {
         #[arg(long)]
@@ -238,6 +247,20 @@ pub async fn run_with(
                 row.account_name
             );
             writeln!(out, "{raw}").map_err(io)?;
+        }
+        BillingCommand::Keys(KeysCmd::Import {
+            account,
+            admin,
+            name,
+        }) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| BillingError::Invalid(format!("reading the key from stdin: {e}")))?;
+            let row = billing
+                .import_key(&account, line.trim(), admin, name.as_deref())
+                .await?;
+            writeln!(out, "{}", row.prefix).map_err(io)?;
         }
         BillingCommand::Keys(KeysCmd::List { account }) => {
             writeln!(

@@ -4,6 +4,9 @@ pub mod admin;
 pub mod billing;
 pub mod chat;
 pub mod error;
+mod events;
+pub mod messages;
+pub mod responses;
 mod sse;
 
 use std::net::SocketAddr;
@@ -41,6 +44,9 @@ pub fn app(state: Arc<AppState>) -> Router {
     let billing = state.billing.clone();
     let router = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/healthz", get(healthz))
