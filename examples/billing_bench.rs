@@ -72,11 +72,17 @@ async fn run_mode(
             BillingSettings::default(),
         );
         let name = format!("bench-{}", uuid::Uuid::new_v4().simple());
-        b.create_account(&name, None).await.map_err(|e| e.to_string())?;
+        b.create_account(&name, None)
+            .await
+            .map_err(|e| e.to_string())?;
         b.add_credits(&name, 1_000_000_000_000, "bench", None)
             .await
             .map_err(|e| e.to_string())?;
-        key = b.create_key(&name, false, None, None).await.map_err(|e| e.to_string())?.0;
+        key = b
+            .create_key(&name, false, None, None)
+            .await
+            .map_err(|e| e.to_string())?
+            .0;
         b.store().close().await;
     }
     let _gw = Gw(Command::new(bin)
@@ -95,7 +101,8 @@ async fn run_mode(
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| e.to_string())?;
-    let body = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]});
+    let body =
+        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]});
     // wait until it answers
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -104,7 +111,10 @@ async fn run_mode(
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("gateway did not answer: {:?}", r.map(|r| r.status())));
+            return Err(format!(
+                "gateway did not answer: {:?}",
+                r.map(|r| r.status())
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -115,7 +125,8 @@ async fn run_mode(
     let mut tasks = Vec::new();
     for _ in 0..conc {
         let (client, url, key, body) = (client.clone(), url.clone(), key.clone(), body.clone());
-        let (ok, errors, measuring, stop) = (ok.clone(), errors.clone(), measuring.clone(), stop.clone());
+        let (ok, errors, measuring, stop) =
+            (ok.clone(), errors.clone(), measuring.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let r = client.post(&url).bearer_auth(&key).json(&body).send().await;
@@ -154,7 +165,9 @@ async fn run_mode(
 async fn main() {
     let bin = arg("--bin").unwrap_or_else(|| "target/release/tollgate".to_string());
     let secs: u64 = arg("--secs").and_then(|s| s.parse().ok()).unwrap_or(10);
-    let conc: usize = arg("--concurrency").and_then(|s| s.parse().ok()).unwrap_or(32);
+    let conc: usize = arg("--concurrency")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32);
     let db = arg("--db");
     let l = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
         Ok(l) => l,
@@ -163,9 +176,15 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let up = l.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let up = l
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
     tokio::spawn(async move {
-        let _ = axum::serve(l, Router::new().route("/v1/chat/completions", post(upstream))).await;
+        let _ = axum::serve(
+            l,
+            Router::new().route("/v1/chat/completions", post(upstream)),
+        )
+        .await;
     });
     let dbs: Vec<String> = match db {
         Some(d) => vec![d],

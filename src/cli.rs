@@ -161,9 +161,7 @@ async fn serve(
             tracing::warn!(provider = %p.name, "environment variable {var} is not set; requests to this provider go without a key");
         }
     }
-    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
+    // Open the store before binding, so the port accepts connections only once tollgate is ready.
     let billing = crate::open_billing(&cfg).await?;
     let _sweeper = billing.as_ref().map(|b| b.spawn_sweeper());
     if let Some(b) = &billing {
@@ -176,6 +174,9 @@ async fn serve(
             tracing::warn!("auth is required but no API keys exist yet: create one with `tollgate accounts create NAME` and `tollgate keys create --account NAME`");
         }
     }
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
     let state = crate::build_state_with(cfg, billing)?;
     crate::http::serve(state, listener)
         .await

@@ -311,7 +311,10 @@ fn import_keys(config: &Path, keys: &[String]) {
         );
     };
     run(&["accounts", "create", "test"], None);
-    run(&["credits", "add", "test", "1000", "--reason", "test harness"], None);
+    run(
+        &["credits", "add", "test", "1000", "--reason", "test harness"],
+        None,
+    );
     for k in keys {
         run(&["keys", "import", "--account", "test"], Some(k));
     }
