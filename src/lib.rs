@@ -27,6 +27,19 @@ pub fn build_state(config: config::Config) -> Result<Arc<http::AppState>, String
     }))
 }
 
+/// Like [`build_state`], with the gateway reporting every request's outcome to `sink`.
+pub fn build_state_with_sink(
+    config: config::Config,
+    sink: Arc<dyn gateway::usage::OutcomeSink>,
+) -> Result<Arc<http::AppState>, String> {
+    let gateway = gateway::Gateway::with_sink(&config, sink)?;
+    Ok(Arc::new(http::AppState {
+        config: Arc::new(config),
+        gateway,
+        metrics: None,
+    }))
+}
+
 /// The router for a resolved config, for tests that serve it on port 0.
 pub fn app(config: config::Config) -> Result<axum::Router, String> {
     Ok(http::app(build_state(config)?))

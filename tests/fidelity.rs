@@ -30,7 +30,8 @@ mod fake_selftest {
     async fn moonshot_stream_has_documented_shape() {
         let up = FakeUpstream::start(Scenario::new(Behavior::moonshot())).await;
         let mut body = chat("kimi-k2.6", true);
-        body["tools"] = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]);
+        body["tools"] =
+            json!([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]);
         let text = post(&up, &body).await.text().await.expect("body");
         assert!(sse::ends_with_done(&text));
         let chunks = sse::json_chunks(&text);
@@ -39,7 +40,10 @@ mod fake_selftest {
         assert_eq!(f.reasoning_content, t.reasoning_text());
         assert_eq!(f.content, t.content_text());
         assert_eq!(f.tool_calls.len(), 2);
-        assert_eq!(f.tool_calls[0].id.as_deref(), Some("functions.get_weather:0"));
+        assert_eq!(
+            f.tool_calls[0].id.as_deref(),
+            Some("functions.get_weather:0")
+        );
         assert_eq!(f.tool_calls[1].arguments, "{\"tz\":\"Europe/Paris\"}");
         assert_eq!(f.finish_reason.as_deref(), Some("tool_calls"));
         assert_eq!(f.usages.len(), 1);
@@ -61,7 +65,13 @@ mod fake_selftest {
         assert_eq!(r.status(), 400);
         let v: Value = r.json().await.expect("json");
         assert_eq!(v["error"]["type"], "invalid_request_error");
-        assert!(v["error"]["message"].as_str().unwrap_or("").ends_with("at index 1"), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("at index 1"),
+            "{v}"
+        );
         let mut ok = body.clone();
         ok["thinking"] = json!({"type": "disabled"});
         assert_eq!(post(&up, &ok).await.status(), 200);
@@ -73,7 +83,11 @@ mod fake_selftest {
             Scenario::new(Behavior::openrouter()).model("split", Behavior::openrouter().split(7)),
         )
         .await;
-        let clean = post(&up, &chat("clean", true)).await.text().await.expect("clean");
+        let clean = post(&up, &chat("clean", true))
+            .await
+            .text()
+            .await
+            .expect("clean");
         let r = post(&up, &chat("split", true)).await;
         let mut pieces = r.bytes_stream();
         let mut all = Vec::new();
@@ -98,7 +112,10 @@ mod fake_selftest {
         assert_eq!(r.status(), 200);
         let res = r.text().await;
         assert!(res.is_err(), "expected a body error, got {res:?}");
-        assert!(up.wait_until(|s| s.streams_cut == 1, Duration::from_secs(2)).await);
+        assert!(
+            up.wait_until(|s| s.streams_cut == 1, Duration::from_secs(2))
+                .await
+        );
     }
 
     #[tokio::test]
@@ -110,7 +127,11 @@ mod fake_selftest {
         assert_eq!(up.stats().streams_active, 1);
         drop(s);
         assert!(
-            up.wait_until(|s| s.streams_cancelled == 1 && s.streams_active == 0, Duration::from_secs(1)).await,
+            up.wait_until(
+                |s| s.streams_cancelled == 1 && s.streams_active == 0,
+                Duration::from_secs(1)
+            )
+            .await,
             "{:?}",
             up.stats()
         );
@@ -127,7 +148,11 @@ mod fake_selftest {
             .await;
         assert!(res.is_err());
         assert!(
-            up.wait_until(|s| s.requests_abandoned == 1 && s.connections_open == 0, Duration::from_secs(1)).await,
+            up.wait_until(
+                |s| s.requests_abandoned == 1 && s.connections_open == 0,
+                Duration::from_secs(1)
+            )
+            .await,
             "{:?}",
             up.stats()
         );
@@ -140,7 +165,9 @@ mod fake_selftest {
         )
         .await;
         let text = post(&up, &chat("or", true)).await.text().await.expect("or");
-        assert!(sse::comments(&text).iter().all(|c| c == "OPENROUTER PROCESSING"));
+        assert!(sse::comments(&text)
+            .iter()
+            .all(|c| c == "OPENROUTER PROCESSING"));
         assert!(!sse::comments(&text).is_empty());
         let chunks = sse::json_chunks(&text);
         let last = chunks.last().expect("chunks");
@@ -156,7 +183,9 @@ mod fake_selftest {
         let last = chunks.last().expect("chunks");
         assert_eq!(last["choices"], json!([]));
         assert_eq!(last["usage"]["prompt_tokens_details"]["cached_tokens"], 8);
-        assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+        assert!(chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["usage"].is_null()));
         assert!(chunks[1]["choices"][0]["logprobs"]["content"][0]["token"].is_string());
     }
 
@@ -175,15 +204,26 @@ mod fake_selftest {
         let r = post(&up, &chat("m", false)).await;
         assert_eq!(r.status(), 200);
         assert!(t0.elapsed() >= Duration::from_millis(150));
-        let v: Value = post(&up, &chat("m", false)).await.json().await.expect("json");
-        assert_eq!(v["choices"][0]["message"]["content"], Transcript::plain().content_text());
+        let v: Value = post(&up, &chat("m", false))
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            Transcript::plain().content_text()
+        );
         assert_eq!(up.chat_requests().len(), 3);
     }
 
     #[tokio::test]
     async fn malformed_event_is_inserted() {
         let up = FakeUpstream::start(Scenario::new(Behavior::openai().malformed_at(1))).await;
-        let text = post(&up, &chat("m", true)).await.text().await.expect("body");
+        let text = post(&up, &chat("m", true))
+            .await
+            .text()
+            .await
+            .expect("body");
         let bad: Vec<String> = sse::data_payloads(&text)
             .into_iter()
             .filter(|d| d != "[DONE]" && serde_json::from_str::<Value>(d).is_err())

@@ -475,7 +475,11 @@ impl Behavior {
     }
     /// 401 as Moonshot words a bad key.
     pub fn unauthorized() -> Self {
-        Self::status_json(401, "invalid_authentication_error", "Invalid Authentication")
+        Self::status_json(
+            401,
+            "invalid_authentication_error",
+            "Invalid Authentication",
+        )
     }
     /// 429 engine overloaded with `Retry-After`.
     pub fn rate_limited(retry_after_secs: u64) -> Self {
@@ -791,7 +795,13 @@ impl FakeUpstream {
     pub fn chat_requests(&self) -> Vec<RecordedRequest> {
         self.requests()
             .into_iter()
-            .filter(|r| r.path.split('?').next().unwrap_or("").ends_with("/chat/completions"))
+            .filter(|r| {
+                r.path
+                    .split('?')
+                    .next()
+                    .unwrap_or("")
+                    .ends_with("/chat/completions")
+            })
             .collect()
     }
     pub fn last_request(&self) -> Option<RecordedRequest> {
@@ -924,10 +934,8 @@ async fn handle(
 fn json_response(status: u16, v: &Value) -> Response<Body> {
     let mut r = Response::new(Body::from(v.to_string()));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(
-        "content-type",
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
     r
 }
 
@@ -946,7 +954,9 @@ fn play(shared: &Arc<Shared>, b: &Behavior, rec: &RecordedRequest) -> Response<B
         Reply::Dynamic(_) => (
             500,
             "application/json",
-            vec![Bytes::from_static(b"{\"error\":{\"message\":\"dynamic nesting\"}}")],
+            vec![Bytes::from_static(
+                b"{\"error\":{\"message\":\"dynamic nesting\"}}",
+            )],
         ),
         Reply::Emulate {
             dialect,
@@ -1055,7 +1065,10 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
     let mut buf = BytesMut::new();
     for (i, ev) in events.iter().enumerate() {
         if f.cut_after == Some(i) {
-            if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+            if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+                .await
+                .is_err()
+            {
                 return;
             }
             guard.end = StreamEnd::Cut;
@@ -1065,14 +1078,20 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
             return;
         }
         if f.stall_after == Some(i) {
-            if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+            if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+                .await
+                .is_err()
+            {
                 return;
             }
             tx.closed().await;
             return;
         }
         if let (Some(d), true) = (f.chunk_delay, i > 0) {
-            if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+            if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+                .await
+                .is_err()
+            {
                 return;
             }
             tokio::select! {
@@ -1081,10 +1100,15 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
             }
         }
         if f.malformed_at == Some(i) {
-            buf.extend_from_slice(b"data: {\"id\":\"chatcmpl-broken\",\"choices\":[{\"delta\":\n\n");
+            buf.extend_from_slice(
+                b"data: {\"id\":\"chatcmpl-broken\",\"choices\":[{\"delta\":\n\n",
+            );
         }
         buf.extend_from_slice(ev);
-        if send(&tx, &mut buf, &mut rng, f.split_gap, false).await.is_err() {
+        if send(&tx, &mut buf, &mut rng, f.split_gap, false)
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -1092,7 +1116,10 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
         buf.extend_from_slice(b"data: {\"id\":\"chatcmpl-broken\",\"choices\":[{\"delta\":\n\n");
     }
     if f.cut_after.is_some_and(|c| c >= events.len()) {
-        if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+        if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+            .await
+            .is_err()
+        {
             return;
         }
         guard.end = StreamEnd::Cut;
@@ -1101,7 +1128,10 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
             .await;
         return;
     }
-    if send(&tx, &mut buf, &mut rng, f.split_gap, true).await.is_err() {
+    if send(&tx, &mut buf, &mut rng, f.split_gap, true)
+        .await
+        .is_err()
+    {
         return;
     }
     guard.end = StreamEnd::Completed;
@@ -1119,8 +1149,7 @@ pub fn moonshot_violation(req: &Value) -> Option<usize> {
     let messages = req.get("messages")?.as_array()?;
     messages.iter().position(|m| {
         m.get("role").and_then(Value::as_str) == Some("assistant")
-            && m
-                .get("tool_calls")
+            && m.get("tool_calls")
                 .and_then(Value::as_array)
                 .is_some_and(|t| !t.is_empty())
             && m.get("reasoning_content").is_none_or(Value::is_null)
@@ -1149,7 +1178,9 @@ fn emulate(
     mid_err: Option<usize>,
     req: &Value,
 ) -> (u16, &'static str, Vec<Bytes>) {
-    let t = forced.cloned().unwrap_or_else(|| Transcript::for_request(req));
+    let t = forced
+        .cloned()
+        .unwrap_or_else(|| Transcript::for_request(req));
     let model = req
         .get("model")
         .and_then(Value::as_str)
@@ -1215,8 +1246,10 @@ fn moonshot_usage(u: &Usage) -> Value {
 
 fn moonshot_stream(t: &Transcript, model: &str, thinking: bool) -> Vec<SseOut> {
     let chunk = |choice: Value| {
-        SseOut::Data(json!({"id": MOONSHOT_ID, "object": "chat.completion.chunk", "created": CREATED,
-                            "model": model, "choices": [choice], "system_fingerprint": "fpv0_fake"}))
+        SseOut::Data(
+            json!({"id": MOONSHOT_ID, "object": "chat.completion.chunk", "created": CREATED,
+                            "model": model, "choices": [choice], "system_fingerprint": "fpv0_fake"}),
+        )
     };
     let delta = |d: Value| chunk(json!({"index": 0, "delta": d, "finish_reason": null}));
     let mut ev = vec![delta(json!({"role": "assistant", "content": ""}))];
@@ -1231,8 +1264,10 @@ fn moonshot_stream(t: &Transcript, model: &str, thinking: bool) -> Vec<SseOut> {
     for tc in tool_call_deltas(t) {
         ev.push(delta(json!({"tool_calls": tc})));
     }
-    ev.push(chunk(json!({"index": 0, "delta": {}, "finish_reason": t.finish_reason,
-                         "usage": moonshot_usage(&t.usage)})));
+    ev.push(chunk(
+        json!({"index": 0, "delta": {}, "finish_reason": t.finish_reason,
+                         "usage": moonshot_usage(&t.usage)}),
+    ));
     ev.push(SseOut::Done);
     ev
 }
@@ -1282,23 +1317,31 @@ fn openrouter_stream(
     };
     let mut data: Vec<Value> = vec![];
     for r in &t.reasoning {
-        data.push(delta(json!({"role": "assistant", "content": "", "reasoning": r,
-                                "reasoning_details": reasoning_details(r)})));
+        data.push(delta(
+            json!({"role": "assistant", "content": "", "reasoning": r,
+                                "reasoning_details": reasoning_details(r)}),
+        ));
     }
     for c in &t.content {
         data.push(delta(json!({"role": "assistant", "content": c})));
     }
     for tc in tool_call_deltas(t) {
-        data.push(delta(json!({"role": "assistant", "content": null, "tool_calls": tc})));
+        data.push(delta(
+            json!({"role": "assistant", "content": null, "tool_calls": tc}),
+        ));
     }
-    let mut finish = chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+    let mut finish = chunk(
+        json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                                   "finish_reason": t.finish_reason,
-                                  "native_finish_reason": t.finish_reason, "logprobs": null}));
+                                  "native_finish_reason": t.finish_reason, "logprobs": null}),
+    );
     if separate_usage {
         data.push(finish);
-        let mut after = chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+        let mut after = chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "finish_reason": null, "native_finish_reason": null,
-                                     "logprobs": null}));
+                                     "logprobs": null}),
+        );
         after["usage"] = openrouter_usage(&t.usage);
         data.push(after);
     } else {
@@ -1386,15 +1429,21 @@ fn openai_stream(t: &Transcript, model: &str, req: &Value) -> Vec<SseOut> {
         } else {
             Value::Null
         };
-        ev.push(SseOut::Data(chunk(json!([{"index": 0, "delta": {"content": c},
-                                            "logprobs": lp, "finish_reason": null}]))));
+        ev.push(SseOut::Data(chunk(
+            json!([{"index": 0, "delta": {"content": c},
+                                            "logprobs": lp, "finish_reason": null}]),
+        )));
     }
     for tc in tool_call_deltas(t) {
-        ev.push(SseOut::Data(chunk(json!([{"index": 0, "delta": {"tool_calls": tc},
-                                            "logprobs": null, "finish_reason": null}]))));
+        ev.push(SseOut::Data(chunk(
+            json!([{"index": 0, "delta": {"tool_calls": tc},
+                                            "logprobs": null, "finish_reason": null}]),
+        )));
     }
-    ev.push(SseOut::Data(chunk(json!([{"index": 0, "delta": {}, "logprobs": null,
-                                        "finish_reason": t.finish_reason}]))));
+    ev.push(SseOut::Data(chunk(
+        json!([{"index": 0, "delta": {}, "logprobs": null,
+                                        "finish_reason": t.finish_reason}]),
+    )));
     if include_usage {
         let mut last = chunk(json!([]));
         last["usage"] = openai_usage(&t.usage);

@@ -356,7 +356,10 @@ impl Tollgate {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
-            .env("RUST_LOG", std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1");
         for p in &self.config.providers {
             if p.with_key {
