@@ -612,7 +612,7 @@ async fn route_down_then_back_is_ejected_probed_and_gets_traffic_again() {
             "served by the fallback during the outage"
         );
         sent_down += 1;
-        if sent_down % 10 == 0 {
+        if sent_down.is_multiple_of(10) {
             let h = gw.routes_health().await;
             saw_ejected |= h["data"]
                 .as_array()

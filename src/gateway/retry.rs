@@ -44,7 +44,7 @@ impl Class {
                     },
                     // The provider refused tollgate's own credentials, credit or model id: another
                     // route may well serve the request.
-                    401 | 402 | 403 | 404 => Class::Failed,
+                    401..=404 => Class::Failed,
                     _ => Class::Fatal,
                 }
             }
