@@ -815,3 +815,86 @@ async fn retry_storm_against_failing_routes_stays_within_the_budget() {
         .iter()
         .all(|o| !o.delivered && o.usage.completion_tokens == 0));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Affinity and preferences
+// ---------------------------------------------------------------------------------------------
+
+/// Weighted 1:1 routing: one conversation (`prompt_cache_key`, or the same leading messages)
+/// stays on one route; different conversations spread over both; the client's `provider.only`
+/// pins a route and is not forwarded upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_stick_to_one_route_under_weighted_routing() {
+    let r1 = FakeUpstream::start(Scenario::new(Behavior::openai())).await;
+    let r2 = FakeUpstream::start(Scenario::new(Behavior::openai())).await;
+    let gw = Gateway::start(&config(&[&r1, &r2], "policy = \"weighted\"", "", "")).await;
+    let mut firsts = HashSet::new();
+    for conv in 0..16 {
+        let mut seen = HashSet::new();
+        for turn in 0..5 {
+            let mut body = chat(false);
+            body["prompt_cache_key"] = json!(format!("conv-{conv}"));
+            body["messages"][0]["content"] = json!(format!("turn {turn}"));
+            let r = gw.chat(&body).await;
+            assert_eq!(r.status(), 200);
+            seen.insert(provider_of(&r));
+        }
+        assert_eq!(seen.len(), 1, "conversation {conv} moved: {seen:?}");
+        firsts.extend(seen);
+    }
+    assert_eq!(firsts.len(), 2, "16 conversations all landed on one route");
+    // Same leading messages, later turns: same route.
+    let mut seen = HashSet::new();
+    for turn in 0..5 {
+        let mut body = chat(false);
+        let msgs = body["messages"].as_array_mut().expect("messages");
+        for t in 0..turn {
+            msgs.push(json!({"role": "assistant", "content": format!("a{t}")}));
+            msgs.push(json!({"role": "user", "content": format!("u{t}")}));
+        }
+        seen.insert(provider_of(&gw.chat(&body).await));
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    for _ in 0..5 {
+        let mut body = chat(false);
+        body["provider"] = json!({"only": ["r2"]});
+        let r = gw.chat(&body).await;
+        assert_eq!(provider_of(&r), "r2");
+    }
+    let last = r2.last_request().expect("request");
+    assert!(
+        last.json().get("provider").is_none(),
+        "routing prefs stay in tollgate"
+    );
+    let mut body = chat(false);
+    body["provider"] = json!({"only": ["nope"]});
+    assert_eq!(gw.chat(&body).await.status(), 400);
+}
+
+/// A route without tools is skipped, not tried and failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_cannot_serve_the_request_is_skipped() {
+    let r1 = FakeUpstream::start(Scenario::new(Behavior::openai())).await;
+    let r2 = FakeUpstream::start(Scenario::new(Behavior::openai())).await;
+    let toml = config(&[&r1, &r2], "", "", "")
+        .replacen(
+            "  provider = \"r1\"\n",
+            "  provider = \"r1\"\n  capabilities = []\n",
+            1,
+        )
+        .replace(
+            "routing = {  }",
+            "capabilities = [\"tools\"]\nrouting = {  }",
+        );
+    let gw = Gateway::start(&toml).await;
+    let mut body = chat(false);
+    body["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    let r = gw.chat(&body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(provider_of(&r), "r2");
+    assert_eq!(r1.chat_requests().len(), 0);
+    let r = gw.chat(&chat(false)).await;
+    assert_eq!(provider_of(&r), "r1", "without tools, route 1 serves");
+    let o = gw.wait_outcomes(2).await;
+    assert_eq!(o[0].attempts.len(), 1);
+}
