@@ -19,6 +19,5 @@ else
     (cd "$contract" && npm install --no-audit --no-fund --loglevel=error)
 fi
 
-"$venv/bin/python" -c 'import openai, pytest; print("python openai", openai.__version__, "pytest", pytest.__version__)'
-node -e 'import("openai").then(m => console.log("npm openai", m.VERSION ?? "ok"))' --input-type=module 2>/dev/null \
-    || (cd "$contract" && node -e 'import("openai").then(m => console.log("npm openai", m.VERSION ?? "ok"))')
+"$venv/bin/python" -c 'import openai, pytest; print("contract deps: python openai", openai.__version__, "pytest", pytest.__version__)'
+echo "contract deps: npm openai $(node -p 'require(process.argv[1]).version' "$contract/node_modules/openai/package.json")"

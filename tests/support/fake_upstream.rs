@@ -63,6 +63,8 @@
 //! * `.stall_after(n)`: after `n` events, keep the stream open and silent until the client leaves.
 //! * `.malformed_at(n)`: insert a malformed `data:` event (broken JSON) before event `n`.
 //! * `.chunk_delay(d)`: pace events `d` apart.
+//! * `.crlf()`: frame SSE with `\r\n` line ends instead of `\n` (combine with `.split` to cut
+//!   between `\r` and `\n`).
 //! * `.split(seed)`: deliver the body in random 1–7 byte pieces (seeded), each a separate HTTP chunk
 //!   flushed on its own (channel-backed body); `.split_gap(d)` sleeps `d` between pieces.
 //!
@@ -368,6 +370,7 @@ pub struct Behavior {
     chunk_delay: Option<Duration>,
     split_seed: Option<u64>,
     split_gap: Option<Duration>,
+    crlf: bool,
 }
 
 impl fmt::Debug for Behavior {
@@ -404,6 +407,7 @@ impl Behavior {
             chunk_delay: None,
             split_seed: None,
             split_gap: None,
+            crlf: false,
         }
     }
 
@@ -560,6 +564,10 @@ impl Behavior {
     }
     pub fn split_gap(mut self, d: Duration) -> Self {
         self.split_gap = Some(d);
+        self
+    }
+    pub fn crlf(mut self) -> Self {
+        self.crlf = true;
         self
     }
 }
@@ -1012,6 +1020,7 @@ struct Faults {
     chunk_delay: Option<Duration>,
     split_seed: Option<u64>,
     split_gap: Option<Duration>,
+    crlf: bool,
 }
 
 impl From<&Behavior> for Faults {
@@ -1023,6 +1032,7 @@ impl From<&Behavior> for Faults {
             chunk_delay: b.chunk_delay,
             split_seed: b.split_seed,
             split_gap: b.split_gap,
+            crlf: b.crlf,
         }
     }
 }
@@ -1104,7 +1114,17 @@ async fn produce(events: Vec<Bytes>, f: Faults, tx: Tx, mut guard: StreamGuard) 
                 b"data: {\"id\":\"chatcmpl-broken\",\"choices\":[{\"delta\":\n\n",
             );
         }
-        buf.extend_from_slice(ev);
+        if f.crlf {
+            for &byte in ev.iter() {
+                if byte == b'\n' {
+                    buf.extend_from_slice(b"\r\n");
+                } else {
+                    buf.extend_from_slice(&[byte]);
+                }
+            }
+        } else {
+            buf.extend_from_slice(ev);
+        }
         if send(&tx, &mut buf, &mut rng, f.split_gap, false)
             .await
             .is_err()

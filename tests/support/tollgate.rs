@@ -47,7 +47,7 @@ pub struct Provider {
     pub dialect: String,
     pub base_url: String,
     pub with_key: bool,
-    /// Extra `key = value` lines (raw TOML values), e.g. `("timeout_ms", "500")`.
+    /// Extra `key = value` lines (raw TOML values), e.g. `("first_byte_timeout_ms", "500")`.
     pub extra: Vec<(String, String)>,
 }
 
@@ -108,7 +108,7 @@ impl Route {
             extra: vec![],
         }
     }
-    /// Adds `key = value` (raw TOML value), e.g. `("timeout_ms", "300")`.
+    /// Adds `key = value` (raw TOML value), e.g. `("weight", "2")`.
     pub fn set(mut self, key: &str, raw_value: &str) -> Self {
         self.extra.push((key.to_owned(), raw_value.to_owned()));
         self
