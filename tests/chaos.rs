@@ -270,7 +270,7 @@ async fn persistent_503_on_route_1_is_served_by_route_2_within_attempts_and_dead
     let r2 = FakeUpstream::start(Scenario::new(Behavior::openai())).await;
     let gw = Gateway::start(&config(
         &[&r1, &r2],
-        "max_attempts = 3, deadline_ms = 10000",
+        "max_attempts = 3, deadline_ms = 10000, complete_deadline_ms = 10000",
         "consecutive_failures = 5",
         "",
     ))
@@ -321,6 +321,31 @@ async fn persistent_503_on_route_1_is_served_by_route_2_within_attempts_and_dead
         .expect("r1");
     assert_eq!(r1h["state"], "ejected");
     assert_eq!(r1h["ejections_total"], 1);
+    let ready: Value = gw
+        .client
+        .get(format!("{}/readyz", gw.base))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["status"], "ready", "route 2 still serves: {ready}");
+    let states: Vec<_> = ready["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["route"].as_str().unwrap_or(""),
+                r["state"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [("r1/kimi-up", "ejected"), ("r2/kimi-up", "healthy")]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,7 +357,7 @@ async fn never_answering_upstream_ends_by_the_deadline_with_charge_zero() {
     let up = FakeUpstream::start(Scenario::new(Behavior::openai().never_answer())).await;
     let gw = Gateway::start(&config(
         &[&up],
-        "max_attempts = 3, deadline_ms = 2000",
+        "max_attempts = 3, deadline_ms = 2000, complete_deadline_ms = 2000",
         "",
         "",
     ))

@@ -102,6 +102,7 @@ struct RawRouting {
     policy: Option<RoutingPolicy>,
     max_attempts: Option<u32>,
     deadline_ms: Option<u64>,
+    complete_deadline_ms: Option<u64>,
     retry_budget_percent: Option<u32>,
     retry_budget_min_per_sec: Option<u32>,
     max_retry_after_ms: Option<u64>,
@@ -235,8 +236,11 @@ pub struct RoutingConfig {
     pub policy: RoutingPolicy,
     /// Upstream attempts per request, first one included.
     pub max_attempts: u32,
-    /// Overall time to get an answer started, all attempts and waits included.
+    /// Streams: overall time until the first chunk is ready for the client, all attempts and
+    /// waits included.
     pub deadline: Duration,
+    /// Non-streamed requests: overall time for the whole answer, all attempts included.
+    pub complete_deadline: Duration,
     /// Retries allowed on top of first attempts, in percent of requests (sliding 10 s window).
     pub retry_budget_percent: u32,
     /// Retries always allowed per second of the window, whatever the percentage says.
@@ -254,7 +258,8 @@ impl Default for RoutingConfig {
         RoutingConfig {
             policy: RoutingPolicy::Priority,
             max_attempts: 3,
-            deadline: Duration::from_secs(180),
+            deadline: Duration::from_secs(100),
+            complete_deadline: Duration::from_secs(600),
             retry_budget_percent: 20,
             retry_budget_min_per_sec: 10,
             max_retry_after: Duration::from_secs(10),
@@ -679,6 +684,7 @@ fn resolve_routing(model: &str, r: RawRouting) -> Result<RoutingConfig, String> 
         policy: r.policy.unwrap_or(d.policy),
         max_attempts: r.max_attempts.unwrap_or(d.max_attempts),
         deadline: ms(r.deadline_ms, d.deadline),
+        complete_deadline: ms(r.complete_deadline_ms, d.complete_deadline),
         retry_budget_percent: r.retry_budget_percent.unwrap_or(d.retry_budget_percent),
         retry_budget_min_per_sec: r
             .retry_budget_min_per_sec
@@ -698,8 +704,10 @@ fn resolve_routing(model: &str, r: RawRouting) -> Result<RoutingConfig, String> 
             "model {model:?}: routing.retry_budget_percent must be at most 100"
         ));
     }
-    if out.deadline.is_zero() {
-        return Err(format!("model {model:?}: routing.deadline_ms must be > 0"));
+    if out.deadline.is_zero() || out.complete_deadline.is_zero() {
+        return Err(format!(
+            "model {model:?}: routing.deadline_ms and complete_deadline_ms must be > 0"
+        ));
     }
     Ok(out)
 }
@@ -820,6 +828,33 @@ id = "kimi-k2.6"
     fn duplicate_alias_is_an_error() {
         let text = format!("{EXAMPLE}\n[[models]]\nid = \"kimi-k2-6\"\n  [[models.routes]]\n  provider = \"moonshot\"\n");
         assert!(parse(&text).unwrap_err().contains("used by both"));
+    }
+
+    #[test]
+    fn routing_and_health_settings_parse_with_defaults() {
+        let text = EXAMPLE.replace(
+            "capabilities = [\"reasoning\", \"tools\", \"json_object\"]",
+            "capabilities = [\"reasoning\", \"tools\", \"json_object\"]\nrouting = { policy = \"cheapest\", max_attempts = 2, max_retry_after_ms = 5000 }",
+        ) + "\n[health]\nconsecutive_failures = 3\nbase_ejection_ms = 1000\n";
+        let c = parse(&text).expect("parses");
+        let r = &c.models[0].routing;
+        assert_eq!(r.policy, RoutingPolicy::Cheapest);
+        assert_eq!(r.max_attempts, 2);
+        assert_eq!(r.max_retry_after, Duration::from_secs(5));
+        assert_eq!(r.retry_budget_percent, 20, "default");
+        assert_eq!(c.health.consecutive_failures, 3);
+        assert_eq!(c.health.base_ejection, Duration::from_secs(1));
+        assert_eq!(c.health.max_ejection, Duration::from_secs(300), "default");
+        let bad = EXAMPLE.replace(
+            "capabilities = [\"reasoning\", \"tools\", \"json_object\"]",
+            "routing = { max_atempts = 2 }",
+        );
+        assert!(parse(&bad).unwrap_err().contains("max_atempts"));
+        let bad = EXAMPLE.replace(
+            "capabilities = [\"reasoning\", \"tools\", \"json_object\"]",
+            "routing = { max_attempts = 0 }",
+        );
+        assert!(parse(&bad).unwrap_err().contains("max_attempts"));
     }
 
     #[test]

@@ -144,7 +144,12 @@ impl Gateway {
     ) -> Result<(Answer, Served), GatewayError> {
         let started = tokio::time::Instant::now();
         let routing = &p.model.routing;
-        let deadline = started + routing.deadline;
+        let limit = if p.request.stream {
+            routing.deadline
+        } else {
+            routing.complete_deadline
+        };
+        let deadline = started + limit;
         let needs = Needs::of(&p.request, estimate_prompt_tokens(&p.request), &p.model);
         let affinity_key = routing.affinity.then(|| router::affinity_key(&p.request));
         let sticky = affinity_key.and_then(|k| self.affinity.get(k));
@@ -233,10 +238,11 @@ impl Gateway {
                     provider: route.provider.clone(),
                     message: format!(
                         "no upstream answered within the request deadline of {} ms",
-                        routing.deadline.as_millis()
+                        limit.as_millis()
                     ),
                 }),
             };
+            metrics::counter!("tollgate_upstream_attempts_total", "provider" => route.provider.clone(), "retry" => if attempts.is_empty() { "false" } else { "true" }).increment(1);
             let mut record = Attempt {
                 provider: route.provider.clone(),
                 upstream_model: route.upstream_model.clone(),

@@ -567,7 +567,7 @@ routing = {{ policy = "{policy}" }}
     fn cheapest_uses_the_token_mix() {
         let c = config("cheapest");
         let d = RoutePrefs::default();
-        // 10 prompt + 1000 output tokens: b (2+2) is cheapest, then a, then c.
+        // 10 prompt + 80 output tokens: b (2+2) is cheapest, then a (1+10), then c (0.5+20).
         let mut r = req();
         r.max_output_tokens = Some(80);
         assert_eq!(run(&c, &r, &d, None), ["b", "a", "c"]);
@@ -610,6 +610,50 @@ routing = {{ policy = "{policy}" }}
         for _ in 0..20 {
             assert_eq!(run(&c, &req(), &d, Some("c/m"))[0], "c");
         }
+    }
+
+    #[test]
+    fn fastest_prefers_measured_speed_and_measures_unknown_routes_first() {
+        let c = config("fastest");
+        let health = Arc::new(Health::new(&c));
+        let now = Instant::now();
+        // a: slow first token, fast generation; b: fast first token, slow generation.
+        health
+            .acquire("a/m", now, false)
+            .expect("a")
+            .success(Some(Duration::from_millis(900)));
+        health.throughput("a/m", 1000, Duration::from_secs(1));
+        health
+            .acquire("b/m", now, false)
+            .expect("b")
+            .success(Some(Duration::from_millis(100)));
+        health.throughput("b/m", 10, Duration::from_secs(1));
+        let d = RoutePrefs::default();
+        let order = |prefs: &RoutePrefs, out: u32| {
+            let mut r = req();
+            r.max_output_tokens = Some(out);
+            let needs = Needs::of(&r, 10, &c.models[0]);
+            let p = plan(
+                &PlanInput {
+                    model: &c.models[0],
+                    needs: &needs,
+                    prefs,
+                    health: &health,
+                    sticky: None,
+                },
+                &mut rand::rngs::StdRng::seed_from_u64(1),
+            )
+            .expect("plan");
+            names_of(&c, &p)
+        };
+        // c is unmeasured: tried first. For 80 output tokens a (0.9 s + 0.08 s) beats b (0.1 s + 8 s).
+        assert_eq!(order(&d, 80), ["c", "a", "b"]);
+        // Sorting by latency looks at the first token only.
+        let lat = RoutePrefs {
+            sort: Some(Sort::Latency),
+            ..RoutePrefs::default()
+        };
+        assert_eq!(order(&lat, 80), ["c", "b", "a"]);
     }
 
     #[test]
