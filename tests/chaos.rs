@@ -395,6 +395,43 @@ async fn never_answering_upstream_ends_by_the_deadline_with_charge_zero() {
     }
 }
 
+/// A silent route 1 is abandoned after the first-chunk timeout (500 ms here) and route 2 serves
+/// the stream well inside the 10 s deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_route_fails_over_after_the_first_chunk_timeout() {
+    let r1 = FakeUpstream::start(Scenario::new(Behavior::openai().never_answer())).await;
+    let r2 = FakeUpstream::start(Scenario::new(Behavior::openai())).await;
+    let gw = Gateway::start(&config(
+        &[&r1, &r2],
+        "max_attempts = 3, deadline_ms = 10000, first_chunk_timeout_ms = 500",
+        "",
+        "",
+    ))
+    .await;
+    let t0 = Instant::now();
+    let r = gw.chat(&chat(true)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(provider_of(&r), "r2");
+    assert!(r.text().await.expect("body").ends_with("data: [DONE]\n\n"));
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    // 0.5 s timeout + a normal answer; 4 s of slack for a loaded machine.
+    assert!(took < Duration::from_millis(4500), "{took:?}");
+    let o = gw.wait_outcomes(1).await;
+    let results: Vec<_> = o[0]
+        .attempts
+        .iter()
+        .map(|a| (a.provider.as_str(), a.result))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("r1", AttemptResult::TimedOut),
+            ("r2", AttemptResult::Served)
+        ]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // non-retryable 4xx
 // ---------------------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ struct RawRouting {
     max_attempts: Option<u32>,
     deadline_ms: Option<u64>,
     complete_deadline_ms: Option<u64>,
+    first_chunk_timeout_ms: Option<u64>,
     retry_budget_percent: Option<u32>,
     retry_budget_min_per_sec: Option<u32>,
     max_retry_after_ms: Option<u64>,
@@ -241,6 +242,8 @@ pub struct RoutingConfig {
     pub deadline: Duration,
     /// Non-streamed requests: overall time for the whole answer, all attempts included.
     pub complete_deadline: Duration,
+    /// Streams: longest wait for one attempt's first chunk before failing over.
+    pub first_chunk_timeout: Duration,
     /// Retries allowed on top of first attempts, in percent of requests (sliding 10 s window).
     pub retry_budget_percent: u32,
     /// Retries always allowed per second of the window, whatever the percentage says.
@@ -260,6 +263,7 @@ impl Default for RoutingConfig {
             max_attempts: 3,
             deadline: Duration::from_secs(100),
             complete_deadline: Duration::from_secs(600),
+            first_chunk_timeout: Duration::from_secs(30),
             retry_budget_percent: 20,
             retry_budget_min_per_sec: 10,
             max_retry_after: Duration::from_secs(10),
@@ -685,6 +689,7 @@ fn resolve_routing(model: &str, r: RawRouting) -> Result<RoutingConfig, String> 
         max_attempts: r.max_attempts.unwrap_or(d.max_attempts),
         deadline: ms(r.deadline_ms, d.deadline),
         complete_deadline: ms(r.complete_deadline_ms, d.complete_deadline),
+        first_chunk_timeout: ms(r.first_chunk_timeout_ms, d.first_chunk_timeout),
         retry_budget_percent: r.retry_budget_percent.unwrap_or(d.retry_budget_percent),
         retry_budget_min_per_sec: r
             .retry_budget_min_per_sec
@@ -704,9 +709,12 @@ fn resolve_routing(model: &str, r: RawRouting) -> Result<RoutingConfig, String> 
             "model {model:?}: routing.retry_budget_percent must be at most 100"
         ));
     }
-    if out.deadline.is_zero() || out.complete_deadline.is_zero() {
+    if out.deadline.is_zero()
+        || out.complete_deadline.is_zero()
+        || out.first_chunk_timeout.is_zero()
+    {
         return Err(format!(
-            "model {model:?}: routing.deadline_ms and complete_deadline_ms must be > 0"
+            "model {model:?}: routing.deadline_ms, complete_deadline_ms and first_chunk_timeout_ms must be > 0"
         ));
     }
     Ok(out)

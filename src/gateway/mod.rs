@@ -227,13 +227,23 @@ impl Gateway {
                 route,
                 request_id,
             };
+            let left = deadline.saturating_duration_since(at);
+            let wait = if p.request.stream {
+                left.min(routing.first_chunk_timeout)
+            } else {
+                left
+            };
             let result = match tokio::time::timeout(
-                deadline.saturating_duration_since(at),
+                wait,
                 attempt(provider.as_ref(), &call, p.request.stream),
             )
             .await
             {
                 Ok(r) => r,
+                Err(_) if wait < left => Err(GatewayError::UpstreamTimeout {
+                    provider: route.provider.clone(),
+                    message: format!("the upstream sent nothing within {} ms", wait.as_millis()),
+                }),
                 Err(_) => Err(GatewayError::UpstreamTimeout {
                     provider: route.provider.clone(),
                     message: format!(
