@@ -1,10 +1,13 @@
 //! The gateway core: resolves the model, validates, routes to a provider (failing over before the
 //! first byte), and meters the answer. Knows nothing of HTTP.
 
+pub mod fetch;
 pub mod health;
+pub mod memory;
 pub mod model;
 pub mod retry;
 pub mod router;
+pub mod rules;
 pub mod usage;
 pub mod validate;
 
@@ -58,6 +61,7 @@ pub struct Gateway {
     health: Arc<Health>,
     budgets: HashMap<String, RetryBudget>,
     affinity: Affinity,
+    memory: Arc<memory::ReasoningMemory>,
 }
 
 impl Gateway {
@@ -86,6 +90,7 @@ impl Gateway {
                 })
                 .collect(),
             affinity: Affinity::new(100_000, Duration::from_secs(3600)),
+            memory: Arc::new(memory::ReasoningMemory::new()),
         })
     }
 
@@ -96,6 +101,11 @@ impl Gateway {
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// Reasoning remembered per tool-call turn (restored when a client sends a turn back without it).
+    pub fn memory(&self) -> &Arc<memory::ReasoningMemory> {
+        &self.memory
     }
 
     /// Finds the model and validates the request for it.
@@ -122,7 +132,9 @@ impl Gateway {
             }
         };
         let prefs = router::take_prefs(&mut request.extra)?;
-        let warnings = validate::validate(&mut request, &model)?;
+        rules::check_modalities(&request, &model, &self.catalog)?;
+        let mut warnings = validate::validate(&mut request, &model)?;
+        warnings.extend(rules::apply_reasoning(&mut request, &model));
         Ok(Prepared {
             request,
             model,
