@@ -29,17 +29,16 @@ pub fn build_state(config: config::Config) -> Result<Arc<http::AppState>, String
     }))
 }
 
-/// Like [`build_state`], with the gateway reporting every request's outcome to `sink`.
+/// Like [`build_state`], with the gateway reporting every request's outcome to `sink` (tests).
 pub fn build_state_with_sink(
     config: config::Config,
     sink: Arc<dyn gateway::usage::OutcomeSink>,
 ) -> Result<Arc<http::AppState>, String> {
     let gateway = gateway::Gateway::with_sink(&config, sink)?;
-    Ok(Arc::new(http::AppState {
-        config: Arc::new(config),
-        gateway,
-        metrics: None,
-    }))
+    let mut state = Arc::try_unwrap(build_state(config)?)
+        .map_err(|_| "the new state is already shared".to_string())?;
+    state.gateway = gateway;
+    Ok(Arc::new(state))
 }
 
 /// The router for a resolved config, for tests that serve it on port 0.
