@@ -86,6 +86,18 @@ pub async fn open_billing(
     Ok(Some(Arc::new(b)))
 }
 
+/// Like [`build_state`], with the gateway reporting every request's outcome to `sink` (tests).
+pub fn build_state_with_sink(
+    config: config::Config,
+    sink: Arc<dyn gateway::usage::OutcomeSink>,
+) -> Result<Arc<http::AppState>, String> {
+    let gateway = gateway::Gateway::with_sink(&config, sink)?;
+    let mut state = Arc::try_unwrap(build_state(config)?)
+        .map_err(|_| "the new state is already shared".to_string())?;
+    state.gateway = gateway;
+    Ok(Arc::new(state))
+}
+
 /// The router for a resolved config, for tests that serve it on port 0 (no billing store).
 pub fn app(config: config::Config) -> Result<axum::Router, String> {
     Ok(http::app(build_state(config)?))

@@ -52,6 +52,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
+        .route("/admin/v1/routes/health", get(routes_health))
         .fallback(not_found)
         .layer(middleware::from_fn(request_id))
         .with_state(state);
@@ -145,12 +146,56 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .map(|p| json!({"name": p.name, "dialect": p.dialect.as_str(), "key_configured": p.api_key.is_some() || p.api_key_env.is_none()}))
         .collect();
+    let routes = state.gateway.health().snapshot();
+    // Ready while every model has a route that is not ejected; a degraded gateway stays in
+    // rotation (it still fails over and probes), so the status code stays 200.
+    let degraded: Vec<&str> = state
+        .config
+        .models
+        .iter()
+        .filter(|m| {
+            m.routes.iter().all(|r| {
+                let key = crate::gateway::health::route_key(r);
+                routes
+                    .iter()
+                    .any(|v| v.route == key && v.state == "ejected")
+            })
+        })
+        .map(|m| m.id.as_str())
+        .collect();
+    let status = if degraded.is_empty() {
+        "ready"
+    } else {
+        "degraded"
+    };
+    let routes: Vec<_> = routes
+        .iter()
+        .map(|r| json!({"route": r.route, "state": r.state}))
+        .collect();
     (
         StatusCode::OK,
         Json(
-            json!({"status": "ready", "auth_required": state.config.auth.required, "providers": providers}),
+            json!({"status": status, "auth_required": state.config.auth.required, "providers": providers, "routes": routes, "models_without_healthy_route": degraded}),
         ),
     )
+}
+
+/// `GET /admin/v1/routes/health`: every route's ejection state, error rate and speed.
+async fn routes_health(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // an admin API: admin keys only (open mode: anyone on loopback)
+    if let Some(p) = authorize(&state, &headers).await? {
+        if !p.is_admin {
+            return Err(GatewayError::Forbidden {
+                message: "admin key required".into(),
+            }
+            .into());
+        }
+    }
+    let data = state.gateway.health().snapshot();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
