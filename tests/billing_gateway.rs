@@ -41,6 +41,24 @@ async fn upstream_chat(State(st): State<Arc<Upstream>>, Json(body): Json<Value>)
     if model == "fake-500" {
         return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
     }
+    if model == "fake-cut" {
+        // Ten content chunks, then the connection drops: no finish_reason, no usage, no [DONE].
+        let stream = async_stream::stream! {
+            for i in 0..10 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let ev = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
+                    "choices": [{"index": 0, "delta": {"content": format!("t{i} ")}, "finish_reason": null}]});
+                yield Ok::<_, std::io::Error>(format!("data: {ev}\n\n"));
+            }
+            // let the ten chunks reach the gateway before the connection is torn down
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            yield Err(std::io::Error::other("cut"));
+        };
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(stream))
+            .unwrap_or_else(|_| Response::new(Body::empty()));
+    }
     if body["stream"].as_bool() == Some(true) {
         let n = body["max_tokens"]
             .as_u64()
@@ -111,6 +129,13 @@ max_output_tokens = 1000
   provider = "fake"
   upstream_model = "fake-ok"
   price_per_mtok = {{ input = 1.00, cached_input = 0.50, output = 4.00 }}
+[[models]]
+id = "cut"
+max_output_tokens = 1000
+  [[models.routes]]
+  provider = "fake"
+  upstream_model = "fake-cut"
+  price_per_mtok = {{ input = 1.00, output = 4.00 }}
 [[models]]
 id = "broken"
 max_output_tokens = 1000
@@ -380,6 +405,50 @@ async fn gateway_flow(db: &Db) -> Billing {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((rec.state.as_str(), rec.cost_micros), ("settled", 70));
+
+    // Stream cut by the upstream after 10 chunks: error event, no [DONE], and the charge covers only
+    // the delivered text ("t0 " … "t9 " = 30 bytes → 8 tokens counted locally), marked estimated.
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat_body("cut", true, 500))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rid = r
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let text = r.text().await.unwrap_or_default();
+    assert!(text.contains("t9 ") && text.contains("\"error\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    let mut rec = b
+        .request_record(&rid)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..100 {
+        if rec.state != "held" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rec = b
+            .request_record(&rid)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(rec.state, "settled", "{rec:?}");
+    assert!(rec.estimated && rec.delivered, "{rec:?}");
+    assert_eq!(rec.completion_tokens, 8, "{rec:?}");
+    assert_eq!(
+        rec.output_cost_micros, 32,
+        "8 tokens × $4/Mtok = 32 micro-USD: {rec:?}"
+    );
+    assert!(
+        rec.cost_micros > 0 && rec.cost_micros == rec.computed_cost_micros,
+        "{rec:?}"
+    );
 
     // Upstream failure: nothing delivered, charge 0.
     let r = http

@@ -135,13 +135,11 @@ fn billing_usage(u: &GatewayUsage) -> Usage {
 
 /// The charging rules, from a request's outcome:
 /// * completed → charge the usage (upstream-reported, else counted locally and `estimated`);
-/// * client disconnected → charge what was delivered (0 if nothing was);
-/// * upstream failed mid-stream → the generation failed: charge 0.
+/// * client disconnected, or the upstream failed after the stream started → charge what was
+///   delivered to the client (0 if nothing was); the usage of a cut stream is counted locally from
+///   the delivered text and marked `estimated` unless the upstream reported it.
 fn settle_input(o: &Outcome) -> SettleInput {
-    let delivered = match o.status {
-        OutcomeStatus::Completed | OutcomeStatus::ClientDisconnected => o.delivered,
-        OutcomeStatus::UpstreamError => false,
-    };
+    let delivered = o.delivered;
     SettleInput {
         usage: billing_usage(&o.usage),
         delivered,
