@@ -20,12 +20,13 @@ SAT_CONNS=${SAT_CONNS:-32}     # closed loop, zero-delay upstream
 SAT_SECS=$(secs "${SAT_SECS:-8}")
 SAT_REPS=${SAT_REPS:-2}
 SAT_PLACEMENTS=${SAT_PLACEMENTS:-"pinned unpinned"}
+LAT_PLACEMENTS=${LAT_PLACEMENTS:-"pinned unpinned"} # c=1 latency and TTFT
 OPEN_RATE=${OPEN_RATE:-3000}   # open loop, 60 ms upstream
 OPEN_CONNS=${OPEN_CONNS:-400}
 OPEN_SECS=$(secs "${OPEN_SECS:-15}")
 OPEN_WARM=$(secs 3)
 TTFT_ROUNDS=${TTFT_ROUNDS:-3}  # c=1 streams from the paced upstream
-TTFT_SECS=$(secs "${TTFT_SECS:-4}")
+TTFT_SECS=$(secs "${TTFT_SECS:-5}")
 CHUNK_CONNS=${CHUNK_CONNS:-16} # unpaced 34-frame streams: CPU per frame
 CHUNK_SECS=$(secs "${CHUNK_SECS:-6}")
 OPEN_STREAMS=${OPEN_STREAMS:-1000}
@@ -35,12 +36,12 @@ STREAMS_SECS=$(secs "${STREAMS_SECS:-15}")
 # Fake upstream modes (gwbench mock DELAY_MS CHUNKS INTERVAL_MS). Non-stream requests ignore
 # CHUNKS/INTERVAL, so "zero" serves both the zero-delay tests and the paced-SSE TTFT test.
 declare -A MOCK_ARGS=(
-    [zero]="0 8 20"      # zero delay; streams: 8 deltas 20 ms apart (+usage chunk +[DONE])
+    [zero]="0 4 20"      # zero delay; streams: 4 deltas 20 ms apart (+usage chunk +[DONE])
     [d60]="60 64 20"     # 60 ms before the answer (open-loop test)
     [sse0]="0 32 0"      # unpaced 32-delta streams: per-frame CPU and latency
     [slow]="0 64 100"    # 64 deltas 100 ms apart (6.4 s streams): memory per open stream
 )
-declare -A MOCK_FRAMES=([zero]=10 [d60]=66 [sse0]=34 [slow]=66)
+declare -A MOCK_FRAMES=([zero]=6 [d60]=66 [sse0]=34 [slow]=66)
 MODES=(zero d60 sse0 slow)
 declare -A MOCK_PORT=([zero]=0 [d60]=1 [sse0]=2 [slow]=3)
 declare -A TARGET_OFF=([floor]=10 [tollgate]=20 [litellm]=30)
@@ -122,8 +123,10 @@ start_target() { # TARGET MODE
         ;;
     tollgate)
         cfg=$(tollgate_config "$m")
-        BENCH_UPSTREAM_KEY=upstream-key RUST_LOG=${TOLLGATE_LOG:-warn} \
-            start "tollgate-$m" "$TOLLGATE" serve --config "$cfg"
+        # tollgate as shipped: its default log level (info: one access line per request, to the
+        # log file here). TOLLGATE_LOG=warn (a RUST_LOG filter) measures it without that line.
+        if [ -n "${TOLLGATE_LOG:-}" ]; then export RUST_LOG=$TOLLGATE_LOG; else unset RUST_LOG; fi
+        BENCH_UPSTREAM_KEY=upstream-key start "tollgate-$m" "$TOLLGATE" serve --config "$cfg"
         ;;
     litellm)
         cfg=$(litellm_config "$m")
@@ -155,7 +158,7 @@ machine_info() {
     local cpu load
     cpu=$(awk -F: '/model name/{gsub(/^ /,"",$2); print $2; exit}' /proc/cpuinfo)
     load=$(cut -d' ' -f1-3 /proc/loadavg)
-    record "{\"test\":\"meta\",\"run_id\":\"$RUN_ID\",\"placement\":\"$PLACEMENT\",\"nproc\":$NCPU,\"cpu\":\"$cpu\",\"loadavg_start\":\"$load\",\"quick\":$QUICK,\"targets\":\"$TARGETS\",\"git\":\"$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)\",\"litellm\":\"$("$VENV/bin/pip" show litellm 2>/dev/null | awk '/^Version/{print $2}')\",\"frames\":{\"zero\":${MOCK_FRAMES[zero]},\"sse0\":${MOCK_FRAMES[sse0]},\"slow\":${MOCK_FRAMES[slow]}},\"open_streams\":$OPEN_STREAMS}"
+    record "{\"test\":\"meta\",\"run_id\":\"$RUN_ID\",\"placement\":\"$PLACEMENT\",\"nproc\":$NCPU,\"cpu\":\"$cpu\",\"loadavg_start\":\"$load\",\"quick\":$QUICK,\"targets\":\"$TARGETS\",\"git\":\"$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)\",\"litellm\":\"$("$VENV/bin/pip" show litellm 2>/dev/null | awk '/^Version/{print $2}')\",\"frames\":{\"zero\":${MOCK_FRAMES[zero]},\"sse0\":${MOCK_FRAMES[sse0]},\"slow\":${MOCK_FRAMES[slow]}},\"open_streams\":$OPEN_STREAMS,\"nice\":$NICE}"
 }
 
 # rotate LIST N: the list rotated left by N (interleaved order changes every round)
@@ -187,60 +190,58 @@ for m in zero d60 sse0; do for t in "${TGT[@]}"; do start_target "$t" "$m"; done
 for m in "${MODES[@]}"; do wait_http "http://$HOST:$(mock_port "$m")/" 10 || die "mock $m did not start"; done
 for m in zero d60 sse0; do for t in "${TGT[@]}"; do wait_target "$t" "$m"; done; done
 log "all servers up"
+SCHED=rt # every measured step (see lib.sh: RT=0 to run as ordinary processes)
 
-# 1. added latency at c=1, zero-delay upstream: warm-up, then interleaved rounds
-for t in "${TGT[@]}"; do place_for "$t" zero; gw_load "${URL[$t.zero]}" 1 2 0 >/dev/null || true; done
-for r in $(seq 1 "$C1_ROUNDS"); do
-    for t in $(rotate "$r" "${TGT[@]}"); do
-        place_for "$t" zero
-        measure "\"test\":\"c1\",\"target\":\"$t\",\"round\":$r" "${PID[$t.zero]}" -- \
-            + 30)) gw_load "${URL[$t.zero]}" 1 "$C1_SECS" 0 >/dev/null
+# interleaved TEST MODE CONNS SECS STREAM ROUNDS PLACEMENTS: ROUNDS rounds over all targets in a
+# rotated order, in each placement; one recorded line per (placement, round, target).
+interleaved() {
+    local test=$1 mode=$2 conns=$3 secs=$4 stream=$5 rounds=$6 pls=$7 pl r t saved=$PLACEMENT
+    for pl in $pls; do
+        PLACEMENT=$pl
+        for r in $(seq 1 "$rounds"); do
+            for t in $(rotate "$r" "${TGT[@]}"); do
+                place_for "$t" "$mode"
+                measure "\"test\":\"$test\",\"target\":\"$t\",\"round\":$r" "${PID[$t.$mode]}" -- \
+                    gw_load "${URL[$t.$mode]}" "$conns" "$secs" "$stream" >/dev/null
+                [ "$conns" -gt 1 ] && settle "${PID[$t.$mode]}"
+            done
+        done
     done
-done
+    PLACEMENT=$saved
+}
+
+# 1. added latency at c=1, zero-delay upstream: warm-up, then interleaved rounds in each placement
+for t in "${TGT[@]}"; do place_for "$t" zero; gw_load "${URL[$t.zero]}" 1 2 0 >/dev/null || true; done
+interleaved c1 zero 1 "$C1_SECS" 0 "$C1_ROUNDS" "$LAT_PLACEMENTS"
 log "c=1 latency done"
 
 # 2. saturated req/s, zero-delay upstream, closed loop, in each placement
-SAVED_PLACEMENT=$PLACEMENT
-for pl in $SAT_PLACEMENTS; do
-    PLACEMENT=$pl
-    for r in $(seq 1 "$SAT_REPS"); do
-        for t in $(rotate "$r" "${TGT[@]}"); do
-            place_for "$t" zero
-            measure "\"test\":\"sat\",\"target\":\"$t\",\"round\":$r" "${PID[$t.zero]}" -- \
-                + 30)) gw_load "${URL[$t.zero]}" "$SAT_CONNS" "$SAT_SECS" 0 >/dev/null
-        done
-    done
-done
-PLACEMENT=$SAVED_PLACEMENT
+interleaved sat zero "$SAT_CONNS" "$SAT_SECS" 0 "$SAT_REPS" "$SAT_PLACEMENTS"
 log "saturation done"
 
 # 3. open loop at OPEN_RATE req/s, 60 ms upstream (oha -q, latency corrected); peak RSS
 for t in "${TGT[@]}"; do
     place_for "$t" d60
-    + 30)) oha_open "${URL[$t.d60]}" "$OPEN_RATE" "$OPEN_CONNS" "$OPEN_WARM" >/dev/null || true
+    oha_open "${URL[$t.d60]}" "$OPEN_RATE" "$OPEN_CONNS" "$OPEN_WARM" >/dev/null || true
     measure "\"test\":\"open\",\"target\":\"$t\"" "${PID[$t.d60]}" -- \
-        + 40)) oha_open "${URL[$t.d60]}" "$OPEN_RATE" "$OPEN_CONNS" "$OPEN_SECS" >/dev/null
+        oha_open "${URL[$t.d60]}" "$OPEN_RATE" "$OPEN_CONNS" "$OPEN_SECS" >/dev/null
+    settle "${PID[$t.d60]}"
 done
 log "open loop done"
 
-# 4. streaming TTFT at c=1 from the paced upstream, interleaved rounds
+# 4. streaming TTFT at c=1 from the paced upstream, interleaved rounds in each placement
 for t in "${TGT[@]}"; do place_for "$t" zero; gw_load "${URL[$t.zero]}" 1 1 1 >/dev/null || true; done
-for r in $(seq 1 "$TTFT_ROUNDS"); do
-    for t in $(rotate "$r" "${TGT[@]}"); do
-        place_for "$t" zero
-        measure "\"test\":\"ttft\",\"target\":\"$t\",\"round\":$r" "${PID[$t.zero]}" -- \
-            + 30)) gw_load "${URL[$t.zero]}" 1 "$TTFT_SECS" 1 >/dev/null
-    done
-done
+interleaved ttft zero 1 "$TTFT_SECS" 1 "$TTFT_ROUNDS" "$LAT_PLACEMENTS"
 log "TTFT done"
 
 # 5. per-chunk cost: unpaced 34-frame streams, c=1 (added latency per frame) and c=CHUNK_CONNS (CPU)
 for t in "${TGT[@]}"; do
     place_for "$t" sse0
     measure "\"test\":\"chunk_c1\",\"target\":\"$t\"" "${PID[$t.sse0]}" -- \
-        + 30)) gw_load "${URL[$t.sse0]}" 1 "$TTFT_SECS" 1 >/dev/null
+        gw_load "${URL[$t.sse0]}" 1 "$TTFT_SECS" 1 >/dev/null
     measure "\"test\":\"chunk\",\"target\":\"$t\"" "${PID[$t.sse0]}" -- \
-        + 30)) gw_load "${URL[$t.sse0]}" "$CHUNK_CONNS" "$CHUNK_SECS" 1 >/dev/null
+        gw_load "${URL[$t.sse0]}" "$CHUNK_CONNS" "$CHUNK_SECS" 1 >/dev/null
+    settle "${PID[$t.sse0]}"
 done
 log "per-chunk done"
 
@@ -257,7 +258,7 @@ for t in "${TGT[@]}"; do
     sleep 1
     base=$(rss_kb "${PID[$t.slow]}")
     GRACE=60 measure "\"test\":\"streams\",\"target\":\"$t\",\"rss_base_kb\":$base" "${PID[$t.slow]}" -- \
-        + 60)) gw_load "${URL[$t.slow]}" "$OPEN_STREAMS" "$STREAMS_SECS" 1 >/dev/null
+        gw_load "${URL[$t.slow]}" "$OPEN_STREAMS" "$STREAMS_SECS" 1 >/dev/null
     stop_pid "${PID[$t.slow]}"
 done
 log "open streams done"

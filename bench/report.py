@@ -61,11 +61,22 @@ class Report:
             and (placement is None or r.get("placement") == placement)
         ]
 
-    def round_deltas(self, test, target, key):
+    def round_deltas(self, test, target, key, placement=None):
         """Per-round target-minus-direct differences of KEY, then their median."""
-        direct = {r["round"]: r.get(key) for r in self.of(test, "direct")}
-        ds = [r.get(key) - direct[r["round"]] for r in self.of(test, target) if direct.get(r["round"]) is not None and r.get(key) is not None]
+        direct = {r["round"]: r.get(key) for r in self.of(test, "direct", placement)}
+        ds = [
+            r.get(key) - direct[r["round"]]
+            for r in self.of(test, target, placement)
+            if direct.get(r["round"]) is not None and r.get(key) is not None
+        ]
         return med(ds)
+
+    def placements(self, test):
+        out = []
+        for r in self.rows:
+            if r.get("test") == test and r.get("placement") not in out:
+                out.append(r.get("placement"))
+        return out
 
     def medkey(self, test, target, key, placement=None):
         return med([r.get(key) for r in self.of(test, target, placement)])
@@ -85,11 +96,12 @@ class Report:
             return f"{(b / a if inverse else a / b):.{nd}f}×"
 
         # c=1
-        p50 = {t: self.medkey("c1", t, "p50_ms") for t in T}
-        row("c=1 latency p50, zero-delay upstream (ms)", p50)
-        added = {t: self.round_deltas("c1", t, "p50_ms") for t in T if t != "direct"}
-        a = added.get("tollgate")
-        row("added p50 at c=1 (ms)", added, ratio(added), "≤ 0.100", None if a is None else a <= 0.1)
+        for pl in self.placements("c1"):
+            p50 = {t: self.medkey("c1", t, "p50_ms", pl) for t in T}
+            row(f"c=1 latency p50, zero-delay upstream, {pl} (ms)", p50)
+            added = {t: self.round_deltas("c1", t, "p50_ms", pl) for t in T if t != "direct"}
+            a = added.get("tollgate")
+            row(f"added p50 at c=1, {pl} (ms)", added, ratio(added), "≤ 0.100", None if a is None else a <= 0.1)
 
         # open loop
         rate = None
@@ -113,11 +125,7 @@ class Report:
         row(f"peak RSS at {rl} req/s (MB)", rss, ratio(rss), "< 100", None if a is None else a < 100, nd=1)
 
         # saturation
-        placements = []
-        for r in self.rows:
-            if r.get("test") == "sat" and r.get("placement") not in placements:
-                placements.append(r.get("placement"))
-        for pl in placements:
+        for pl in self.placements("sat"):
             sat = {t: self.medkey("sat", t, "rps", pl) for t in T}
             conns = next((r.get("conns") for r in self.of("sat", "direct", pl)), None) or next((r.get("conns") for r in self.rows if r.get("test") == "sat"), "?")
             s_tg, s_fl, s_ll = sat.get("tollgate"), sat.get("floor"), sat.get("litellm")
@@ -136,13 +144,14 @@ class Report:
                 out.append(("  tollgate ÷ LiteLLM req/s", {t: "" for t in T}, f"{s_tg / s_ll:.1f}×", "≥ 10×", "PASS" if s_tg >= 10 * s_ll else "MISS"))
 
         # streaming
-        tt = {t: self.medkey("ttft", t, "ttfb_p50_ms") for t in T}
-        row("stream TTFT p50 at c=1, paced upstream (ms)", tt)
-        att = {t: self.round_deltas("ttft", t, "ttfb_p50_ms") for t in T if t != "direct"}
-        a = att.get("tollgate")
-        row("added TTFT p50 at c=1 (ms)", att, ratio(att), "≤ 0.500", None if a is None else a <= 0.5)
-        att99 = {t: self.round_deltas("ttft", t, "ttfb_p99_ms") for t in T if t != "direct"}
-        row("added TTFT p99 at c=1 (ms)", att99, ratio(att99))
+        for pl in self.placements("ttft"):
+            tt = {t: self.medkey("ttft", t, "ttfb_p50_ms", pl) for t in T}
+            row(f"stream TTFT p50 at c=1, paced upstream, {pl} (ms)", tt)
+            att = {t: self.round_deltas("ttft", t, "ttfb_p50_ms", pl) for t in T if t != "direct"}
+            a = att.get("tollgate")
+            row(f"added TTFT p50 at c=1, {pl} (ms)", att, ratio(att), "≤ 0.500", None if a is None else a <= 0.5)
+            att99 = {t: self.round_deltas("ttft", t, "ttfb_p99_ms", pl) for t in T if t != "direct"}
+            row(f"added TTFT p99 at c=1, {pl} (ms)", att99, ratio(att99))
         fr = self.frames.get("sse0", 34)
         per = {}
         for t in T:
@@ -208,7 +217,7 @@ class Report:
         return (
             f"run {m.get('run_id', '?')} · git {m.get('git', '?')} · placement {m.get('placement', '?')} · "
             f"{m.get('nproc', '?')} CPUs ({m.get('cpu', '?')}) · load average at start {m.get('loadavg_start', '?')} · "
-            f"LiteLLM {m.get('litellm') or '—'}{' · QUICK' if m.get('quick') else ''}"
+            f"nice {m.get('nice', '?')} · LiteLLM {m.get('litellm') or '—'}{' · QUICK' if m.get('quick') else ''}"
         )
 
 
