@@ -6,7 +6,8 @@
 # Usage: bench/run.sh gateway          (or directly: bench/gateway.sh)
 # Knobs (environment): TARGETS="direct floor tollgate litellm", PLACEMENT=pinned|unpinned,
 #   QUICK=1 (shorter steps), BUILD=0 (use the existing target/release/tollgate), PORT_BASE=19100,
-#   LITELLM_STREAMS=1 (also hold OPEN_STREAMS streams open through LiteLLM), and the step knobs below.
+#   LITELLM_STREAMS=1 (also hold OPEN_STREAMS streams open through LiteLLM),
+#   TESTS="c1 sat open ttft chunk streams" (a subset runs only those steps), and the step knobs below.
 
 . "$(dirname "$0")/lib.sh"
 
@@ -47,6 +48,8 @@ declare -A MOCK_PORT=([zero]=0 [d60]=1 [sse0]=2 [slow]=3)
 declare -A TARGET_OFF=([floor]=10 [tollgate]=20 [litellm]=30)
 
 TARGETS=${TARGETS:-"direct floor tollgate litellm"}
+TESTS=${TESTS:-"c1 sat open ttft chunk streams"} # which steps to run
+want() { [[ " $TESTS " == *" $1 "* ]]; }
 have_tollgate_cli() { [ -f "$ROOT/src/cli.rs" ] && grep -q 'serve' "$ROOT/src/cli.rs" 2>/dev/null; }
 if [[ " $TARGETS " == *" tollgate "* ]] && ! have_tollgate_cli && [ ! -x "$TOLLGATE" ]; then
     log "tollgate has no 'serve' command yet on this branch: skipping target tollgate"
@@ -211,57 +214,69 @@ interleaved() {
 }
 
 # 1. added latency at c=1, zero-delay upstream: warm-up, then interleaved rounds in each placement
-for t in "${TGT[@]}"; do place_for "$t" zero; gw_load "${URL[$t.zero]}" 1 2 0 >/dev/null || true; done
-interleaved c1 zero 1 "$C1_SECS" 0 "$C1_ROUNDS" "$LAT_PLACEMENTS"
-log "c=1 latency done"
+if want c1; then
+    for t in "${TGT[@]}"; do place_for "$t" zero; gw_load "${URL[$t.zero]}" 1 2 0 >/dev/null || true; done
+    interleaved c1 zero 1 "$C1_SECS" 0 "$C1_ROUNDS" "$LAT_PLACEMENTS"
+    log "c=1 latency done"
+fi
 
 # 2. saturated req/s, zero-delay upstream, closed loop, in each placement
-interleaved sat zero "$SAT_CONNS" "$SAT_SECS" 0 "$SAT_REPS" "$SAT_PLACEMENTS"
-log "saturation done"
+if want sat; then
+    interleaved sat zero "$SAT_CONNS" "$SAT_SECS" 0 "$SAT_REPS" "$SAT_PLACEMENTS"
+    log "saturation done"
+fi
 
 # 3. open loop at OPEN_RATE req/s, 60 ms upstream (oha -q, latency corrected); peak RSS
-for t in "${TGT[@]}"; do
-    place_for "$t" d60
-    oha_open "${URL[$t.d60]}" "$OPEN_RATE" "$OPEN_CONNS" "$OPEN_WARM" >/dev/null || true
-    measure "\"test\":\"open\",\"target\":\"$t\"" "${PID[$t.d60]}" -- \
-        oha_open "${URL[$t.d60]}" "$OPEN_RATE" "$OPEN_CONNS" "$OPEN_SECS" >/dev/null
-    settle "${PID[$t.d60]}"
-done
-log "open loop done"
+if want open; then
+    for t in "${TGT[@]}"; do
+        place_for "$t" d60
+        oha_open "${URL[$t.d60]}" "$OPEN_RATE" "$OPEN_CONNS" "$OPEN_WARM" >/dev/null || true
+        measure "\"test\":\"open\",\"target\":\"$t\"" "${PID[$t.d60]}" -- \
+            oha_open "${URL[$t.d60]}" "$OPEN_RATE" "$OPEN_CONNS" "$OPEN_SECS" >/dev/null
+        settle "${PID[$t.d60]}"
+    done
+    log "open loop done"
+fi
 
 # 4. streaming TTFT at c=1 from the paced upstream, interleaved rounds in each placement
-for t in "${TGT[@]}"; do place_for "$t" zero; gw_load "${URL[$t.zero]}" 1 1 1 >/dev/null || true; done
-interleaved ttft zero 1 "$TTFT_SECS" 1 "$TTFT_ROUNDS" "$LAT_PLACEMENTS"
-log "TTFT done"
+if want ttft; then
+    for t in "${TGT[@]}"; do place_for "$t" zero; gw_load "${URL[$t.zero]}" 1 1 1 >/dev/null || true; done
+    interleaved ttft zero 1 "$TTFT_SECS" 1 "$TTFT_ROUNDS" "$LAT_PLACEMENTS"
+    log "TTFT done"
+fi
 
 # 5. per-chunk cost: unpaced 34-frame streams, c=1 (added latency per frame) and c=CHUNK_CONNS (CPU)
-for t in "${TGT[@]}"; do
-    place_for "$t" sse0
-    measure "\"test\":\"chunk_c1\",\"target\":\"$t\"" "${PID[$t.sse0]}" -- \
-        gw_load "${URL[$t.sse0]}" 1 "$TTFT_SECS" 1 >/dev/null
-    measure "\"test\":\"chunk\",\"target\":\"$t\"" "${PID[$t.sse0]}" -- \
-        gw_load "${URL[$t.sse0]}" "$CHUNK_CONNS" "$CHUNK_SECS" 1 >/dev/null
-    settle "${PID[$t.sse0]}"
-done
-log "per-chunk done"
+if want chunk; then
+    for t in "${TGT[@]}"; do
+        place_for "$t" sse0
+        measure "\"test\":\"chunk_c1\",\"target\":\"$t\"" "${PID[$t.sse0]}" -- \
+            gw_load "${URL[$t.sse0]}" 1 "$TTFT_SECS" 1 >/dev/null
+        measure "\"test\":\"chunk\",\"target\":\"$t\"" "${PID[$t.sse0]}" -- \
+            gw_load "${URL[$t.sse0]}" "$CHUNK_CONNS" "$CHUNK_SECS" 1 >/dev/null
+        settle "${PID[$t.sse0]}"
+    done
+    log "per-chunk done"
+fi
 
 # 6. memory with OPEN_STREAMS concurrent open streams (fresh servers; 6.4 s streams)
-# LiteLLM takes minutes to start on a busy 2-core box, so it joins this step only with LITELLM_STREAMS=1.
-for t in "${TGT[@]}"; do
-    [ "$t" = direct ] && continue
-    [ "$t" = litellm ] && [ "${LITELLM_STREAMS:-0}" != 1 ] && { for m in zero d60 sse0; do stop_pid "${PID[$t.$m]}"; done; continue; }
-    for m in zero d60 sse0; do stop_pid "${PID[$t.$m]}"; done # free memory and CPU
-    start_target "$t" slow
-    wait_target "$t" slow
-    place_for "$t" slow
-    gw_load "${URL[$t.slow]}" 4 2 1 >/dev/null || true
-    sleep 1
-    base=$(rss_kb "${PID[$t.slow]}")
-    GRACE=60 measure "\"test\":\"streams\",\"target\":\"$t\",\"rss_base_kb\":$base" "${PID[$t.slow]}" -- \
-        gw_load "${URL[$t.slow]}" "$OPEN_STREAMS" "$STREAMS_SECS" 1 >/dev/null
-    stop_pid "${PID[$t.slow]}"
-done
-log "open streams done"
+if want streams; then
+    # LiteLLM takes minutes to start on a busy 2-core box, so it joins this step only with LITELLM_STREAMS=1.
+    for t in "${TGT[@]}"; do
+        [ "$t" = direct ] && continue
+        [ "$t" = litellm ] && [ "${LITELLM_STREAMS:-0}" != 1 ] && { for m in zero d60 sse0; do stop_pid "${PID[$t.$m]}"; done; continue; }
+        for m in zero d60 sse0; do stop_pid "${PID[$t.$m]}"; done # free memory and CPU
+        start_target "$t" slow
+        wait_target "$t" slow
+        place_for "$t" slow
+        gw_load "${URL[$t.slow]}" 4 2 1 >/dev/null || true
+        sleep 1
+        base=$(rss_kb "${PID[$t.slow]}")
+        GRACE=60 measure "\"test\":\"streams\",\"target\":\"$t\",\"rss_base_kb\":$base" "${PID[$t.slow]}" -- \
+            gw_load "${URL[$t.slow]}" "$OPEN_STREAMS" "$STREAMS_SECS" 1 >/dev/null
+        stop_pid "${PID[$t.slow]}"
+    done
+    log "open streams done"
+fi
 
 python3 "$BENCH_DIR/report.py" "$RESULTS" --markdown "$OUT_DIR/report.md"
 log "markdown table: $OUT_DIR/report.md"

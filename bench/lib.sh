@@ -190,7 +190,7 @@ rss_sampler() {
     echo 0 >"$file"
     while kill -0 "$pid" 2>/dev/null; do
         r=$(rss_kb "$pid")
-        if [ "$r" -gt "$max" ]; then max=$r; echo "$max" >"$file"; fi
+        if [ "$r" -gt "$max" ]; then max=$r; echo "$max" >"$file.tmp" && mv "$file.tmp" "$file"; fi
         sleep 0.25
     done
 }
@@ -236,7 +236,9 @@ measure() {
         cpu1=$(cpu_ticks "$spid")
         kill "$spl" 2>/dev/null || true
         wait "$spl" 2>/dev/null || true
-        extra="$extra,\"server_cpu_s\":$(awk -v a="$cpu0" -v b="$cpu1" -v t="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/t}'),\"server_rss_peak_kb\":$(cat "$rssf" 2>/dev/null || echo 0),\"server_rss_end_kb\":$(rss_kb "$spid")"
+        local peak
+        peak=$(cat "$rssf" 2>/dev/null || true)
+        extra="$extra,\"server_cpu_s\":$(awk -v a="$cpu0" -v b="$cpu1" -v t="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/t}'),\"server_rss_peak_kb\":${peak:-0},\"server_hwm_kb\":$(awk '/^VmHWM:/{print $2}' "/proc/$spid/status" 2>/dev/null || echo 0),\"server_rss_end_kb\":$(rss_kb "$spid")"
         rm -f "$rssf"
     fi
     out=$(printf '%s' "$out" | tr -d '\n')
