@@ -121,11 +121,15 @@ async fn serve(
             tracing::warn!(provider = %p.name, "environment variable {var} is not set; requests to this provider go without a key");
         }
     }
-    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
+    // Signals first, so a SIGTERM that arrives as soon as the port is open is never lost; the
+    // state (models loaded, store opened) before the bind, so an open port is a serving port.
+    let shutdown = crate::http::shutdown_signal();
+    let listen = cfg.server.listen;
     let state = crate::build_state(cfg)?;
-    crate::http::serve(state, listener)
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    crate::http::serve(state, listener, shutdown)
         .await
         .map_err(|e| e.to_string())
 }

@@ -1,5 +1,6 @@
 //! tollgate: a self-hosted, OpenAI-compatible LLM API gateway.
 
+pub mod anthropic; // Anthropic Messages wire format and converters
 pub mod catalog; // the model catalog and model cards
 pub mod cli; // command-line interface
 pub mod config; // the TOML config format, defaults and presets
@@ -8,6 +9,7 @@ pub mod gateway; // the core: internal model, validation, routing, usage
 pub mod http; // the HTTP surface (axum)
 pub mod openai; // OpenAI Chat Completions wire format
 pub mod providers; // upstream dialect adapters
+pub mod responses; // OpenAI Responses API wire format and converters
 pub mod telemetry; // logging and metrics setup
 
 use std::sync::Arc;

@@ -140,6 +140,8 @@ struct RawModel {
     /// Sampling parameters this model does not let callers change (dropped with a warning).
     #[serde(default)]
     fixed_parameters: Vec<String>,
+    /// Whether the model has graded reasoning effort levels (false for Kimi K2.6: on/off only).
+    reasoning_efforts: Option<bool>,
     #[serde(default)]
     routes: Vec<RawRoute>,
 }
@@ -254,6 +256,9 @@ pub struct ModelConfig {
     pub input_modalities: Vec<String>,
     pub capabilities: Vec<String>,
     pub fixed_parameters: Vec<String>,
+    /// The model has graded reasoning effort levels; when false, an effort only turns thinking on
+    /// (or off for `none`) and is reported in `x-tollgate-warning`.
+    pub reasoning_efforts: bool,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -524,6 +529,7 @@ fn resolve(
             },
             capabilities: m.capabilities,
             fixed_parameters: m.fixed_parameters,
+            reasoning_efforts: m.reasoning_efforts.unwrap_or(true),
             routes,
         });
     }

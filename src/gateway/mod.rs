@@ -1,7 +1,10 @@
 //! The gateway core: resolves the model, validates, routes to a provider (failing over before the
 //! first byte), and meters the answer. Knows nothing of HTTP.
 
+pub mod fetch;
+pub mod memory;
 pub mod model;
+pub mod rules;
 pub mod usage;
 pub mod validate;
 
@@ -43,6 +46,7 @@ pub struct Gateway {
     catalog: Catalog,
     providers: HashMap<String, Arc<dyn Provider>>,
     sink: Arc<dyn OutcomeSink>,
+    memory: Arc<memory::ReasoningMemory>,
 }
 
 impl Gateway {
@@ -51,11 +55,17 @@ impl Gateway {
             catalog: Catalog::new(config),
             providers: providers::build(config)?,
             sink: Arc::new(LogSink),
+            memory: Arc::new(memory::ReasoningMemory::new()),
         })
     }
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// Reasoning remembered per tool-call turn (restored when a client sends a turn back without it).
+    pub fn memory(&self) -> &Arc<memory::ReasoningMemory> {
+        &self.memory
     }
 
     /// Finds the model and validates the request for it.
@@ -81,7 +91,9 @@ impl Gateway {
                 });
             }
         };
-        let warnings = validate::validate(&mut request, &model)?;
+        rules::check_modalities(&request, &model, &self.catalog)?;
+        let mut warnings = validate::validate(&mut request, &model)?;
+        warnings.extend(rules::apply_reasoning(&mut request, &model));
         Ok(Prepared {
             request,
             model,

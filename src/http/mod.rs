@@ -2,6 +2,9 @@
 
 pub mod chat;
 pub mod error;
+mod events;
+pub mod messages;
+pub mod responses;
 mod sse;
 
 use std::net::SocketAddr;
@@ -37,6 +40,9 @@ pub struct RequestId(pub String);
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/healthz", get(healthz))
@@ -167,7 +173,11 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 /// Runs the server until SIGTERM/SIGINT, then lets open requests finish up to the grace period.
-pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     let grace = state.config.server.shutdown_grace;
     let addr: SocketAddr = listener.local_addr()?;
@@ -183,7 +193,7 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> s
     let mut handle = tokio::spawn(async move { server.await });
     tokio::select! {
         r = &mut handle => return r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-        _ = shutdown_signal() => {}
+        _ = shutdown => {}
     }
     tracing::info!(
         grace_secs = grace.as_secs(),
@@ -200,24 +210,41 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> s
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers SIGTERM/SIGINT handlers now (before the listener is bound, so an early signal is never
+/// lost) and returns a future that resolves on the first of them.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {}
+                _ = int => {}
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
