@@ -91,7 +91,7 @@ class Report:
 
         def ratio(vals, nd=2, inverse=False):
             a, b = vals.get("tollgate"), vals.get("floor")
-            if a is None or b is None or b == 0 or a == 0:
+            if a is None or b is None or a <= 0 or b <= 0:
                 return ""
             return f"{(b / a if inverse else a / b):.{nd}f}×"
 
