@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
 use super::error::ApiError;
-use super::{authorize, presented_key, sse, AppState, RequestId};
+use super::{authorize, billing, presented_key, sse, AppState, RequestId};
 use crate::error::GatewayError;
 use crate::gateway::model::{ChatRequest, ChatResponse};
 use crate::gateway::usage::Metered;
@@ -55,6 +55,19 @@ pub struct Dispatched {
     pub served: Served,
     pub created: i64,
     pub answer: Metering,
+    /// A complete answer's charge in micro-USD (settled before the answer is sent).
+    pub cost_micros: Option<u64>,
+    /// A stream's charge, sent once its outcome is settled (before the final usage / `[DONE]`).
+    pub stream_cost: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
+}
+
+/// Sets `x-tollgate-cost-usd` (a complete answer's charge) on its response.
+pub fn annotate_cost(resp: &mut Response, cost_micros: Option<u64>) {
+    if let Some(c) = cost_micros.and_then(|c| i64::try_from(c).ok()) {
+        if let Ok(v) = HeaderValue::from_str(&crate::billing::format_usd(c)) {
+            resp.headers_mut().insert("x-tollgate-cost-usd", v);
+        }
+    }
 }
 
 /// The answer with its metering attached.
@@ -76,7 +89,7 @@ pub async fn handle<T>(
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_default();
-    authorize(state, req.headers())?;
+    let principal = authorize(state, req.headers()).await?;
     let scope = memory::scope_of(presented_key(req.headers()));
     let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
     let (parsed, extra) = parse(&body)?;
@@ -84,24 +97,59 @@ pub async fn handle<T>(
     let mem = state.gateway.memory();
     mem.restore(scope, &mut prepared.request);
     let prompt_estimate = estimate_prompt_tokens(&prepared.request);
-    let (answer, served) = state.gateway.dispatch(&prepared, &request_id).await?;
+    // Hold the worst case before any upstream call (402 insufficient_credits otherwise).
+    let ticket = billing::hold(
+        state,
+        principal.as_ref(),
+        &prepared,
+        &request_id,
+        prompt_estimate,
+    )
+    .await?;
+    let (answer, served) = match state.gateway.dispatch(&prepared, &request_id).await {
+        Ok(x) => x,
+        Err(e) => {
+            // nothing was delivered: charge 0
+            if let Some(t) = ticket {
+                t.release("upstream_error").await;
+            }
+            return Err(e);
+        }
+    };
     let template = state
         .gateway
         .outcome(&request_id, &prepared.model.id, &served);
+    let mut cost_micros = None;
+    let mut stream_cost = None;
     let answer = match answer {
         Answer::Complete(r) => {
             mem.remember_response(scope, &r);
-            state
+            let usage = state
                 .gateway
                 .record_complete(template, &r, prompt_estimate, started);
+            // Settle before answering, so the cost shown is the cost charged.
+            if let Some(t) = ticket {
+                cost_micros = t.settle_complete(&served, &usage, r.usage.is_none()).await;
+            }
             Metering::Complete(r)
         }
-        Answer::Stream(s) => Metering::Stream(state.gateway.meter_stream(
-            mem.observe(scope, s),
-            template,
-            prompt_estimate,
-            started,
-        )),
+        Answer::Stream(s) => {
+            let sink = match ticket {
+                Some(t) => {
+                    let (sink, rx) = t.into_sink(state.gateway.sink());
+                    stream_cost = Some(rx);
+                    sink
+                }
+                None => state.gateway.sink(),
+            };
+            Metering::Stream(Metered::new(
+                mem.observe(scope, s),
+                sink,
+                template,
+                prompt_estimate,
+                started,
+            ))
+        }
     };
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -114,6 +162,8 @@ pub async fn handle<T>(
             served,
             created,
             answer,
+            cost_micros,
+            stream_cost,
         },
         extra,
     ))
@@ -178,7 +228,7 @@ pub async fn chat_completions(
                 &env,
                 &r,
                 show_reasoning,
-                None,
+                d.cost_micros,
             ))
         }
         Metering::Stream(metered) => sse_response(sse::chat_sse(
@@ -191,9 +241,11 @@ pub async fn chat_completions(
                 include_usage: p.request.include_usage,
                 show_reasoning,
                 keepalive: state.config.server.keepalive,
+                cost: d.stream_cost,
             },
         )),
     };
     annotate(&mut resp, &d.served.provider, &p.warnings);
+    super::chat::annotate_cost(&mut resp, d.cost_micros);
     Ok(resp)
 }

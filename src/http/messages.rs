@@ -74,6 +74,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, req: Request) -> Respo
         )),
     };
     annotate(&mut resp, &d.served.provider, &p.warnings);
+    super::chat::annotate_cost(&mut resp, d.cost_micros);
     resp
 }
 
@@ -86,7 +87,7 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, req: Request) -> R
         .map(|r| r.0.clone())
         .unwrap_or_default();
     let work = async {
-        super::authorize(&state, req.headers())?;
+        super::authorize(&state, req.headers()).await?;
         let (_h, body) = super::chat::read_body(req, state.config.server.max_body_bytes).await?;
         // count_tokens has no max_tokens; the parser does not require it.
         let parsed = anthropic::parse_messages_request(&body)?;

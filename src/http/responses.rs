@@ -40,5 +40,6 @@ pub async fn responses(
         )),
     };
     annotate(&mut resp, &d.served.provider, &p.warnings);
+    super::chat::annotate_cost(&mut resp, d.cost_micros);
     Ok(resp)
 }
