@@ -9,7 +9,7 @@ STAMP := .tools/stamps
 APT_BUILD := cmake clang libclang-dev pkg-config
 APT_TEST := redis-server postgresql python3-venv
 
-.PHONY: run test deps-build deps-test model build lint clean
+.PHONY: run test deps-build deps-test model build lint clean bench
 
 $(STAMP):
 	@mkdir -p $(STAMP)
@@ -49,6 +49,11 @@ test: deps-test model
 	$(CARGO) clippy --all-targets -- -D warnings
 	@if [ -x scripts/test-services.sh ]; then source scripts/test-services.sh; fi; \
 	  $(CARGO) test --all-targets -- --test-threads=4
+
+# What tollgate adds per request vs direct, the bench-floor proxy and LiteLLM (see BENCHMARKS.md).
+# Installs oha, builds the bench-floor and a LiteLLM venv on first use (all gitignored); ~12 min.
+bench: deps-build
+	bench/run.sh gateway
 
 clean:
 	$(CARGO) clean
