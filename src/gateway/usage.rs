@@ -1,0 +1,197 @@
+//! Usage accounting for streams: watches chunks on their way to the client, keeps the upstream's
+//! usage (or counts locally when there is none) and reports one [`Outcome`] when the stream ends,
+//! fails or is dropped by a disconnecting client.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::Stream;
+
+use crate::error::GatewayError;
+use crate::gateway::model::{ChatChunk, ChunkStream, Usage};
+
+/// How a request ended, for metering and billing.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub request_id: String,
+    pub model: String,
+    pub provider: String,
+    pub upstream_model: String,
+    pub usage: Usage,
+    /// Usage was counted locally because the upstream reported none.
+    pub estimated: bool,
+    /// Anything at all reached the client.
+    pub delivered: bool,
+    pub status: OutcomeStatus,
+    pub latency_ms: u64,
+    pub first_byte_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeStatus {
+    Completed,
+    /// The upstream failed after the stream started.
+    UpstreamError,
+    /// The client went away before the end.
+    ClientDisconnected,
+}
+
+impl OutcomeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeStatus::Completed => "completed",
+            OutcomeStatus::UpstreamError => "upstream_error",
+            OutcomeStatus::ClientDisconnected => "client_disconnected",
+        }
+    }
+}
+
+/// Receives the outcome of every request exactly once.
+pub trait OutcomeSink: Send + Sync {
+    fn record(&self, outcome: Outcome);
+}
+
+/// The default sink: structured log line and Prometheus metrics (no prompt or completion text).
+pub struct LogSink;
+
+impl OutcomeSink for LogSink {
+    fn record(&self, o: Outcome) {
+        metrics::counter!("tollgate_requests_total", "model" => o.model.clone(), "provider" => o.provider.clone(), "status" => o.status.as_str()).increment(1);
+        metrics::counter!("tollgate_tokens_total", "model" => o.model.clone(), "kind" => "prompt")
+            .increment(o.usage.prompt_tokens);
+        metrics::counter!("tollgate_tokens_total", "model" => o.model.clone(), "kind" => "completion").increment(o.usage.completion_tokens);
+        metrics::histogram!("tollgate_request_duration_seconds", "model" => o.model.clone())
+            .record(o.latency_ms as f64 / 1000.0);
+        tracing::info!(
+            request_id = %o.request_id,
+            model = %o.model,
+            provider = %o.provider,
+            upstream_model = %o.upstream_model,
+            status = o.status.as_str(),
+            prompt_tokens = o.usage.prompt_tokens,
+            completion_tokens = o.usage.completion_tokens,
+            cached_tokens = o.usage.cached_tokens,
+            estimated = o.estimated,
+            latency_ms = o.latency_ms,
+            first_byte_ms = o.first_byte_ms,
+            "request finished"
+        );
+    }
+}
+
+/// Rough local token count for text when an upstream reports no usage (about 4 bytes a token).
+pub fn estimate_tokens(text_bytes: usize) -> u64 {
+    text_bytes.div_ceil(4) as u64
+}
+
+/// Wraps a chunk stream; reports its [`Outcome`] to `sink` exactly once.
+pub struct Metered {
+    inner: ChunkStream,
+    sink: Arc<dyn OutcomeSink>,
+    outcome: Option<Outcome>,
+    started: Instant,
+    usage: Option<Usage>,
+    out_bytes: usize,
+    prompt_estimate: u64,
+}
+
+impl Metered {
+    /// `template` carries the request's identity; `prompt_estimate` is the local prompt count used
+    /// when the upstream reports no usage.
+    pub fn new(
+        inner: ChunkStream,
+        sink: Arc<dyn OutcomeSink>,
+        template: Outcome,
+        prompt_estimate: u64,
+        started: Instant,
+    ) -> Metered {
+        Metered {
+            inner,
+            sink,
+            outcome: Some(template),
+            started,
+            usage: None,
+            out_bytes: 0,
+            prompt_estimate,
+        }
+    }
+
+    fn observe(&mut self, chunk: &ChatChunk) {
+        if let Some(u) = chunk.usage {
+            self.usage = Some(u);
+        }
+        for c in &chunk.choices {
+            self.out_bytes += c.content.as_ref().map_or(0, String::len)
+                + c.reasoning.as_ref().map_or(0, String::len);
+            for t in &c.tool_calls {
+                if let Some(f) = &t.function {
+                    self.out_bytes += f.name.as_ref().map_or(0, String::len)
+                        + f.arguments.as_ref().map_or(0, String::len);
+                }
+            }
+        }
+        if let Some(o) = self.outcome.as_mut() {
+            if !o.delivered {
+                o.delivered = true;
+                o.first_byte_ms = Some(self.started.elapsed().as_millis() as u64);
+            }
+        }
+    }
+
+    fn finish(&mut self, status: OutcomeStatus) {
+        let Some(mut o) = self.outcome.take() else {
+            return;
+        };
+        o.status = status;
+        o.latency_ms = self.started.elapsed().as_millis() as u64;
+        match self.usage {
+            Some(u) => o.usage = u,
+            None if o.delivered => {
+                o.usage = Usage {
+                    prompt_tokens: self.prompt_estimate,
+                    completion_tokens: estimate_tokens(self.out_bytes),
+                    ..Usage::default()
+                };
+                o.estimated = true;
+            }
+            None => {}
+        }
+        self.sink.record(o);
+    }
+
+    /// The usage seen so far (upstream-reported).
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+}
+
+impl Stream for Metered {
+    type Item = Result<ChatChunk, GatewayError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.observe(&chunk);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(OutcomeStatus::UpstreamError);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.finish(OutcomeStatus::Completed);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.finish(OutcomeStatus::ClientDisconnected);
+    }
+}

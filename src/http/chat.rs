@@ -1,0 +1,128 @@
+//! `POST /v1/chat/completions`: body limits, parsing, dispatch, and the JSON or SSE answer.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+
+use super::error::ApiError;
+use super::{authorize, sse, AppState, RequestId};
+use crate::error::GatewayError;
+use crate::gateway::{estimate_prompt_tokens, Answer};
+use crate::openai::{self, wire::Envelope};
+
+/// Reads a request body, refusing (413) anything over `limit` without reading it all.
+pub async fn read_body(req: Request, limit: u64) -> Result<(HeaderMap, Bytes), GatewayError> {
+    let (parts, body) = req.into_parts();
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit {
+            return Err(GatewayError::PayloadTooLarge { limit });
+        }
+    }
+    let limited = http_body_util::Limited::new(body, limit as usize);
+    match limited.collect().await {
+        Ok(c) => Ok((parts.headers, c.to_bytes())),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(GatewayError::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(GatewayError::invalid(
+            format!("could not read the request body: {e}"),
+            None,
+        )),
+    }
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    authorize(&state, req.headers())?;
+    let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
+    let parsed = openai::parse_chat_request(&body)?;
+    let prepared = state.gateway.prepare(parsed)?;
+    let prompt_estimate = estimate_prompt_tokens(&prepared.request);
+    let (answer, served) = state.gateway.dispatch(&prepared, &request_id).await?;
+    let model_id = prepared.model.id.as_str();
+    let template = state.gateway.outcome(&request_id, model_id, &served);
+    let show_reasoning = !prepared.request.reasoning.exclude;
+    let completion_id = format!("chatcmpl-{}", request_id.trim_start_matches("req_"));
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+
+    let mut resp = match answer {
+        Answer::Complete(r) => {
+            state
+                .gateway
+                .record_complete(template, &r, prompt_estimate, started);
+            let env = Envelope {
+                id: &completion_id,
+                created,
+                model: model_id,
+                provider: &served.provider,
+            };
+            let json = openai::wire::completion_json(&env, &r, show_reasoning, None);
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                json,
+            )
+                .into_response()
+        }
+        Answer::Stream(stream) => {
+            let metered = state
+                .gateway
+                .meter_stream(stream, template, prompt_estimate, started);
+            let body = sse::chat_sse(
+                metered,
+                sse::ChatSseOptions {
+                    id: completion_id,
+                    created,
+                    model: model_id.to_string(),
+                    provider: served.provider.clone(),
+                    include_usage: prepared.request.include_usage,
+                    show_reasoning,
+                    keepalive: state.config.server.keepalive,
+                },
+            );
+            let mut r = Response::new(Body::from_stream(body));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            r
+        }
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&served.provider) {
+        h.insert("x-tollgate-provider", v);
+    }
+    if !prepared.warnings.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&prepared.warnings.join("; ")) {
+            h.insert("x-tollgate-warning", v);
+        }
+    }
+    Ok(resp)
+}

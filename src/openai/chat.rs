@@ -1,0 +1,550 @@
+//! Parses an OpenAI Chat Completions request body into the internal [`ChatRequest`].
+//!
+//! Known fields are taken out of the JSON object one by one (each error names its `param`); the
+//! rest stays in `extra` and is forwarded upstream unchanged. Every spelling of "thinking" a chat
+//! client may send is reduced to the one internal [`Reasoning`] setting here.
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::error::GatewayError;
+use crate::gateway::model::{ChatRequest, Effort, Message, Reasoning, Tool};
+
+/// Parses and normalises a request body. Malformed JSON is reported with line and column.
+pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+    let mut obj: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(GatewayError::invalid(
+                "the request body must be a JSON object",
+                None,
+            ))
+        }
+        Err(e) => {
+            return Err(GatewayError::InvalidJson {
+                message: format!(
+                    "could not parse the request body as JSON: {} (line {}, column {})",
+                    strip_position(&e.to_string()),
+                    e.line(),
+                    e.column()
+                ),
+            })
+        }
+    };
+
+    let model: String = take(&mut obj, "model")?.ok_or_else(|| {
+        GatewayError::invalid("you must provide a model parameter", Some("model".into()))
+    })?;
+    let messages: Vec<Message> = take(&mut obj, "messages")?.ok_or_else(|| {
+        GatewayError::invalid(
+            "missing required parameter: 'messages'",
+            Some("messages".into()),
+        )
+    })?;
+    let stream: bool = take(&mut obj, "stream")?.unwrap_or(false);
+    let stream_options: Option<Map<String, Value>> = take(&mut obj, "stream_options")?;
+    let include_usage = stream_options
+        .as_ref()
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let max_completion_tokens: Option<i64> = take(&mut obj, "max_completion_tokens")?;
+    let max_tokens: Option<i64> = take(&mut obj, "max_tokens")?;
+    let (max_output_tokens, max_output_param) = match (max_completion_tokens, max_tokens) {
+        (Some(v), _) => (
+            Some(positive_u32(v, "max_completion_tokens")?),
+            "max_completion_tokens",
+        ),
+        (None, Some(v)) => (Some(positive_u32(v, "max_tokens")?), "max_tokens"),
+        (None, None) => (None, "max_tokens"),
+    };
+    let stop = match take::<Value>(&mut obj, "stop")? {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(GatewayError::invalid(
+                    "stop must be a string or an array of strings",
+                    Some("stop".into()),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(GatewayError::invalid(
+                "stop must be a string or an array of strings",
+                Some("stop".into()),
+            ))
+        }
+    };
+    let tools: Vec<Value> = take(&mut obj, "tools")?.unwrap_or_default();
+    let tools = tools
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| parse_tool(i, t))
+        .collect::<Result<Vec<Tool>, _>>()?;
+
+    let mut req = ChatRequest {
+        model,
+        messages,
+        stream,
+        include_usage,
+        max_output_tokens,
+        max_output_param,
+        temperature: take(&mut obj, "temperature")?,
+        top_p: take(&mut obj, "top_p")?,
+        n: take(&mut obj, "n")?,
+        presence_penalty: take(&mut obj, "presence_penalty")?,
+        frequency_penalty: take(&mut obj, "frequency_penalty")?,
+        seed: take(&mut obj, "seed")?,
+        stop,
+        tools,
+        tool_choice: take(&mut obj, "tool_choice")?,
+        parallel_tool_calls: take(&mut obj, "parallel_tool_calls")?,
+        response_format: take(&mut obj, "response_format")?,
+        logprobs: take::<Option<bool>>(&mut obj, "logprobs")?
+            .flatten()
+            .unwrap_or(false),
+        top_logprobs: take(&mut obj, "top_logprobs")?,
+        reasoning: Reasoning::default(),
+        user: take(&mut obj, "user")?,
+        prompt_cache_key: take(&mut obj, "prompt_cache_key")?,
+        extra: Map::new(),
+    };
+    req.reasoning = parse_reasoning(&mut obj)?;
+    req.extra = obj;
+    Ok(req)
+}
+
+/// serde_json's Display appends " at line X column Y"; we add our own wording.
+fn strip_position(msg: &str) -> &str {
+    msg.find(" at line ").map_or(msg, |i| &msg[..i])
+}
+
+/// Removes `key` and deserialises it; `null` counts as absent.
+fn take<T: DeserializeOwned>(
+    obj: &mut Map<String, Value>,
+    key: &str,
+) -> Result<Option<T>, GatewayError> {
+    match obj.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_path_to_error::deserialize(v).map(Some).map_err(|e| {
+            let path = e.path().to_string();
+            let param = if path == "." || path.is_empty() {
+                key.to_string()
+            } else if path.starts_with('[') {
+                format!("{key}{path}")
+            } else {
+                format!("{key}.{path}")
+            };
+            GatewayError::invalid(
+                format!("invalid value for '{param}': {}", e.into_inner()),
+                Some(param),
+            )
+        }),
+    }
+}
+
+fn positive_u32(v: i64, param: &str) -> Result<u32, GatewayError> {
+    if v < 1 {
+        return Err(GatewayError::invalid(
+            format!("invalid '{param}': {v} is less than the minimum of 1"),
+            Some(param.to_string()),
+        ));
+    }
+    u32::try_from(v).map_err(|_| {
+        GatewayError::invalid(
+            format!("invalid '{param}': {v} is too large"),
+            Some(param.to_string()),
+        )
+    })
+}
+
+fn parse_tool(i: usize, t: Value) -> Result<Tool, GatewayError> {
+    let param = format!("tools[{i}]");
+    let tool: Tool = serde_path_to_error::deserialize(t).map_err(|e| {
+        let path = e.path().to_string();
+        let p = if path == "." {
+            param.clone()
+        } else {
+            format!("{param}.{path}")
+        };
+        GatewayError::invalid(
+            format!("invalid tool at '{p}': {}", e.into_inner()),
+            Some(p),
+        )
+    })?;
+    match tool.kind.as_str() {
+        "function" => match &tool.function {
+            Some(f) if valid_function_name(&f.name) => {
+                if let Some(p) = &f.parameters {
+                    if !p.is_object() {
+                        return Err(GatewayError::invalid(
+                            format!("'{param}.function.parameters' must be a JSON Schema object"),
+                            Some(format!("{param}.function.parameters")),
+                        ));
+                    }
+                }
+                Ok(tool)
+            }
+            Some(_) => Err(GatewayError::invalid(
+                format!("'{param}.function.name' must be 1-64 characters of a-z, A-Z, 0-9, underscores and dashes"),
+                Some(format!("{param}.function.name")),
+            )),
+            None => Err(GatewayError::invalid(format!("'{param}.function' is required for function tools"), Some(format!("{param}.function")))),
+        },
+        // Moonshot's built-in tools (e.g. `$web_search`) and other typed tools ride along.
+        "builtin_function" | "custom" => Ok(tool),
+        other => Err(GatewayError::invalid(format!("'{param}.type' {other:?} is not supported; use \"function\""), Some(format!("{param}.type")))),
+    }
+}
+
+fn valid_function_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.' || b == b':')
+}
+
+/// One client statement about whether to think, remembered with where it came from.
+struct Vote {
+    source: &'static str,
+    enabled: bool,
+}
+
+/// Reduces every chat-side spelling of thinking controls to one [`Reasoning`]; contradictory
+/// settings are a 400 naming both.
+fn parse_reasoning(obj: &mut Map<String, Value>) -> Result<Reasoning, GatewayError> {
+    let mut r = Reasoning::default();
+    let mut votes: Vec<Vote> = Vec::new();
+
+    // Moonshot / Anthropic: thinking: {type: enabled|disabled, keep, budget_tokens}
+    if let Some(t) = obj.remove("thinking") {
+        match &t {
+            Value::Object(m) => {
+                match m.get("type").and_then(Value::as_str) {
+                    Some("enabled") | Some("adaptive") => votes.push(Vote {
+                        source: "thinking.type",
+                        enabled: true,
+                    }),
+                    Some("disabled") => votes.push(Vote {
+                        source: "thinking.type",
+                        enabled: false,
+                    }),
+                    None => {}
+                    Some(other) => {
+                        return Err(GatewayError::invalid(
+                            format!(
+                                "thinking.type must be \"enabled\" or \"disabled\", got {other:?}"
+                            ),
+                            Some("thinking.type".into()),
+                        ))
+                    }
+                }
+                match m.get("keep") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(s)) if s == "all" => r.keep_history = true,
+                    Some(other) => {
+                        return Err(GatewayError::invalid(
+                            format!("thinking.keep must be \"all\" or null, got {other}"),
+                            Some("thinking.keep".into()),
+                        ))
+                    }
+                }
+                if let Some(b) = m.get("budget_tokens") {
+                    r.budget_tokens = Some(budget(b, "thinking.budget_tokens")?);
+                }
+            }
+            Value::Bool(b) => votes.push(Vote {
+                source: "thinking",
+                enabled: *b,
+            }),
+            Value::Null => {}
+            _ => {
+                return Err(GatewayError::invalid(
+                    "thinking must be an object like {\"type\": \"enabled\"}",
+                    Some("thinking".into()),
+                ))
+            }
+        }
+    }
+
+    // OpenRouter: reasoning: {effort, max_tokens, exclude, enabled}
+    if let Some(v) = obj.remove("reasoning") {
+        match v {
+            Value::Object(m) => {
+                if let Some(e) = m.get("effort") {
+                    let effort = parse_effort(e, "reasoning.effort")?;
+                    votes.push(Vote {
+                        source: "reasoning.effort",
+                        enabled: effort != Effort::None,
+                    });
+                    r.effort = Some(effort);
+                }
+                if let Some(b) = m.get("max_tokens") {
+                    if r.effort.is_some() {
+                        return Err(GatewayError::invalid(
+                            "use reasoning.effort or reasoning.max_tokens, not both",
+                            Some("reasoning.max_tokens".into()),
+                        ));
+                    }
+                    merge_budget(
+                        &mut r,
+                        budget(b, "reasoning.max_tokens")?,
+                        "reasoning.max_tokens",
+                    )?;
+                    votes.push(Vote {
+                        source: "reasoning.max_tokens",
+                        enabled: true,
+                    });
+                }
+                if let Some(Value::Bool(ex)) = m.get("exclude") {
+                    r.exclude = *ex;
+                }
+                if let Some(Value::Bool(en)) = m.get("enabled") {
+                    votes.push(Vote {
+                        source: "reasoning.enabled",
+                        enabled: *en,
+                    });
+                }
+            }
+            Value::Null => {}
+            _ => {
+                return Err(GatewayError::invalid(
+                    "reasoning must be an object",
+                    Some("reasoning".into()),
+                ))
+            }
+        }
+    }
+
+    // OpenAI: reasoning_effort
+    if let Some(e) = obj.remove("reasoning_effort") {
+        if !e.is_null() {
+            let effort = parse_effort(&e, "reasoning_effort")?;
+            if let Some(prev) = r.effort {
+                if prev != effort {
+                    return Err(GatewayError::invalid(
+                        format!(
+                            "reasoning_effort {:?} contradicts reasoning.effort {:?}",
+                            effort.as_str(),
+                            prev.as_str()
+                        ),
+                        Some("reasoning_effort".into()),
+                    ));
+                }
+            }
+            votes.push(Vote {
+                source: "reasoning_effort",
+                enabled: effort != Effort::None,
+            });
+            r.effort = Some(effort);
+        }
+    }
+
+    // OpenRouter legacy: include_reasoning
+    if let Some(Value::Bool(inc)) = obj.remove("include_reasoning") {
+        r.exclude = r.exclude || !inc;
+    }
+
+    // EmpirioLabs / Qwen-style: enable_thinking + thinking_budget
+    if let Some(v) = obj.remove("enable_thinking") {
+        match v {
+            Value::Bool(b) => votes.push(Vote {
+                source: "enable_thinking",
+                enabled: b,
+            }),
+            Value::Null => {}
+            _ => {
+                return Err(GatewayError::invalid(
+                    "enable_thinking must be a boolean",
+                    Some("enable_thinking".into()),
+                ))
+            }
+        }
+    }
+    if let Some(b) = obj.remove("thinking_budget") {
+        if !b.is_null() {
+            merge_budget(&mut r, budget(&b, "thinking_budget")?, "thinking_budget")?;
+        }
+    }
+
+    // vLLM / SGLang: chat_template_kwargs.{thinking, enable_thinking} (left in place for passthrough)
+    if let Some(Value::Object(k)) = obj.get("chat_template_kwargs") {
+        for key in ["thinking", "enable_thinking"] {
+            if let Some(Value::Bool(b)) = k.get(key) {
+                votes.push(Vote {
+                    source: if key == "thinking" {
+                        "chat_template_kwargs.thinking"
+                    } else {
+                        "chat_template_kwargs.enable_thinking"
+                    },
+                    enabled: *b,
+                });
+            }
+        }
+    }
+
+    if let Some(first) = votes.first() {
+        if let Some(other) = votes.iter().find(|v| v.enabled != first.enabled) {
+            return Err(GatewayError::invalid(
+                format!(
+                    "contradictory thinking settings: {} turns thinking {} but {} turns it {}",
+                    first.source,
+                    if first.enabled { "on" } else { "off" },
+                    other.source,
+                    if other.enabled { "on" } else { "off" }
+                ),
+                Some(other.source.to_string()),
+            ));
+        }
+        r.enabled = Some(first.enabled);
+    }
+    if r.enabled == Some(false) && (r.budget_tokens.is_some() || r.keep_history) {
+        return Err(GatewayError::invalid(
+            "a thinking budget or keep was given but thinking is turned off",
+            Some("thinking".into()),
+        ));
+    }
+    Ok(r)
+}
+
+fn parse_effort(v: &Value, param: &str) -> Result<Effort, GatewayError> {
+    serde_json::from_value(v.clone()).map_err(|_| {
+        GatewayError::invalid(
+            format!("{param} must be one of none, minimal, low, medium, high, xhigh, max; got {v}"),
+            Some(param.to_string()),
+        )
+    })
+}
+
+fn budget(v: &Value, param: &str) -> Result<u32, GatewayError> {
+    v.as_u64()
+        .filter(|b| *b >= 1)
+        .and_then(|b| u32::try_from(b).ok())
+        .ok_or_else(|| {
+            GatewayError::invalid(
+                format!("{param} must be a positive integer"),
+                Some(param.to_string()),
+            )
+        })
+}
+
+fn merge_budget(r: &mut Reasoning, b: u32, param: &str) -> Result<(), GatewayError> {
+    match r.budget_tokens {
+        Some(prev) if prev != b => Err(GatewayError::invalid(
+            format!("{param} = {b} contradicts an earlier thinking budget of {prev}"),
+            Some(param.to_string()),
+        )),
+        _ => {
+            r.budget_tokens = Some(b);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::model::Role;
+
+    fn parse(v: Value) -> Result<ChatRequest, GatewayError> {
+        parse_chat_request(&serde_json::to_vec(&v).expect("json"))
+    }
+
+    fn param_of(e: GatewayError) -> Option<String> {
+        match e {
+            GatewayError::InvalidRequest { param, .. } => param,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_json_names_line_and_column() {
+        let e = parse_chat_request(b"{\n  \"model\": \"x\",\n  \"messages\": [,]\n}").unwrap_err();
+        match e {
+            GatewayError::InvalidJson { message } => {
+                assert!(message.contains("line 3, column 16"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_pass_through_and_known_are_taken() {
+        let r = parse(serde_json::json!({
+            "model": "kimi-k2.6", "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 10, "max_tokens": 99, "stop": "END",
+            "stream": true, "stream_options": {"include_usage": true},
+            "partial_mode_magic": {"a": 1}, "prompt_cache_key": "s1"
+        }))
+        .expect("parses");
+        assert_eq!(r.max_output_tokens, Some(10));
+        assert_eq!(r.stop, vec!["END".to_string()]);
+        assert!(r.include_usage && r.stream);
+        assert_eq!(
+            r.extra.get("partial_mode_magic"),
+            Some(&serde_json::json!({"a": 1}))
+        );
+        assert!(!r.extra.contains_key("max_tokens"));
+        assert_eq!(r.prompt_cache_key.as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_param() {
+        let e = parse(serde_json::json!({"model": "m", "messages": [], "temperature": "hot"}))
+            .unwrap_err();
+        assert_eq!(param_of(e).as_deref(), Some("temperature"));
+        let e =
+            parse(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": 5}]}))
+                .unwrap_err();
+        assert!(param_of(e).unwrap_or_default().starts_with("messages[0]"));
+        let e = parse(serde_json::json!({"model": "m", "messages": [], "tools": [{"type": "function", "function": {"name": ""}}]})).unwrap_err();
+        assert_eq!(param_of(e).as_deref(), Some("tools[0].function.name"));
+        let e =
+            parse(serde_json::json!({"model": "m", "messages": [], "max_tokens": 0})).unwrap_err();
+        assert_eq!(param_of(e).as_deref(), Some("max_tokens"));
+    }
+
+    #[test]
+    fn unknown_role_parses_as_unknown() {
+        let r = parse(
+            serde_json::json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}),
+        )
+        .expect("parses");
+        assert_eq!(r.messages[0].role, Role::Unknown);
+    }
+
+    #[test]
+    fn thinking_spellings_reduce_to_one_setting() {
+        let r = parse(serde_json::json!({"model": "m", "messages": [], "thinking": {"type": "enabled", "keep": "all"}})).expect("ok");
+        assert_eq!(r.reasoning.enabled, Some(true));
+        assert!(r.reasoning.keep_history);
+        let r = parse(serde_json::json!({"model": "m", "messages": [], "reasoning": {"effort": "high", "exclude": true}})).expect("ok");
+        assert_eq!(
+            (r.reasoning.enabled, r.reasoning.effort, r.reasoning.exclude),
+            (Some(true), Some(Effort::High), true)
+        );
+        let r =
+            parse(serde_json::json!({"model": "m", "messages": [], "reasoning_effort": "none"}))
+                .expect("ok");
+        assert_eq!(r.reasoning.enabled, Some(false));
+        let r = parse(serde_json::json!({"model": "m", "messages": [], "enable_thinking": true, "thinking_budget": 2048})).expect("ok");
+        assert_eq!(
+            (r.reasoning.enabled, r.reasoning.budget_tokens),
+            (Some(true), Some(2048))
+        );
+    }
+
+    #[test]
+    fn contradictory_thinking_is_400_naming_both() {
+        let e = parse(serde_json::json!({"model": "m", "messages": [], "thinking": {"type": "disabled"}, "reasoning_effort": "high"})).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("thinking.type") && msg.contains("reasoning_effort"),
+            "{msg}"
+        );
+    }
+}

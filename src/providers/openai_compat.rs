@@ -1,0 +1,845 @@
+//! The HTTP adapter for OpenAI-like upstreams: writes the request in the dialect's spelling, sends
+//! it with pooled keep-alive connections and per-phase timeouts, and normalises the answer
+//! (complete or streamed) into the internal model.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::time::{timeout, Instant};
+
+use super::sse::{SseEvent, SseParser};
+use super::{moonshot, openrouter, Provider, UpstreamCall};
+use crate::config::{Dialect, ProviderConfig};
+use crate::error::{GatewayError, UpstreamRejection};
+use crate::gateway::model::{
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, ChunkStream, Content, Message, Role,
+    ToolCall, ToolCallDelta, Usage,
+};
+
+/// Largest non-streamed upstream answer accepted.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// An OpenAI-compatible upstream.
+pub struct OpenAiCompat {
+    cfg: ProviderConfig,
+    client: reqwest::Client,
+    url: String,
+}
+
+impl OpenAiCompat {
+    pub fn new(cfg: ProviderConfig) -> Result<OpenAiCompat, String> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| format!("provider {:?}: header {k:?}: {e}", cfg.name))?;
+            let value = reqwest::header::HeaderValue::from_str(v)
+                .map_err(|e| format!("provider {:?}: header {k:?}: {e}", cfg.name))?;
+            headers.insert(name, value);
+        }
+        if let Some(key) = &cfg.api_key {
+            let mut v =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                    format!(
+                        "provider {:?}: the API key contains characters not allowed in a header",
+                        cfg.name
+                    )
+                })?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(cfg.timeouts.connect)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("provider {:?}: cannot build HTTP client: {e}", cfg.name))?;
+        let url = format!("{}/chat/completions", cfg.base_url);
+        Ok(OpenAiCompat { cfg, client, url })
+    }
+
+    /// Writes the upstream request body in this dialect's spelling.
+    pub fn body(&self, call: &UpstreamCall<'_>, stream: bool) -> Vec<u8> {
+        write_body(
+            self.cfg.dialect,
+            call.request,
+            &call.route.upstream_model,
+            stream,
+        )
+    }
+
+    async fn send(
+        &self,
+        call: &UpstreamCall<'_>,
+        stream: bool,
+    ) -> Result<reqwest::Response, GatewayError> {
+        let body = self.body(call, stream);
+        let fut = self
+            .client
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(
+                reqwest::header::ACCEPT,
+                if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                },
+            )
+            .header("x-request-id", call.request_id)
+            .body(body)
+            .send();
+        let resp = match timeout(self.cfg.timeouts.first_byte, fut).await {
+            Err(_) => return Err(self.timeout_error("no response headers")),
+            Ok(Err(e)) if e.is_timeout() => return Err(self.timeout_error("connect timed out")),
+            Ok(Err(e)) => {
+                return Err(GatewayError::UpstreamFailed {
+                    provider: self.cfg.name.clone(),
+                    message: format!("cannot reach the upstream: {}", error_chain(&e)),
+                })
+            }
+            Ok(Ok(r)) => r,
+        };
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(self.upstream_error(resp).await)
+    }
+
+    fn timeout_error(&self, what: &str) -> GatewayError {
+        GatewayError::UpstreamTimeout {
+            provider: self.cfg.name.clone(),
+            message: format!("the upstream timed out ({what})"),
+        }
+    }
+
+    /// Turns a non-2xx upstream answer into an error that keeps its status and message.
+    async fn upstream_error(&self, resp: reqwest::Response) -> GatewayError {
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64);
+        let body = match timeout(self.cfg.timeouts.idle, read_capped(resp, 1024 * 1024)).await {
+            Ok(Ok(b)) => b,
+            _ => Bytes::new(),
+        };
+        let parsed = parse_error_body(&body);
+        let message = parsed.message.unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(&body);
+            let text = text.trim();
+            if text.is_empty() {
+                format!("upstream returned HTTP {status}")
+            } else {
+                text.chars().take(500).collect()
+            }
+        });
+        if (400..500).contains(&status) {
+            GatewayError::UpstreamRejected(Box::new(UpstreamRejection {
+                provider: self.cfg.name.clone(),
+                status,
+                message,
+                kind: parsed.kind,
+                code: parsed.code,
+                param: parsed.param,
+                retry_after,
+            }))
+        } else {
+            GatewayError::UpstreamFailed {
+                provider: self.cfg.name.clone(),
+                message: format!("upstream returned HTTP {status}: {message}"),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for OpenAiCompat {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    async fn complete(&self, call: &UpstreamCall<'_>) -> Result<ChatResponse, GatewayError> {
+        let deadline = self.cfg.timeouts.total;
+        let work = async {
+            let resp = self.send(call, false).await?;
+            let body = timeout(
+                self.cfg.timeouts.idle,
+                read_capped(resp, MAX_RESPONSE_BYTES),
+            )
+            .await
+            .map_err(|_| self.timeout_error("response body stalled"))?
+            .map_err(|e| GatewayError::UpstreamFailed {
+                provider: self.cfg.name.clone(),
+                message: e,
+            })?;
+            parse_completion(&body).map_err(|e| GatewayError::UpstreamFailed {
+                provider: self.cfg.name.clone(),
+                message: e,
+            })
+        };
+        timeout(deadline, work)
+            .await
+            .map_err(|_| self.timeout_error("overall deadline"))?
+    }
+
+    async fn stream(&self, call: &UpstreamCall<'_>) -> Result<ChunkStream, GatewayError> {
+        let start = Instant::now();
+        let resp = self.send(call, true).await?;
+        let provider = self.cfg.name.clone();
+        let idle = self.cfg.timeouts.idle;
+        let deadline = start + self.cfg.timeouts.total;
+        let mut body = resp.bytes_stream();
+        let s = async_stream::stream! {
+            let mut parser = SseParser::new();
+            let mut norm = StreamNormaliser::default();
+            let mut events: Vec<SseEvent> = Vec::new();
+            let fail = |message: String| GatewayError::UpstreamFailed { provider: provider.clone(), message };
+            loop {
+                let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
+                let next = match timeout(wait, body.next()).await {
+                    Err(_) => {
+                        yield Err(GatewayError::UpstreamTimeout { provider: provider.clone(), message: "the upstream stream stalled or passed its deadline".into() });
+                        return;
+                    }
+                    Ok(n) => n,
+                };
+                let finished = match next {
+                    Some(Ok(bytes)) => {
+                        if parser.feed(&bytes, &mut events).is_err() {
+                            yield Err(fail("an SSE event from the upstream was too large".into()));
+                            return;
+                        }
+                        false
+                    }
+                    Some(Err(e)) => {
+                        yield Err(fail(format!("the upstream stream broke: {}", error_chain(&e))));
+                        return;
+                    }
+                    None => {
+                        parser.finish(&mut events);
+                        true
+                    }
+                };
+                for ev in events.drain(..) {
+                    match norm.event(&ev) {
+                        Ok(Some(chunk)) => yield Ok(chunk),
+                        Ok(None) => {}
+                        Err(msg) => {
+                            yield Err(fail(msg));
+                            return;
+                        }
+                    }
+                    if norm.done {
+                        return;
+                    }
+                }
+                if finished {
+                    if !norm.saw_finish {
+                        yield Err(fail("the upstream stream ended before the answer was complete".into()));
+                    }
+                    return;
+                }
+            }
+        };
+        Ok(Box::pin(s))
+    }
+}
+
+async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    let mut s = resp.bytes_stream();
+    while let Some(part) = s.next().await {
+        let part =
+            part.map_err(|e| format!("reading the upstream answer failed: {}", error_chain(&e)))?;
+        if out.len() + part.len() > cap {
+            return Err(format!("the upstream answer exceeded {cap} bytes"));
+        }
+        out.extend_from_slice(&part);
+    }
+    Ok(out.freeze())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request writing
+// ---------------------------------------------------------------------------------------------
+
+/// Serialises the internal request for an OpenAI-like dialect.
+pub fn write_body(
+    dialect: Dialect,
+    req: &ChatRequest,
+    upstream_model: &str,
+    stream: bool,
+) -> Vec<u8> {
+    let mut body = Map::with_capacity(16 + req.extra.len());
+    body.insert("model".into(), json!(upstream_model));
+    let messages: Vec<Value> = req
+        .messages
+        .iter()
+        .map(|m| message_json(dialect, m))
+        .collect();
+    body.insert("messages".into(), Value::Array(messages));
+    if stream {
+        body.insert("stream".into(), json!(true));
+        // Always ask for usage: tollgate meters every stream, whatever the client asked.
+        body.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    if let Some(n) = req.max_output_tokens {
+        let key = match dialect {
+            Dialect::Moonshot | Dialect::Openai => "max_completion_tokens",
+            _ => "max_tokens",
+        };
+        body.insert(key.into(), json!(n));
+    }
+    let opt = |body: &mut Map<String, Value>, k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            body.insert(k.into(), v);
+        }
+    };
+    opt(&mut body, "temperature", req.temperature.map(|v| json!(v)));
+    opt(&mut body, "top_p", req.top_p.map(|v| json!(v)));
+    opt(&mut body, "n", req.n.map(|v| json!(v)));
+    opt(
+        &mut body,
+        "presence_penalty",
+        req.presence_penalty.map(|v| json!(v)),
+    );
+    opt(
+        &mut body,
+        "frequency_penalty",
+        req.frequency_penalty.map(|v| json!(v)),
+    );
+    opt(&mut body, "seed", req.seed.map(|v| json!(v)));
+    if !req.stop.is_empty() {
+        body.insert("stop".into(), json!(req.stop));
+    }
+    if !req.tools.is_empty() {
+        body.insert(
+            "tools".into(),
+            serde_json::to_value(&req.tools).unwrap_or(Value::Null),
+        );
+    }
+    opt(&mut body, "tool_choice", req.tool_choice.clone());
+    opt(
+        &mut body,
+        "parallel_tool_calls",
+        req.parallel_tool_calls.map(|v| json!(v)),
+    );
+    opt(&mut body, "response_format", req.response_format.clone());
+    if req.logprobs {
+        body.insert("logprobs".into(), json!(true));
+    }
+    opt(
+        &mut body,
+        "top_logprobs",
+        req.top_logprobs.map(|v| json!(v)),
+    );
+    opt(&mut body, "user", req.user.clone().map(Value::String));
+    opt(
+        &mut body,
+        "prompt_cache_key",
+        req.prompt_cache_key.clone().map(Value::String),
+    );
+    for (k, v) in &req.extra {
+        body.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    write_reasoning(dialect, &mut body, req);
+    serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
+}
+
+fn write_reasoning(dialect: Dialect, body: &mut Map<String, Value>, req: &ChatRequest) {
+    let r = &req.reasoning;
+    match dialect {
+        Dialect::Moonshot => moonshot::write_thinking(body, r),
+        Dialect::Openrouter => openrouter::write_reasoning(body, r),
+        Dialect::Vllm | Dialect::Sglang => {
+            if let Some(enabled) = r.enabled {
+                let kwargs = body
+                    .entry("chat_template_kwargs")
+                    .or_insert_with(|| json!({}));
+                if let Value::Object(k) = kwargs {
+                    k.entry("thinking").or_insert(json!(enabled));
+                }
+            }
+        }
+        Dialect::Empiriolabs => {
+            if let Some(enabled) = r.enabled {
+                body.insert("enable_thinking".into(), json!(enabled));
+            }
+            if let Some(b) = r.budget_tokens {
+                body.insert("thinking_budget".into(), json!(b));
+            }
+        }
+        Dialect::Openai | Dialect::Gonkagate => {
+            if let Some(e) = r.effort {
+                body.insert("reasoning_effort".into(), json!(e.as_str()));
+            } else if r.enabled == Some(false) {
+                body.insert("reasoning_effort".into(), json!("none"));
+            }
+        }
+        Dialect::Anthropic | Dialect::Local => {}
+    }
+}
+
+fn message_json(dialect: Dialect, m: &Message) -> Value {
+    let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
+    if let Value::Object(o) = &mut v {
+        match dialect {
+            // OpenRouter reads `reasoning`; it also accepts `reasoning_content` as an alias.
+            Dialect::Openrouter => {
+                if let Some(r) = o.remove("reasoning_content") {
+                    o.entry("reasoning").or_insert(r);
+                }
+            }
+            Dialect::Openai => {
+                o.remove("reasoning_content");
+            }
+            _ => {}
+        }
+    }
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response parsing (private wire types, lenient about every known upstream's quirks)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+struct UpUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    /// Moonshot's non-standard top-level cached count.
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<UpPromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<UpCompletionDetails>,
+}
+
+#[derive(Deserialize, Default)]
+struct UpPromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    cache_write_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct UpCompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl UpUsage {
+    fn normalise(&self) -> Usage {
+        let details = self.prompt_tokens_details.as_ref();
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_tokens: details
+                .and_then(|d| d.cached_tokens)
+                .or(self.cached_tokens)
+                .unwrap_or(0),
+            cache_write_tokens: details.and_then(|d| d.cache_write_tokens),
+            reasoning_tokens: self
+                .completion_tokens_details
+                .as_ref()
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct UpCompletion {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    choices: Vec<UpChoice>,
+    #[serde(default)]
+    usage: Option<UpUsage>,
+    #[serde(default)]
+    system_fingerprint: Option<String>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct UpChoice {
+    #[serde(default)]
+    index: u32,
+    message: UpMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct UpMessage {
+    #[serde(default)]
+    content: Option<Value>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
+    #[serde(default)]
+    reasoning: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCall>>,
+    #[serde(default)]
+    refusal: Option<Value>,
+}
+
+fn parse_completion(body: &[u8]) -> Result<ChatResponse, String> {
+    let up: UpCompletion = serde_json::from_slice(body)
+        .map_err(|e| format!("the upstream answer is not a chat completion: {e}"))?;
+    if let Some(err) = up.error {
+        return Err(format!(
+            "the upstream reported an error: {}",
+            error_message(&err)
+        ));
+    }
+    let choices = up
+        .choices
+        .into_iter()
+        .map(|c| {
+            let content = match c.message.content {
+                Some(Value::String(s)) => Some(Content::Text(s)),
+                Some(Value::Null) | None => None,
+                Some(other) => serde_json::from_value(other).ok(),
+            };
+            let mut message = Message::new(Role::Assistant, content);
+            message.reasoning_content = c.message.reasoning_content.or(c.message.reasoning);
+            message.tool_calls = c.message.tool_calls.filter(|t| !t.is_empty());
+            if let Some(r) = c.message.refusal.filter(|r| !r.is_null()) {
+                message.extra.insert("refusal".into(), r);
+            }
+            Choice {
+                index: c.index,
+                message,
+                finish_reason: c.finish_reason.map(normalise_finish),
+                logprobs: c.logprobs.filter(|l| !l.is_null()),
+            }
+        })
+        .collect();
+    Ok(ChatResponse {
+        choices,
+        usage: up.usage.map(|u| u.normalise()),
+        system_fingerprint: up.system_fingerprint,
+        upstream_id: up.id,
+    })
+}
+
+fn normalise_finish(f: String) -> String {
+    match f.as_str() {
+        "stop" | "length" | "tool_calls" | "content_filter" | "function_call" => f,
+        "eos" | "end_turn" | "stop_sequence" => "stop".into(),
+        "max_tokens" => "length".into(),
+        "tool_use" => "tool_calls".into(),
+        _ => f,
+    }
+}
+
+#[derive(Deserialize)]
+struct UpChunk {
+    #[serde(default)]
+    choices: Vec<UpChunkChoice>,
+    #[serde(default)]
+    usage: Option<UpUsage>,
+    #[serde(default)]
+    system_fingerprint: Option<String>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct UpChunkChoice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    delta: UpDelta,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+    /// Moonshot puts streamed usage here.
+    #[serde(default)]
+    usage: Option<UpUsage>,
+}
+
+#[derive(Deserialize, Default)]
+struct UpDelta {
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
+    #[serde(default)]
+    reasoning: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// Per-stream state that turns upstream chunks into clean internal chunks.
+#[derive(Default)]
+struct StreamNormaliser {
+    role_sent: HashSet<u32>,
+    saw_finish: bool,
+    done: bool,
+}
+
+impl StreamNormaliser {
+    fn event(&mut self, ev: &SseEvent) -> Result<Option<ChatChunk>, String> {
+        let data = ev.data.trim();
+        if data == "[DONE]" {
+            self.done = true;
+            self.saw_finish = true;
+            return Ok(None);
+        }
+        if data.is_empty() {
+            return Ok(None);
+        }
+        let up: UpChunk = match serde_json::from_str(data) {
+            Ok(c) => c,
+            // A malformed event is skipped, not fatal: the stream's end decides completeness.
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping a malformed SSE event from the upstream");
+                return Ok(None);
+            }
+        };
+        if let Some(err) = up.error {
+            return Err(format!(
+                "the upstream failed mid-stream: {}",
+                error_message(&err)
+            ));
+        }
+        let mut usage = up.usage.map(|u| u.normalise());
+        let mut choices = Vec::with_capacity(up.choices.len());
+        for c in up.choices {
+            if let Some(u) = &c.usage {
+                usage = Some(u.normalise());
+            }
+            if c.finish_reason.as_deref() == Some("error") {
+                return Err("the upstream ended the stream with finish_reason \"error\"".into());
+            }
+            let role = c.delta.role.is_some() && self.role_sent.insert(c.index);
+            let choice = ChunkChoice {
+                index: c.index,
+                role,
+                content: c.delta.content.filter(|s| !s.is_empty() || role),
+                reasoning: c
+                    .delta
+                    .reasoning_content
+                    .or(c.delta.reasoning)
+                    .filter(|s| !s.is_empty()),
+                refusal: c.delta.refusal.filter(|s| !s.is_empty()),
+                tool_calls: c.delta.tool_calls.unwrap_or_default(),
+                logprobs: c.logprobs.filter(|l| !l.is_null()),
+                finish_reason: c.finish_reason.map(normalise_finish),
+            };
+            if choice.finish_reason.is_some() {
+                self.saw_finish = true;
+            }
+            if !choice.is_empty() {
+                choices.push(choice);
+            }
+        }
+        if choices.is_empty() && usage.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(ChatChunk {
+            choices,
+            usage,
+            system_fingerprint: up.system_fingerprint,
+        }))
+    }
+}
+
+fn error_message(err: &Value) -> String {
+    err.get("message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| err.to_string())
+}
+
+/// The fields of an upstream error body, whichever dialect wrote it.
+#[derive(Default)]
+struct ParsedError {
+    message: Option<String>,
+    kind: Option<String>,
+    code: Option<String>,
+    param: Option<String>,
+}
+
+fn parse_error_body(body: &[u8]) -> ParsedError {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return ParsedError::default();
+    };
+    let e = v.get("error").unwrap_or(&v);
+    let s = |k: &str| match e.get(k) {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    ParsedError {
+        message: s("message").or_else(|| e.as_str().map(str::to_string)),
+        kind: s("type").or_else(|| {
+            e.pointer("/metadata/error_type")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }),
+        code: s("code"),
+        param: s("param"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::model::Reasoning;
+
+    fn norm_all(events: &[&str]) -> (Vec<ChatChunk>, Result<(), String>, bool) {
+        let mut n = StreamNormaliser::default();
+        let mut out = Vec::new();
+        for e in events {
+            match n.event(&SseEvent {
+                event: None,
+                data: e.to_string(),
+            }) {
+                Ok(Some(c)) => out.push(c),
+                Ok(None) => {}
+                Err(m) => return (out, Err(m), n.saw_finish),
+            }
+        }
+        (out, Ok(()), n.saw_finish)
+    }
+
+    #[test]
+    fn moonshot_usage_in_choice_and_top_level_cached_tokens() {
+        let (chunks, r, fin) = norm_all(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"reasoning_content":"think"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop","usage":{"prompt_tokens":8,"completion_tokens":11,"total_tokens":19,"cached_tokens":8}}]}"#,
+            "[DONE]",
+        ]);
+        assert!(r.is_ok() && fin);
+        assert_eq!(chunks[1].choices[0].reasoning.as_deref(), Some("think"));
+        let u = chunks[2].usage.expect("usage");
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+            (8, 11, 8)
+        );
+    }
+
+    #[test]
+    fn openrouter_separate_usage_chunk_and_reasoning_field() {
+        let (chunks, r, _) = norm_all(&[
+            r#"{"provider":"Moonshot AI","choices":[{"index":0,"delta":{"role":"assistant","reasoning":"hm"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"tool_calls","native_finish_reason":"tool_calls"}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":{"prompt_tokens":154,"completion_tokens":52,"total_tokens":206,"cost":0.0004448,"prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":7}}}"#,
+        ]);
+        assert!(r.is_ok());
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks[0].choices[0].role);
+        assert_eq!(chunks[0].choices[0].reasoning.as_deref(), Some("hm"));
+        assert!(!chunks[1].choices[0].role, "role is sent once");
+        assert!(
+            chunks[2].choices.is_empty(),
+            "the usage chunk's empty choice is dropped"
+        );
+        assert_eq!(
+            chunks[2]
+                .usage
+                .map(|u| (u.cached_tokens, u.reasoning_tokens)),
+            Some((3, 7))
+        );
+    }
+
+    #[test]
+    fn mid_stream_error_event_is_an_error() {
+        let (_, r, _) = norm_all(&[
+            r#"{"error":{"code":429,"message":"Rate limit exceeded"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}"#,
+        ]);
+        assert!(r.unwrap_err().contains("Rate limit exceeded"));
+    }
+
+    #[test]
+    fn malformed_event_is_skipped() {
+        let (chunks, r, _) = norm_all(&[
+            "{not json",
+            r#"{"choices":[{"index":0,"delta":{"content":"ok"}}]}"#,
+        ]);
+        assert!(r.is_ok());
+        assert_eq!(chunks.len(), 1);
+    }
+
+    #[test]
+    fn moonshot_body_spelling() {
+        let mut req = ChatRequest {
+            model: "kimi-k2.6".into(),
+            max_output_tokens: Some(100),
+            reasoning: Reasoning {
+                enabled: Some(true),
+                keep_history: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        req.extra.insert("custom_field".into(), json!(1));
+        let v: Value =
+            serde_json::from_slice(&write_body(Dialect::Moonshot, &req, "kimi-k2.6", true))
+                .expect("json");
+        assert_eq!(v["max_completion_tokens"], 100);
+        assert_eq!(v["thinking"], json!({"type": "enabled", "keep": "all"}));
+        assert_eq!(v["stream_options"], json!({"include_usage": true}));
+        assert_eq!(v["custom_field"], 1);
+        let v: Value = serde_json::from_slice(&write_body(
+            Dialect::Openrouter,
+            &req,
+            "moonshotai/kimi-k2.6",
+            false,
+        ))
+        .expect("json");
+        assert_eq!(v["max_tokens"], 100);
+        assert_eq!(v["reasoning"], json!({"enabled": true}));
+        assert!(v.get("stream").is_none());
+    }
+
+    #[test]
+    fn error_bodies_of_each_dialect() {
+        let e = parse_error_body(br#"{"error":{"code":402,"message":"Insufficient credits","metadata":{"error_type":"x"}}}"#);
+        assert_eq!(
+            (e.message.as_deref(), e.code.as_deref(), e.kind.as_deref()),
+            (Some("Insufficient credits"), Some("402"), Some("x"))
+        );
+        let e = parse_error_body(br#"{"error":{"type":"content_filter","message":"high risk"}}"#);
+        assert_eq!(e.kind.as_deref(), Some("content_filter"));
+    }
+}

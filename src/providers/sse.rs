@@ -1,0 +1,173 @@
+//! An incremental Server-Sent Events parser: feed it bytes split at any boundary, get whole events.
+//!
+//! Lines end in `\n`, `\r\n` or `\r`; `data:` lines of one event are joined with `\n`; comment lines
+//! (starting with `:`) are counted but produce no event; a blank line dispatches the event.
+
+use bytes::{Buf, BytesMut};
+
+/// One parsed event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// Parser state across `feed` calls.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: BytesMut,
+    event: Option<String>,
+    data: String,
+    has_data: bool,
+    /// A `\r` ended the last line; a following `\n` belongs to it.
+    pending_cr: bool,
+    comments: u64,
+}
+
+/// Events larger than this are refused (a protection against a runaway upstream).
+pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[error("an SSE event from the upstream exceeded {MAX_EVENT_BYTES} bytes")]
+pub struct SseTooLarge;
+
+impl SseParser {
+    pub fn new() -> SseParser {
+        SseParser::default()
+    }
+
+    /// How many comment lines (keep-alives) were seen.
+    pub fn comments(&self) -> u64 {
+        self.comments
+    }
+
+    /// Feeds bytes; appends every completed event to `out`.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) -> Result<(), SseTooLarge> {
+        self.buf.extend_from_slice(bytes);
+        loop {
+            if self.pending_cr {
+                if self.buf.is_empty() {
+                    break;
+                }
+                if self.buf[0] == b'\n' {
+                    self.buf.advance(1);
+                }
+                self.pending_cr = false;
+            }
+            let Some(pos) = memchr::memchr2(b'\n', b'\r', &self.buf) else {
+                break;
+            };
+            let is_cr = self.buf[pos] == b'\r';
+            let line = self.buf.split_to(pos);
+            self.buf.advance(1);
+            if is_cr {
+                self.pending_cr = true;
+            }
+            self.line(&line, out);
+        }
+        if self.buf.len() + self.data.len() > MAX_EVENT_BYTES {
+            return Err(SseTooLarge);
+        }
+        Ok(())
+    }
+
+    /// Flushes a final event that was not followed by a blank line (stream ended).
+    pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
+        if !self.buf.is_empty() {
+            let line = std::mem::take(&mut self.buf);
+            self.line(&line, out);
+        }
+        self.dispatch(out);
+    }
+
+    fn line(&mut self, line: &[u8], out: &mut Vec<SseEvent>) {
+        if line.is_empty() {
+            self.dispatch(out);
+            return;
+        }
+        if line[0] == b':' {
+            self.comments += 1;
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(&String::from_utf8_lossy(value));
+                self.has_data = true;
+            }
+            b"event" => self.event = Some(String::from_utf8_lossy(value).into_owned()),
+            _ => {} // id, retry and unknown fields carry nothing we use
+        }
+    }
+
+    fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
+        if self.has_data {
+            out.push(SseEvent {
+                event: self.event.take(),
+                data: std::mem::take(&mut self.data),
+            });
+        }
+        self.event = None;
+        self.has_data = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(chunks: &[&[u8]]) -> (Vec<SseEvent>, u64) {
+        let mut p = SseParser::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            p.feed(c, &mut out).expect("size");
+        }
+        p.finish(&mut out);
+        (out, p.comments())
+    }
+
+    const STREAM: &[u8] = b": OPENROUTER PROCESSING\n\ndata: {\"a\":1}\n\nevent: message_start\ndata: {\"b\":\r\ndata: 2}\r\n\r\ndata: \xc3\xa9t\xc3\xa9\n\ndata: [DONE]\n\n";
+
+    #[test]
+    fn parses_events_comments_and_multiline_data() {
+        let (ev, comments) = parse_all(&[STREAM]);
+        assert_eq!(comments, 1);
+        let data: Vec<&str> = ev.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, vec!["{\"a\":1}", "{\"b\":\n2}", "été", "[DONE]"]);
+        assert_eq!(ev[1].event.as_deref(), Some("message_start"));
+    }
+
+    #[test]
+    fn any_split_gives_identical_events() {
+        let (whole, _) = parse_all(&[STREAM]);
+        for size in 1..=7 {
+            let pieces: Vec<&[u8]> = STREAM.chunks(size).collect();
+            assert_eq!(parse_all(&pieces).0, whole, "split at {size}");
+        }
+        for cut in 0..STREAM.len() {
+            let (a, b) = STREAM.split_at(cut);
+            assert_eq!(parse_all(&[a, b]).0, whole, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn final_event_without_blank_line_is_flushed() {
+        let (ev, _) = parse_all(&[b"data: x"]);
+        assert_eq!(
+            ev,
+            vec![SseEvent {
+                event: None,
+                data: "x".into()
+            }]
+        );
+    }
+}
