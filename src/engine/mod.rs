@@ -55,7 +55,7 @@ impl Default for EngineOptions {
             threads: None,
             slots: 8,
             queue: 32,
-            ctx_per_slot: 2048,
+            ctx_per_slot: 4096,
             batch: 512,
         }
     }

@@ -3,6 +3,7 @@
 //! OpenAI-like dialects (moonshot, openrouter, openai, vllm, sglang, empiriolabs, gonkagate) share
 //! one HTTP client in `openai_compat.rs`; each dialect's quirks live in its own file.
 
+pub mod local;
 pub mod moonshot;
 pub mod openai_compat;
 pub mod openrouter;
@@ -44,12 +45,7 @@ pub fn build(config: &Config) -> Result<HashMap<String, Arc<dyn Provider>>, Stri
     let mut out: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     for p in &config.providers {
         let provider: Arc<dyn Provider> = match p.dialect {
-            Dialect::Local => {
-                return Err(format!(
-                    "provider {:?}: the embedded engine (dialect \"local\") is not available in this build",
-                    p.name
-                ))
-            }
+            Dialect::Local => Arc::new(local::LocalProvider::new(p, config)?),
             Dialect::Anthropic => {
                 return Err(format!(
                     "provider {:?}: the anthropic upstream dialect is not available in this build",
