@@ -87,7 +87,10 @@ async fn collect(
         .map_err(|_| "timed out waiting for the engine".to_string())?
     {
         match ev {
-            EngineEvent::Delta { text: t, logprobs: l } => {
+            EngineEvent::Delta {
+                text: t,
+                logprobs: l,
+            } => {
                 first.get_or_insert_with(Instant::now);
                 deltas += 1;
                 text.push_str(&t);
@@ -118,7 +121,9 @@ async fn collect(
 
 async fn run(req: GenerateRequest) -> Outcome {
     let started = Instant::now();
-    let rx = engine().submit(req).unwrap_or_else(|e| panic!("submit: {e}"));
+    let rx = engine()
+        .submit(req)
+        .unwrap_or_else(|e| panic!("submit: {e}"));
     collect(rx, started).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -137,7 +142,10 @@ async fn model_card_info() {
     assert_eq!(info.train_context_length, 8192);
     assert_eq!(info.context_length, 2048);
     assert!(!info.supports_reasoning);
-    assert!(!info.supports_tools, "SmolLM2's template has no tool support");
+    assert!(
+        !info.supports_tools,
+        "SmolLM2's template has no tool support"
+    );
     assert!(!info.chat_template_fallback, "GGUF template should compile");
 }
 
@@ -175,7 +183,9 @@ async fn json_schema_output_validates_20_of_20() {
     let mut rxs = Vec::new();
     for i in 0..20u64 {
         let r = GenerateRequest {
-            messages: vec![user("Invent a person. Reply in JSON with name, age and city.")],
+            messages: vec![user(
+                "Invent a person. Reply in JSON with name, age and city.",
+            )],
             max_tokens: Some(96),
             sampling: SamplingParams {
                 temperature: 1.0,
@@ -186,14 +196,20 @@ async fn json_schema_output_validates_20_of_20() {
             ..Default::default()
         };
         let started = Instant::now();
-        rxs.push((engine().submit(r).unwrap_or_else(|e| panic!("{e}")), started));
+        rxs.push((
+            engine().submit(r).unwrap_or_else(|e| panic!("{e}")),
+            started,
+        ));
     }
     let mut valid = 0;
     for (rx, started) in rxs {
         let out = collect(rx, started).await.unwrap_or_else(|e| panic!("{e}"));
         let value: serde_json::Value = serde_json::from_str(&out.text)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} finish={:?}", out.text, out.finish));
-        assert!(validator.is_valid(&value), "invalid against schema: {value}");
+        assert!(
+            validator.is_valid(&value),
+            "invalid against schema: {value}"
+        );
         assert_eq!(out.finish, FinishReason::Stop, "{:?}", out.text);
         valid += 1;
     }
@@ -228,11 +244,15 @@ async fn json_object_output_parses() {
 async fn eight_concurrent_streams_complete_with_exact_usage() {
     let _g = serial();
     let e = engine();
-    let topics = ["cats", "rivers", "bread", "stars", "trains", "music", "snow", "bees"];
+    let topics = [
+        "cats", "rivers", "bread", "stars", "trains", "music", "snow", "bees",
+    ];
     let mut pending = Vec::new();
     for (i, t) in topics.iter().enumerate() {
         let msgs = vec![user(&format!("Tell me a short fact about {t}."))];
-        let expected_prompt = e.tokenize_chat(&msgs, None).unwrap_or_else(|e| panic!("{e}"));
+        let expected_prompt = e
+            .tokenize_chat(&msgs, None)
+            .unwrap_or_else(|e| panic!("{e}"));
         let r = req(
             msgs,
             32,
@@ -263,14 +283,20 @@ async fn eight_concurrent_streams_complete_with_exact_usage() {
         assert_eq!(out.logprobs.len(), out.usage.completion_tokens as usize);
         let bytes: Vec<u8> = out.logprobs.iter().flat_map(|l| l.bytes.clone()).collect();
         assert_eq!(String::from_utf8_lossy(&bytes), out.text);
-        assert!(out.logprobs.iter().all(|l| l.logprob <= 0.0 && l.top_logprobs.len() == 2));
+        assert!(out
+            .logprobs
+            .iter()
+            .all(|l| l.logprob <= 0.0 && l.top_logprobs.len() == 2));
         assert!(out.deltas >= 1);
         outs.push(out);
     }
     // Decoded together: every stream had produced its first token before any stream finished.
     let last_first = outs.iter().map(|o| o.first_at).max();
     let first_done = outs.iter().map(|o| o.done_at).min();
-    assert!(last_first < first_done, "streams were not decoded concurrently");
+    assert!(
+        last_first < first_done,
+        "streams were not decoded concurrently"
+    );
     // Wait for the permits to be returned.
     for _ in 0..100 {
         if e.in_flight() == 0 {
@@ -295,9 +321,13 @@ async fn shared_prefix_is_reused_and_fast() {
     let mut report = Vec::new();
     for attempt in 0..3 {
         let nonce = format!("{:?}-{attempt}", Instant::now());
-        let mut prefix = format!("Session {nonce}. You are a careful assistant. Reference notes follow.\n");
+        let mut prefix =
+            format!("Session {nonce}. You are a careful assistant. Reference notes follow.\n");
         for i in 0..60 {
-            prefix.push_str(&format!("Note {i}: the warehouse on shelf {i} holds {} boxes of blue widgets.\n", i * 7 + 3));
+            prefix.push_str(&format!(
+                "Note {i}: the warehouse on shelf {i} holds {} boxes of blue widgets.\n",
+                i * 7 + 3
+            ));
         }
         let first_msgs = vec![system(&prefix), user("How many boxes are on shelf 3?")];
         let second_msgs = vec![system(&prefix), user("What is on shelf 12?")];
@@ -309,10 +339,21 @@ async fn shared_prefix_is_reused_and_fast() {
         };
         let a = run(req(first_msgs, 4, greedy.clone())).await;
         let b = run(req(second_msgs, 4, greedy)).await;
-        assert!(a.usage.cached_tokens < 100, "first request must be cold: {:?}", a.usage);
-        assert!(b.usage.cached_tokens >= 500, "second request cached only {:?}", b.usage);
+        assert!(
+            a.usage.cached_tokens < 100,
+            "first request must be cold: {:?}",
+            a.usage
+        );
+        assert!(
+            b.usage.cached_tokens >= 500,
+            "second request cached only {:?}",
+            b.usage
+        );
         let ratio = b.ttft.as_secs_f64() / a.ttft.as_secs_f64();
-        report.push(format!("ttft1={:?} ttft2={:?} ratio={ratio:.3}", a.ttft, b.ttft));
+        report.push(format!(
+            "ttft1={:?} ttft2={:?} ratio={ratio:.3}",
+            a.ttft, b.ttft
+        ));
         if ratio < 0.30 {
             return;
         }
@@ -376,13 +417,21 @@ async fn queue_overflow_is_overloaded_and_disconnect_frees_slot() {
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let long = || req(vec![user("Count from one to two hundred.")], 400, SamplingParams::default());
+    let long = || {
+        req(
+            vec![user("Count from one to two hundred.")],
+            400,
+            SamplingParams::default(),
+        )
+    };
     let a = small.submit(long()).unwrap_or_else(|e| panic!("{e}"));
     let b = small.submit(long()).unwrap_or_else(|e| panic!("{e}"));
     match small.submit(long()) {
         Err(err @ EngineError::Overloaded { .. }) => {
             assert_eq!(err.http_status(), 503);
-            assert!(matches!(err, EngineError::Overloaded { retry_after_secs, .. } if retry_after_secs >= 1));
+            assert!(
+                matches!(err, EngineError::Overloaded { retry_after_secs, .. } if retry_after_secs >= 1)
+            );
         }
         other => panic!("expected Overloaded, got {other:?}"),
     }
@@ -397,6 +446,8 @@ async fn queue_overflow_is_overloaded_and_disconnect_frees_slot() {
     let c = small
         .submit(req(vec![user("hi")], 4, SamplingParams::default()))
         .unwrap_or_else(|e| panic!("{e}"));
-    let out = collect(c, Instant::now()).await.unwrap_or_else(|e| panic!("{e}"));
+    let out = collect(c, Instant::now())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(out.usage.completion_tokens >= 1);
 }

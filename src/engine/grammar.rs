@@ -61,8 +61,10 @@ impl Grammar {
 
 impl TokenFilter for Grammar {
     fn allows(&mut self, token: i32) -> bool {
-        let mut one =
-            LlamaTokenDataArray::new(vec![LlamaTokenData::new(LlamaToken(token), 0.0, 0.0)], false);
+        let mut one = LlamaTokenDataArray::new(
+            vec![LlamaTokenData::new(LlamaToken(token), 0.0, 0.0)],
+            false,
+        );
         self.sampler.apply(&mut one);
         one.data.first().is_some_and(|d| d.logit().is_finite())
     }
@@ -81,7 +83,10 @@ impl TokenFilter for Grammar {
         self.sampler.apply(&mut arr);
         for d in &arr.data {
             if !d.logit().is_finite() {
-                if let Some(l) = usize::try_from(d.id().0).ok().and_then(|i| logits.get_mut(i)) {
+                if let Some(l) = usize::try_from(d.id().0)
+                    .ok()
+                    .and_then(|i| logits.get_mut(i))
+                {
                     *l = f32::NEG_INFINITY;
                 }
             }

@@ -316,7 +316,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("info", &self.inner.info).finish()
+        f.debug_struct("Engine")
+            .field("info", &self.inner.info)
+            .finish()
     }
 }
 
@@ -485,22 +487,23 @@ impl Engine {
         let grammar = match &req.response_format {
             ResponseFormat::Text => None,
             ResponseFormat::JsonObject => Some(JSON_OBJECT_GBNF.to_owned()),
-            ResponseFormat::JsonSchema(schema) => {
-                Some(grammar::schema_to_gbnf(schema).map_err(|e| EngineError::InvalidRequest {
+            ResponseFormat::JsonSchema(schema) => Some(grammar::schema_to_gbnf(schema).map_err(
+                |e| EngineError::InvalidRequest {
                     message: e.to_string(),
                     param: Some("response_format".into()),
-                })?)
-            }
+                },
+            )?),
         };
-        let grammar = match grammar {
-            Some(g) => Some(Grammar::new(&inner.model, &g).map_err(|e| {
-                EngineError::InvalidRequest {
-                    message: e.to_string(),
-                    param: Some("response_format".into()),
-                }
-            })?),
-            None => None,
-        };
+        let grammar =
+            match grammar {
+                Some(g) => Some(Grammar::new(&inner.model, &g).map_err(|e| {
+                    EngineError::InvalidRequest {
+                        message: e.to_string(),
+                        param: Some("response_format".into()),
+                    }
+                })?),
+                None => None,
+            };
         if let Some(k) = req.sampling.logprobs {
             if k > 20 {
                 return Err(EngineError::InvalidRequest {
@@ -523,7 +526,9 @@ impl Engine {
         let permit = Permit(Arc::clone(&inner.in_flight));
 
         // One event per generated token at most, plus the final one: try_send never finds it full.
-        let cap = usize::try_from(max_tokens).unwrap_or(usize::MAX).saturating_add(4);
+        let cap = usize::try_from(max_tokens)
+            .unwrap_or(usize::MAX)
+            .saturating_add(4);
         let (tx, rx) = mpsc::channel(cap);
         let job = Job {
             prompt,

@@ -104,7 +104,10 @@ impl TokenSampler {
         self.scratch.clear();
         self.scratch.extend_from_slice(logits);
         for (&tok, &n) in &self.counts {
-            if let Some(l) = usize::try_from(tok).ok().and_then(|i| self.scratch.get_mut(i)) {
+            if let Some(l) = usize::try_from(tok)
+                .ok()
+                .and_then(|i| self.scratch.get_mut(i))
+            {
                 *l -= n as f32 * self.params.frequency_penalty + self.params.presence_penalty;
             }
         }
@@ -320,7 +323,9 @@ mod tests {
         let lp = out.as_ref().map(|l| l.logprob).unwrap_or(0.0);
         let total: f32 = logits().iter().map(|l| (l - 3.0).exp()).sum();
         assert!((lp - (-(total.ln()))).abs() < 1e-5);
-        let top: Vec<i32> = out.map(|l| l.top.iter().map(|t| t.0).collect()).unwrap_or_default();
+        let top: Vec<i32> = out
+            .map(|l| l.top.iter().map(|t| t.0).collect())
+            .unwrap_or_default();
         assert_eq!(top, vec![1, 5, 2]);
     }
 

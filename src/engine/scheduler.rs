@@ -315,7 +315,8 @@ impl<'m> Scheduler<'m> {
                 continue;
             };
             let logits = ctx.get_logits_ith(row);
-            let outcome = sample_and_emit(a, logits, &self.vocab, slot.cache.len(), self.ctx_per_slot);
+            let outcome =
+                sample_and_emit(a, logits, &self.vocab, slot.cache.len(), self.ctx_per_slot);
             if let Some(reason) = outcome {
                 if let Some(a) = slot.active.take() {
                     finish(*a, reason);

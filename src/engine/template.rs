@@ -183,12 +183,13 @@ fn build_env(source: String) -> Result<Environment<'static>, JinjaError> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<Value, JinjaError> {
-        Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-    });
-    env.add_function("strftime_now", |fmt: String| -> String {
-        format_now(&fmt)
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<Value, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_function("strftime_now", |fmt: String| -> String { format_now(&fmt) });
     env.add_template_owned(TEMPLATE_NAME, source)?;
     Ok(env)
 }
@@ -204,8 +205,18 @@ fn format_now(fmt: &str) -> String {
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
     const FULL: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let mi = usize::try_from(m.saturating_sub(1)).unwrap_or(0).min(11);
     fmt.replace("%Y", &y.to_string())
@@ -270,7 +281,10 @@ mod tests {
         let t = ChatTemplate::new(Some(SMOL.into()), String::new(), String::new());
         let tools = vec![serde_json::json!({"type":"function","function":{"name":"f"}})];
         let err = t.render(&[msg("user", "hi")], Some(&tools));
-        assert!(matches!(err, Err(TemplateError::Unsupported { param: "tools", .. })));
+        assert!(matches!(
+            err,
+            Err(TemplateError::Unsupported { param: "tools", .. })
+        ));
         let tool_msg = ChatMessage {
             role: "tool".into(),
             content: Some("42".into()),
@@ -278,7 +292,13 @@ mod tests {
             ..Default::default()
         };
         let err = t.render(&[msg("user", "hi"), tool_msg], None);
-        assert!(matches!(err, Err(TemplateError::Unsupported { param: "messages", .. })));
+        assert!(matches!(
+            err,
+            Err(TemplateError::Unsupported {
+                param: "messages",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -314,7 +334,10 @@ mod tests {
         let t = ChatTemplate::new(Some("{% for %}".into()), String::new(), String::new());
         assert!(t.is_fallback());
         let out = t.render(&[msg("user", "x")], None).unwrap_or_default();
-        assert_eq!(out, "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

@@ -136,6 +136,7 @@ impl StopBuffer {
     }
 
     /// Bytes currently held back.
+    #[cfg(test)]
     pub fn held_len(&self) -> usize {
         self.held.len()
     }

@@ -34,11 +34,19 @@ pub struct LocalProvider {
 /// Engine sizing from the environment (`TOLLGATE_LOCAL_THREADS`, `_SLOTS`, `_QUEUE`, `_CTX`),
 /// falling back to [`EngineOptions::default`].
 pub fn engine_options_from_env() -> EngineOptions {
-    let get = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let get = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
     let d = EngineOptions::default();
     EngineOptions {
-        threads: get("TOLLGATE_LOCAL_THREADS").filter(|&t| t > 0).or(d.threads),
-        slots: get("TOLLGATE_LOCAL_SLOTS").filter(|&s| s > 0).unwrap_or(d.slots),
+        threads: get("TOLLGATE_LOCAL_THREADS")
+            .filter(|&t| t > 0)
+            .or(d.threads),
+        slots: get("TOLLGATE_LOCAL_SLOTS")
+            .filter(|&s| s > 0)
+            .unwrap_or(d.slots),
         queue: get("TOLLGATE_LOCAL_QUEUE").unwrap_or(d.queue),
         ctx_per_slot: get("TOLLGATE_LOCAL_CTX")
             .and_then(|c| u32::try_from(c).ok())
@@ -416,14 +424,19 @@ mod tests {
         r.top_logprobs = Some(3);
         r.max_output_tokens = Some(12);
         r.stop = vec!["x".into()];
-        r.response_format = Some(json!({"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object"}}}));
+        r.response_format = Some(
+            json!({"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object"}}}),
+        );
         let g = to_engine_request(&r).unwrap_or_default();
         assert_eq!(g.sampling.temperature, 0.5);
         assert_eq!(g.sampling.seed, Some(9));
         assert_eq!(g.sampling.logprobs, Some(3));
         assert_eq!(g.max_tokens, Some(12));
         assert_eq!(g.stop, vec!["x".to_string()]);
-        assert_eq!(g.response_format, ResponseFormat::JsonSchema(json!({"type":"object"})));
+        assert_eq!(
+            g.response_format,
+            ResponseFormat::JsonSchema(json!({"type":"object"}))
+        );
         assert_eq!(g.messages[0].role, "user");
     }
 
@@ -458,7 +471,9 @@ mod tests {
                 retry_after_secs: 1,
             },
         );
-        assert!(matches!(e, GatewayError::Overloaded { retry_after, .. } if retry_after == Duration::from_secs(1)));
+        assert!(
+            matches!(e, GatewayError::Overloaded { retry_after, .. } if retry_after == Duration::from_secs(1))
+        );
         let e = map_engine_error(
             "local",
             EngineError::ContextLength {
