@@ -1,4 +1,5 @@
-//! Command-line interface: `serve`, `config check`, and (later) account administration.
+//! Command-line interface: `serve`, `config check`, and account administration (accounts, keys,
+//! credits, prices, usage, ledger) on the same store as the server.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,12 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Config file (TOML). Without it, the built-in default config is used.
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// Database URL, overriding `[database] url` (`sqlite://tollgate.db`, `postgres://…`).
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -26,9 +33,6 @@ pub struct Cli {
 pub enum Command {
     /// Serve the API.
     Serve {
-        /// Config file (TOML). Without it, the built-in default config is used.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// Listen address, overriding `[server] listen`.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
@@ -38,6 +42,8 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    #[command(flatten)]
+    Billing(Box<crate::billing::cli::BillingCommand>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,7 +56,9 @@ pub enum ConfigCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, listen } => {
+        Command::Serve { listen } => {
+            let config = cli.config;
+            let database_url = cli.database_url;
             telemetry::init_logging(cli.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -62,7 +70,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config, listen)) {
+            match runtime.block_on(serve(config, listen, database_url)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -82,6 +90,38 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Billing(cmd) => {
+            telemetry::init_logging(cli.log_format);
+            let mut cfg = match load(cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Some(u) = cli.database_url {
+                cfg.database_url = u;
+            }
+            let settings = crate::billing::BillingSettings::from_config(&cfg);
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut out = std::io::stdout();
+            match runtime.block_on(crate::billing::cli::run(*cmd, settings, &mut out)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -95,10 +135,14 @@ fn load(config: Option<PathBuf>) -> Result<Config, String> {
 async fn serve(
     config: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
+    database_url: Option<String>,
 ) -> Result<(), String> {
     let mut cfg = load(config)?;
     if let Some(l) = listen {
         cfg.server.listen = l;
+    }
+    if let Some(u) = database_url {
+        cfg.database_url = u;
     }
     if !cfg.auth.required {
         if !cfg.server.listen.ip().is_loopback() {
@@ -111,21 +155,33 @@ async fn serve(
             "OPEN MODE: [auth] required = false — any caller on {} is served without a key",
             cfg.server.listen
         );
-    } else if cfg.auth.static_keys.is_empty() {
-        tracing::warn!(
-            "[auth] is required but no keys are configured: every request will be refused"
-        );
     }
     for p in &cfg.providers {
         if let (Some(var), None) = (&p.api_key_env, &p.api_key) {
             tracing::warn!(provider = %p.name, "environment variable {var} is not set; requests to this provider go without a key");
         }
     }
-    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+    // Signals first, so a SIGTERM that arrives as soon as the port is open is never lost; the
+    // state (models loaded, store opened) before the bind, so an open port is a serving port.
+    let shutdown = crate::http::shutdown_signal();
+    let billing = crate::open_billing(&cfg).await?;
+    let _sweeper = billing.as_ref().map(|b| b.spawn_sweeper());
+    if let Some(b) = &billing {
+        if b.store()
+            .list_keys(None)
+            .await
+            .map(|k| k.is_empty())
+            .unwrap_or(false)
+        {
+            tracing::warn!("auth is required but no API keys exist yet: create one with `tollgate accounts create NAME` and `tollgate keys create --account NAME`");
+        }
+    }
+    let listen = cfg.server.listen;
+    let state = crate::build_state_with(cfg, billing)?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
-    let state = crate::build_state(cfg)?;
-    crate::http::serve(state, listener)
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    crate::http::serve(state, listener, shutdown)
         .await
         .map_err(|e| e.to_string())
 }

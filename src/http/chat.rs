@@ -1,4 +1,5 @@
-//! `POST /v1/chat/completions`: body limits, parsing, dispatch, and the JSON or SSE answer.
+//! `POST /v1/chat/completions`, and the request path all three inbound APIs share (body limits,
+//! auth, parse, prepare, dispatch, metering).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -10,9 +11,11 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
 use super::error::ApiError;
-use super::{authorize, sse, AppState, RequestId};
+use super::{authorize, billing, presented_key, sse, AppState, RequestId};
 use crate::error::GatewayError;
-use crate::gateway::{estimate_prompt_tokens, Answer};
+use crate::gateway::model::{ChatRequest, ChatResponse};
+use crate::gateway::usage::Metered;
+use crate::gateway::{estimate_prompt_tokens, memory, Answer, Prepared, Served};
 use crate::openai::{self, wire::Envelope};
 
 /// Reads a request body, refusing (413) anything over `limit` without reading it all.
@@ -44,85 +47,205 @@ pub async fn read_body(req: Request, limit: u64) -> Result<(HeaderMap, Bytes), G
     }
 }
 
-pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
+/// A request that went through the shared path: authorised, parsed, prepared, dispatched, and
+/// metered (a complete answer is recorded; a stream records itself when it ends).
+pub struct Dispatched {
+    pub request_id: String,
+    pub prepared: Prepared,
+    pub served: Served,
+    pub created: i64,
+    pub answer: Metering,
+    /// A complete answer's charge in micro-USD (settled before the answer is sent).
+    pub cost_micros: Option<u64>,
+    /// A stream's charge, sent once its outcome is settled (before the final usage / `[DONE]`).
+    pub stream_cost: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
+}
+
+/// Sets `x-tollgate-cost-usd` (a complete answer's charge) on its response.
+pub fn annotate_cost(resp: &mut Response, cost_micros: Option<u64>) {
+    if let Some(c) = cost_micros.and_then(|c| i64::try_from(c).ok()) {
+        if let Ok(v) = HeaderValue::from_str(&crate::billing::format_usd(c)) {
+            resp.headers_mut().insert("x-tollgate-cost-usd", v);
+        }
+    }
+}
+
+/// The answer with its metering attached.
+pub enum Metering {
+    Complete(ChatResponse),
+    Stream(Metered),
+}
+
+/// The one path every inbound API shares: auth → parse → prepare → dispatch → meter. `parse`
+/// turns the body into the internal request (plus whatever its encoder needs).
+pub async fn handle<T>(
+    state: &AppState,
     req: Request,
-) -> Result<Response, ApiError> {
+    parse: impl FnOnce(&[u8]) -> Result<(ChatRequest, T), GatewayError>,
+) -> Result<(Dispatched, T), GatewayError> {
     let started = Instant::now();
     let request_id = req
         .extensions()
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_default();
-    authorize(&state, req.headers())?;
+    let principal = authorize(state, req.headers()).await?;
+    let scope = memory::scope_of(presented_key(req.headers()));
     let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
-    let parsed = openai::parse_chat_request(&body)?;
-    let prepared = state.gateway.prepare(parsed)?;
+    let (parsed, extra) = parse(&body)?;
+    let mut prepared = state.gateway.prepare(parsed)?;
+    let mem = state.gateway.memory();
+    mem.restore(scope, &mut prepared.request);
     let prompt_estimate = estimate_prompt_tokens(&prepared.request);
-    let (answer, served) = state.gateway.dispatch(&prepared, &request_id).await?;
-    let model_id = prepared.model.id.as_str();
-    let template = state.gateway.outcome(&request_id, model_id, &served);
-    let show_reasoning = !prepared.request.reasoning.exclude;
-    let completion_id = format!("chatcmpl-{}", request_id.trim_start_matches("req_"));
+    // Hold the worst case before any upstream call (402 insufficient_credits otherwise).
+    let ticket = billing::hold(
+        state,
+        principal.as_ref(),
+        &prepared,
+        &request_id,
+        prompt_estimate,
+    )
+    .await?;
+    let (answer, served) = match state.gateway.dispatch(&prepared, &request_id).await {
+        Ok(x) => x,
+        Err(e) => {
+            // nothing was delivered: charge 0
+            if let Some(t) = ticket {
+                t.release("upstream_error").await;
+            }
+            return Err(e);
+        }
+    };
+    let template = state
+        .gateway
+        .outcome(&request_id, &prepared.model.id, &served);
+    let mut cost_micros = None;
+    let mut stream_cost = None;
+    let answer = match answer {
+        Answer::Complete(r) => {
+            mem.remember_response(scope, &r);
+            let usage = state
+                .gateway
+                .record_complete(template, &r, prompt_estimate, started);
+            // Settle before answering, so the cost shown is the cost charged.
+            if let Some(t) = ticket {
+                cost_micros = t.settle_complete(&served, &usage, r.usage.is_none()).await;
+            }
+            Metering::Complete(r)
+        }
+        Answer::Stream(s) => {
+            let sink = match ticket {
+                Some(t) => {
+                    let (sink, rx) = t.into_sink(state.gateway.sink());
+                    stream_cost = Some(rx);
+                    sink
+                }
+                None => state.gateway.sink(),
+            };
+            Metering::Stream(Metered::new(
+                mem.observe(scope, s),
+                sink,
+                template,
+                prompt_estimate,
+                started,
+            ))
+        }
+    };
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
+    Ok((
+        Dispatched {
+            request_id,
+            prepared,
+            served,
+            created,
+            answer,
+            cost_micros,
+            stream_cost,
+        },
+        extra,
+    ))
+}
 
-    let mut resp = match answer {
-        Answer::Complete(r) => {
-            state
-                .gateway
-                .record_complete(template, &r, prompt_estimate, started);
-            let env = Envelope {
-                id: &completion_id,
-                created,
-                model: model_id,
-                provider: &served.provider,
-            };
-            let json = openai::wire::completion_json(&env, &r, show_reasoning, None);
-            (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                json,
-            )
-                .into_response()
-        }
-        Answer::Stream(stream) => {
-            let metered = state
-                .gateway
-                .meter_stream(stream, template, prompt_estimate, started);
-            let body = sse::chat_sse(
-                metered,
-                sse::ChatSseOptions {
-                    id: completion_id,
-                    created,
-                    model: model_id.to_string(),
-                    provider: served.provider.clone(),
-                    include_usage: prepared.request.include_usage,
-                    show_reasoning,
-                    keepalive: state.config.server.keepalive,
-                },
-            );
-            let mut r = Response::new(Body::from_stream(body));
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-            r
-        }
-    };
+/// An SSE response around a byte stream.
+pub fn sse_response<S>(body: S) -> Response
+where
+    S: futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+{
+    let mut r = Response::new(Body::from_stream(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+/// A JSON response.
+pub fn json_response(json: Vec<u8>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        json,
+    )
+        .into_response()
+}
+
+/// `x-tollgate-provider` and `x-tollgate-warning` on a successful answer.
+pub fn annotate(resp: &mut Response, provider: &str, warnings: &[String]) {
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&served.provider) {
+    if let Ok(v) = HeaderValue::from_str(provider) {
         h.insert("x-tollgate-provider", v);
     }
-    if !prepared.warnings.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&prepared.warnings.join("; ")) {
+    if !warnings.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&warnings.join("; ")) {
             h.insert("x-tollgate-warning", v);
         }
     }
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (d, ()) = handle(&state, req, |b| Ok((openai::parse_chat_request(b)?, ()))).await?;
+    let p = &d.prepared;
+    let show_reasoning = !p.request.reasoning.exclude;
+    let completion_id = format!("chatcmpl-{}", d.request_id.trim_start_matches("req_"));
+    let mut resp = match d.answer {
+        Metering::Complete(r) => {
+            let env = Envelope {
+                id: &completion_id,
+                created: d.created,
+                model: &p.model.id,
+                provider: &d.served.provider,
+            };
+            json_response(openai::wire::completion_json(
+                &env,
+                &r,
+                show_reasoning,
+                d.cost_micros,
+            ))
+        }
+        Metering::Stream(metered) => sse_response(sse::chat_sse(
+            metered,
+            sse::ChatSseOptions {
+                id: completion_id,
+                created: d.created,
+                model: p.model.id.clone(),
+                provider: d.served.provider.clone(),
+                include_usage: p.request.include_usage,
+                show_reasoning,
+                keepalive: state.config.server.keepalive,
+                cost: d.stream_cost,
+            },
+        )),
+    };
+    annotate(&mut resp, &d.served.provider, &p.warnings);
+    super::chat::annotate_cost(&mut resp, d.cost_micros);
     Ok(resp)
 }

@@ -1,7 +1,12 @@
 //! The HTTP surface (the only module that knows axum): router, middleware, server lifecycle.
 
+pub mod admin;
+pub mod billing;
 pub mod chat;
 pub mod error;
+mod events;
+pub mod messages;
+pub mod responses;
 mod sse;
 
 use std::net::SocketAddr;
@@ -15,7 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -27,6 +31,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub gateway: Gateway,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Accounts, keys and the ledger; None in open mode (nothing is billed then).
+    pub billing: Option<Arc<crate::billing::Billing>>,
 }
 
 /// The request's id, set by the request-id middleware and echoed in `x-request-id`.
@@ -35,16 +41,25 @@ pub struct RequestId(pub String);
 
 /// Builds the router.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+    let billing = state.billing.clone();
+    let router = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
+        .route("/admin/v1/routes/health", get(routes_health))
         .fallback(not_found)
         .layer(middleware::from_fn(request_id))
-        .with_state(state)
+        .with_state(state);
+    match billing {
+        Some(b) => router.merge(admin::router(b)),
+        None => router,
+    }
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -77,33 +92,13 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Checks the caller's key against the configured static keys (or open mode).
-pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), GatewayError> {
-    if !state.config.auth.required {
-        return Ok(());
-    }
-    let Some(key) = presented_key(headers) else {
-        return Err(GatewayError::Unauthorized {
-            message: "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.".into(),
-        });
-    };
-    let ok = state.config.auth.static_keys.iter().fold(false, |acc, k| {
-        acc | bool::from(k.as_bytes().ct_eq(key.as_bytes()))
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(GatewayError::Unauthorized {
-            message: "Incorrect API key provided.".into(),
-        })
-    }
-}
+pub use billing::authorize;
 
 async fn list_models(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers).await?;
     let cat = state.gateway.catalog();
     let data: Vec<_> = cat.models().iter().map(|m| cat.card(m)).collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())
@@ -114,8 +109,15 @@ async fn get_model(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers).await?;
     let cat = state.gateway.catalog();
+    // `/v1/models/{id}/pricing-history` (model ids may contain '/', so it is routed here)
+    if let (Some(mid), Some(b)) = (id.strip_suffix("/pricing-history"), &state.billing) {
+        let canonical = cat.get(mid).map_or(mid, |m| m.id.as_str());
+        return admin::pricing_history_response(b, canonical)
+            .await
+            .map_err(|e| billing::to_gateway_error(e).into());
+    }
     match cat.get(&id) {
         Some(m) => Ok(Json(cat.card(m)).into_response()),
         None => {
@@ -144,12 +146,56 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .map(|p| json!({"name": p.name, "dialect": p.dialect.as_str(), "key_configured": p.api_key.is_some() || p.api_key_env.is_none()}))
         .collect();
+    let routes = state.gateway.health().snapshot();
+    // Ready while every model has a route that is not ejected; a degraded gateway stays in
+    // rotation (it still fails over and probes), so the status code stays 200.
+    let degraded: Vec<&str> = state
+        .config
+        .models
+        .iter()
+        .filter(|m| {
+            m.routes.iter().all(|r| {
+                let key = crate::gateway::health::route_key(r);
+                routes
+                    .iter()
+                    .any(|v| v.route == key && v.state == "ejected")
+            })
+        })
+        .map(|m| m.id.as_str())
+        .collect();
+    let status = if degraded.is_empty() {
+        "ready"
+    } else {
+        "degraded"
+    };
+    let routes: Vec<_> = routes
+        .iter()
+        .map(|r| json!({"route": r.route, "state": r.state}))
+        .collect();
     (
         StatusCode::OK,
         Json(
-            json!({"status": "ready", "auth_required": state.config.auth.required, "providers": providers}),
+            json!({"status": status, "auth_required": state.config.auth.required, "providers": providers, "routes": routes, "models_without_healthy_route": degraded}),
         ),
     )
+}
+
+/// `GET /admin/v1/routes/health`: every route's ejection state, error rate and speed.
+async fn routes_health(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // an admin API: admin keys only (open mode: anyone on loopback)
+    if let Some(p) = authorize(&state, &headers).await? {
+        if !p.is_admin {
+            return Err(GatewayError::Forbidden {
+                message: "admin key required".into(),
+            }
+            .into());
+        }
+    }
+    let data = state.gateway.health().snapshot();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
@@ -167,7 +213,11 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 /// Runs the server until SIGTERM/SIGINT, then lets open requests finish up to the grace period.
-pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     let grace = state.config.server.shutdown_grace;
     let addr: SocketAddr = listener.local_addr()?;
@@ -183,7 +233,7 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> s
     let mut handle = tokio::spawn(async move { server.await });
     tokio::select! {
         r = &mut handle => return r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-        _ = shutdown_signal() => {}
+        _ = shutdown => {}
     }
     tracing::info!(
         grace_secs = grace.as_secs(),
@@ -200,24 +250,41 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> s
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers SIGTERM/SIGINT handlers now (before the listener is bound, so an early signal is never
+/// lost) and returns a future that resolves on the first of them.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {}
+                _ = int => {}
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
