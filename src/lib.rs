@@ -5,6 +5,7 @@ pub mod billing; // accounts, keys, prices, the hold/settle ledger
 pub mod catalog; // the model catalog and model cards
 pub mod cli; // command-line interface
 pub mod config; // the TOML config format, defaults and presets
+pub mod engine; // the embedded llama.cpp engine (dialect `local`)
 pub mod error; // GatewayError, independent of HTTP
 pub mod gateway; // the core: internal model, validation, routing, usage
 pub mod http; // the HTTP surface (axum)

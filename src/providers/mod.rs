@@ -5,6 +5,7 @@
 
 pub mod anthropic;
 pub mod kimi_k2;
+pub mod local;
 pub mod media;
 pub mod moonshot;
 pub mod openai_compat;
@@ -47,12 +48,7 @@ pub fn build(config: &Config) -> Result<HashMap<String, Arc<dyn Provider>>, Stri
     let mut out: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     for p in &config.providers {
         let provider: Arc<dyn Provider> = match p.dialect {
-            Dialect::Local => {
-                return Err(format!(
-                    "provider {:?}: the embedded engine (dialect \"local\") is not available in this build",
-                    p.name
-                ))
-            }
+            Dialect::Local => Arc::new(local::LocalProvider::new(p, config)?),
             Dialect::Anthropic => Arc::new(anthropic::Anthropic::new(p.clone())?),
             _ => Arc::new(openai_compat::OpenAiCompat::new(p.clone())?),
         };
