@@ -32,6 +32,9 @@ pub enum Command {
         /// Listen address, overriding `[server] listen`.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Redis for limits shared by several instances (sets `[limits] backend = "redis"`).
+        #[arg(long, env = "TOLLGATE_REDIS_URL")]
+        redis_url: Option<String>,
     },
     /// Configuration tools.
     Config {
@@ -50,7 +53,11 @@ pub enum ConfigCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, listen } => {
+        Command::Serve {
+            config,
+            listen,
+            redis_url,
+        } => {
             telemetry::init_logging(cli.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -62,7 +69,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config, listen)) {
+            match runtime.block_on(serve(config, listen, redis_url)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -95,11 +102,23 @@ fn load(config: Option<PathBuf>) -> Result<Config, String> {
 async fn serve(
     config: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
+    redis_url: Option<String>,
 ) -> Result<(), String> {
     let mut cfg = load(config)?;
     if let Some(l) = listen {
         cfg.server.listen = l;
     }
+    if let Some(url) = redis_url {
+        cfg.limits.redis_url = Some(url);
+        cfg.limits.backend = crate::config::LimitsBackend::Redis;
+    }
+    tracing::info!(
+        backend = ?cfg.limits.backend,
+        on_redis_down = ?cfg.limits.on_redis_down,
+        timezone = %cfg.limits.timezone,
+        plans = cfg.plans.len(),
+        "rate limits"
+    );
     if !cfg.auth.required {
         if !cfg.server.listen.ip().is_loopback() {
             return Err(format!(

@@ -6,6 +6,7 @@ pub mod config; // the TOML config format, defaults and presets
 pub mod error; // GatewayError, independent of HTTP
 pub mod gateway; // the core: internal model, validation, routing, usage
 pub mod http; // the HTTP surface (axum)
+pub mod limits; // rate limits, quotas, spend caps (in-process or Redis)
 pub mod openai; // OpenAI Chat Completions wire format
 pub mod providers; // upstream dialect adapters
 pub mod telemetry; // logging and metrics setup
@@ -15,6 +16,7 @@ use std::sync::Arc;
 /// Builds the application state from a resolved config (used by `serve` and by tests).
 pub fn build_state(config: config::Config) -> Result<Arc<http::AppState>, String> {
     let gateway = gateway::Gateway::new(&config)?;
+    let limiter = Arc::new(limits::Limiter::new(&config)?);
     let metrics = if config.server.metrics {
         telemetry::prometheus()
     } else {
@@ -23,6 +25,7 @@ pub fn build_state(config: config::Config) -> Result<Arc<http::AppState>, String
     Ok(Arc::new(http::AppState {
         config: Arc::new(config),
         gateway,
+        limiter,
         metrics,
     }))
 }

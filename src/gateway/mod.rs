@@ -54,6 +54,11 @@ impl Gateway {
         })
     }
 
+    /// The sink every request's outcome goes to (wrapped per request by the limiter's settlement).
+    pub fn sink(&self) -> Arc<dyn OutcomeSink> {
+        self.sink.clone()
+    }
+
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
     }

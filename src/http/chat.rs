@@ -12,7 +12,9 @@ use http_body_util::BodyExt;
 use super::error::ApiError;
 use super::{authorize, sse, AppState, RequestId};
 use crate::error::GatewayError;
-use crate::gateway::{estimate_prompt_tokens, Answer};
+use crate::gateway::usage::Metered;
+use crate::gateway::{estimate_prompt_tokens, Answer, Prepared};
+use crate::limits::{Demand, RateHeaders, SettleSink};
 use crate::openai::{self, wire::Envelope};
 
 /// Reads a request body, refusing (413) anything over `limit` without reading it all.
@@ -47,6 +49,53 @@ pub async fn read_body(req: Request, limit: u64) -> Result<(HeaderMap, Bytes), G
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     req: Request,
+) -> Response {
+    let mut rate = RateHeaders::default();
+    let mut resp = match handle(&state, req, &mut rate).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    super::limits::apply_headers(&mut resp, &rate);
+    resp
+}
+
+/// The worst case a request may use: prompt estimate + maximum output tokens, and their cost at
+/// the most expensive route (the route is only known after dispatch).
+fn demand(prepared: &Prepared, prompt_estimate: u64, request_id: &str) -> Demand {
+    let max_out = u64::from(
+        prepared
+            .request
+            .max_output_tokens
+            .unwrap_or(prepared.model.max_output_tokens)
+            .min(prepared.model.max_output_tokens),
+    );
+    let cost = prepared
+        .model
+        .routes
+        .iter()
+        .map(|r| {
+            crate::limits::cost_micros(
+                &r.price,
+                &crate::gateway::model::Usage {
+                    prompt_tokens: prompt_estimate,
+                    completion_tokens: max_out,
+                    ..Default::default()
+                },
+            )
+        })
+        .max()
+        .unwrap_or(0);
+    Demand {
+        request_id: request_id.to_string(),
+        tokens: prompt_estimate.saturating_add(max_out),
+        cost_micros: cost,
+    }
+}
+
+async fn handle(
+    state: &Arc<AppState>,
+    req: Request,
+    rate: &mut RateHeaders,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let request_id = req
@@ -54,12 +103,40 @@ pub async fn chat_completions(
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_default();
-    authorize(&state, req.headers())?;
+    authorize(state, req.headers())?;
+    let subject = super::limits::subject(state, req.headers());
     let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
     let parsed = openai::parse_chat_request(&body)?;
     let prepared = state.gateway.prepare(parsed)?;
     let prompt_estimate = estimate_prompt_tokens(&prepared.request);
-    let (answer, served) = state.gateway.dispatch(&prepared, &request_id).await?;
+    // Limits are checked before anything is sent upstream; a refusal costs nothing.
+    let admitted = match &subject {
+        Some(s) => match state
+            .limiter
+            .admit(s, demand(&prepared, prompt_estimate, &request_id))
+            .await
+        {
+            Ok(a) => Some(a),
+            Err((e, h)) => {
+                *rate = h;
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
+    if let Some(a) = &admitted {
+        *rate = a.headers;
+    }
+    let (answer, served) = match state.gateway.dispatch(&prepared, &request_id).await {
+        Ok(x) => x,
+        Err(e) => {
+            // Nothing was generated: the reservation is returned in full.
+            if let Some(a) = admitted {
+                a.settle(0, 0);
+            }
+            return Err(e.into());
+        }
+    };
     let model_id = prepared.model.id.as_str();
     let template = state.gateway.outcome(&request_id, model_id, &served);
     let show_reasoning = !prepared.request.reasoning.exclude;
@@ -71,9 +148,15 @@ pub async fn chat_completions(
 
     let mut resp = match answer {
         Answer::Complete(r) => {
-            state
+            let usage = state
                 .gateway
                 .record_complete(template, &r, prompt_estimate, started);
+            if let Some(a) = admitted {
+                a.settle(
+                    usage.total_tokens(),
+                    crate::limits::cost_micros(&served.price, &usage),
+                );
+            }
             let env = Envelope {
                 id: &completion_id,
                 created,
@@ -89,9 +172,19 @@ pub async fn chat_completions(
                 .into_response()
         }
         Answer::Stream(stream) => {
-            let metered = state
-                .gateway
-                .meter_stream(stream, template, prompt_estimate, started);
+            let metered = match admitted {
+                // The stream's outcome (also on client disconnect) settles the reservation.
+                Some(a) => Metered::new(
+                    stream,
+                    Arc::new(SettleSink::new(state.gateway.sink(), a, served.price)),
+                    template,
+                    prompt_estimate,
+                    started,
+                ),
+                None => state
+                    .gateway
+                    .meter_stream(stream, template, prompt_estimate, started),
+            };
             let body = sse::chat_sse(
                 metered,
                 sse::ChatSseOptions {

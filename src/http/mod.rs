@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod limits;
 mod sse;
 
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use error::ApiError;
 pub struct AppState {
     pub config: Arc<Config>,
     pub gateway: Gateway,
+    pub limiter: Arc<crate::limits::Limiter>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -42,6 +44,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
+        .route("/admin/v1/keys/{id}/limits", get(limits::key_limits))
         .fallback(not_found)
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -138,6 +141,12 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let limits = state.limiter.health().await;
+    let status = if limits.admitting {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let providers: Vec<_> = state
         .config
         .providers
@@ -145,9 +154,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .map(|p| json!({"name": p.name, "dialect": p.dialect.as_str(), "key_configured": p.api_key.is_some() || p.api_key_env.is_none()}))
         .collect();
     (
-        StatusCode::OK,
+        status,
         Json(
-            json!({"status": "ready", "auth_required": state.config.auth.required, "providers": providers}),
+            json!({"status": if limits.admitting { "ready" } else { "not_ready" }, "auth_required": state.config.auth.required, "providers": providers, "limits": limits}),
         ),
     )
 }

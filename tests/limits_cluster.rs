@@ -1,0 +1,220 @@
+//! Several tollgate processes sharing one Redis: limits hold across instances as if there were
+//! one, and a Redis outage behaves as configured (`fail_open` with a per-instance cap, or
+//! `fail_closed`), crashes nothing, and heals without a restart when Redis returns.
+//!
+//! Uses Debian's `redis-server` (started per test on a free loopback port); skipped when it is not
+//! installed, unless `CI` is set. PostgreSQL is not involved yet: keys are static (the limiter keys
+//! them by a hash of the key), so the instances share only Redis.
+
+mod limits_support;
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use limits_support::{chat, config, redis_available, FakeUpstream, Redis, Tollgate};
+
+const PLANS: &str = r#"
+[[plans]]
+name = "ten_rpm"
+requests_per_minute = 10
+[[plans]]
+name = "hundred_a_day"
+requests_per_day = 100
+[[plans]]
+name = "twelve_a_day"
+requests_per_day = 12
+
+[auth.static_key_plans]
+"sk-pro" = "ten_rpm"
+"sk-trial" = "hundred_a_day"
+"sk-free" = "twelve_a_day"
+"#;
+
+fn three(upstream: &FakeUpstream, redis: &Redis, limits: &str) -> Vec<Tollgate> {
+    let text = config(&upstream.base_url(), &format!("{PLANS}\n{limits}"));
+    (0..3)
+        .map(|_| Tollgate::start(&text, &["--redis-url", &redis.url()]))
+        .collect()
+}
+
+/// Sends `n` requests with `key`, round-robin over `nodes`, all at once; returns the statuses.
+async fn burst(c: &reqwest::Client, nodes: &[Tollgate], key: &str, n: usize) -> Vec<u16> {
+    let bases: Vec<String> = nodes.iter().map(|t| format!("http://{}", t.addr)).collect();
+    let futs = (0..n).map(|i| {
+        let base = bases[i % bases.len()].clone();
+        let c = c.clone();
+        let key = key.to_string();
+        async move { chat(&c, &base, &key, false).await.0 }
+    });
+    join_all(futs).await
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+async fn ready(c: &reqwest::Client, t: &Tollgate) -> (u16, serde_json::Value) {
+    let r = c
+        .get(t.url("/readyz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("readyz");
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_share_rpm_and_daily_quota() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = FakeUpstream::start(0).await;
+    let nodes = three(&up, &redis, "");
+    let c = reqwest::Client::new();
+
+    // 10 requests/min, 60 requests spread over the three instances at once: exactly 10.
+    let started = Instant::now();
+    let statuses = burst(&c, &nodes, "sk-pro", 60).await;
+    let took = started.elapsed();
+    assert_eq!(count(&statuses, 200), 10, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 50, "{statuses:?}");
+    // GCRA frees the next slot one emission interval (6 s) after the first admission; the burst
+    // must finish before that for "exactly 10" to be the right answer.
+    assert!(took < Duration::from_secs(6), "burst took {took:?}");
+    assert_eq!(up.hits(), 10);
+
+    // 100 requests/day across the three: exactly 100 of 150 (in waves, as real clients come).
+    let mut all = Vec::new();
+    for _ in 0..3 {
+        all.extend(burst(&c, &nodes, "sk-trial", 50).await);
+    }
+    assert_eq!(count(&all, 200), 100, "{all:?}");
+    assert_eq!(count(&all, 429), 50);
+    assert_eq!(up.hits(), 110);
+
+    // Each instance reports the same shared usage.
+    for n in &nodes {
+        let v: serde_json::Value = c
+            .get(n.url(&format!(
+                "/admin/v1/keys/{}/limits",
+                tollgate::limits::key_id("sk-trial")
+            )))
+            .bearer_auth("sk-admin")
+            .send()
+            .await
+            .expect("admin")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(v["backend"], "redis");
+        assert_eq!(v["limits"][0]["used"], 100, "{v}");
+    }
+    // No clear key and no full hash in Redis key names.
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--scan"])
+        .output();
+    if let Ok(out) = out {
+        let keys = String::from_utf8_lossy(&out.stdout);
+        assert!(!keys.contains("sk-"), "{keys}");
+        assert!(keys.contains("tg:rl:k:key_"), "{keys}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_fail_open_is_capped_per_instance_and_heals() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let up = FakeUpstream::start(0).await;
+    let mut nodes = three(
+        &up,
+        &redis,
+        "[limits]\non_redis_down = \"fail_open\"\nfail_open_local_cap = 3\n",
+    );
+    let c = reqwest::Client::new();
+
+    let s = burst(&c, &nodes, "sk-free", 6).await;
+    assert_eq!(count(&s, 200), 6, "{s:?}");
+
+    redis.kill();
+    // Each instance admits at most its local cap (3/min per key) while Redis is down.
+    for n in &nodes {
+        let s = burst(&c, std::slice::from_ref(n), "sk-free", 10).await;
+        assert_eq!(count(&s, 200), 3, "{s:?}");
+        assert_eq!(count(&s, 429), 7, "{s:?}");
+        let (status, v) = ready(&c, n).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["limits"]["state"], "down", "{v}");
+        assert_eq!(v["limits"]["on_redis_down"], "fail_open");
+    }
+    for n in nodes.iter_mut() {
+        assert!(n.alive(), "an instance died while Redis was down");
+    }
+
+    // Redis returns (empty: no persistence): limits are shared again, without a restart.
+    redis.restart();
+    wait_redis_ok(&c, &nodes).await;
+    let s = burst(&c, &nodes, "sk-free", 30).await;
+    assert_eq!(count(&s, 200), 12, "{s:?}");
+    for n in nodes.iter_mut() {
+        assert!(n.alive());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_fail_closed_refuses_then_heals() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let up = FakeUpstream::start(0).await;
+    let mut nodes = three(&up, &redis, "[limits]\non_redis_down = \"fail_closed\"\n");
+    let c = reqwest::Client::new();
+    let s = burst(&c, &nodes, "sk-free", 3).await;
+    assert_eq!(count(&s, 200), 3);
+
+    redis.kill();
+    let hits = up.hits();
+    for n in &nodes {
+        let base = format!("http://{}", n.addr);
+        let (status, h, body) = chat(&c, &base, "sk-free", false).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(h.get("retry-after").is_some());
+        let (status, v) = ready(&c, n).await;
+        assert_eq!(status, 503, "{v}");
+        assert_eq!(v["limits"]["state"], "down");
+        assert_eq!(v["limits"]["on_redis_down"], "fail_closed");
+        // Keys without a plan are not limited, so they do not depend on Redis.
+        let (status, _, _) = chat(&c, &base, "sk-admin", false).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(up.hits(), hits + 3, "refused requests reached the upstream");
+
+    redis.restart();
+    wait_redis_ok(&c, &nodes).await;
+    let s = burst(&c, &nodes, "sk-free", 20).await;
+    assert_eq!(count(&s, 200), 12, "{s:?}");
+    for n in nodes.iter_mut() {
+        assert!(n.alive());
+    }
+}
+
+async fn wait_redis_ok(c: &reqwest::Client, nodes: &[Tollgate]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in nodes {
+        loop {
+            let (status, v) = ready(c, n).await;
+            if status == 200 && v["limits"]["state"] == "ok" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instance did not reconnect to Redis: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
