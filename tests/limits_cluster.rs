@@ -218,3 +218,46 @@ async fn wait_redis_ok(c: &reqwest::Client, nodes: &[Tollgate]) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_daily_quota_resets_at_midnight_of_configured_zone() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = FakeUpstream::start(0).await;
+    let c = reqwest::Client::new();
+    for zone in ["Asia/Kolkata", "America/New_York", "+09:00"] {
+        let text = config(
+            &up.base_url(),
+            &format!(
+                "[[plans]]\nname = \"one\"\nrequests_per_day = 1\n[auth.static_key_plans]\n\"sk-pro\" = \"one\"\n[limits]\ntimezone = \"{zone}\"\n"
+            ),
+        );
+        let node = Tollgate::start(&text, &["--redis-url", &redis.url()]);
+        let base = format!("http://{}", node.addr);
+        // Each zone run starts from a clean slate in Redis.
+        let _ = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "FLUSHALL"])
+            .output();
+        assert_eq!(chat(&c, &base, "sk-pro", false).await.0, 200);
+        let (status, h, body) = chat(&c, &base, "sk-pro", false).await;
+        assert_eq!(status, 429);
+        assert_eq!(body["error"]["code"], "daily_quota_exceeded");
+        let ms: i64 = h
+            .get("retry-after-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("retry-after-ms");
+        let now = chrono::Utc::now().timestamp_millis();
+        let want = tollgate::limits::calendar::Zone::parse(zone)
+            .expect("zone")
+            .window(now)
+            .day_reset_ms;
+        assert!(
+            (now + ms - want).abs() < 5_000,
+            "{zone}: Redis says the day resets at {}, the zone says {want}",
+            now + ms
+        );
+    }
+}

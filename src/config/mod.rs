@@ -733,7 +733,10 @@ fn resolve_limits(
         backend,
         redis_url: raw.redis_url,
         on_redis_down: raw.on_redis_down.unwrap_or(d.on_redis_down),
-        fail_open_local_cap: raw.fail_open_local_cap.unwrap_or(d.fail_open_local_cap).max(1),
+        fail_open_local_cap: raw
+            .fail_open_local_cap
+            .unwrap_or(d.fail_open_local_cap)
+            .max(1),
         timezone,
         redis_timeout: raw
             .redis_timeout_ms

@@ -46,10 +46,7 @@ pub async fn read_body(req: Request, limit: u64) -> Result<(HeaderMap, Bytes), G
     }
 }
 
-pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    req: Request,
-) -> Response {
+pub async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let mut rate = RateHeaders::default();
     let mut resp = match handle(&state, req, &mut rate).await {
         Ok(r) => r,

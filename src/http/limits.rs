@@ -85,14 +85,15 @@ pub async fn key_limits(
         .into());
     }
     let subject = LimitSubject::key(id.clone(), plan.clone());
-    let status = state
-        .limiter
-        .peek(&subject.scopes)
-        .await
-        .map_err(|e| GatewayError::Overloaded {
-            message: format!("The rate limiter is unavailable: {e}"),
-            retry_after: std::time::Duration::from_secs(1),
-        })?;
+    let status =
+        state
+            .limiter
+            .peek(&subject.scopes)
+            .await
+            .map_err(|e| GatewayError::Overloaded {
+                message: format!("The rate limiter is unavailable: {e}"),
+                retry_after: std::time::Duration::from_secs(1),
+            })?;
     let limits: Vec<_> = status
         .iter()
         .map(|s| {

@@ -302,7 +302,11 @@ mod tests {
             .timestamp_millis()
     }
 
-    fn setup(zone: &str, start: &str, plan: PlanConfig) -> (Arc<Manual>, MemoryBackend, Vec<Scope>) {
+    fn setup(
+        zone: &str,
+        start: &str,
+        plan: PlanConfig,
+    ) -> (Arc<Manual>, MemoryBackend, Vec<Scope>) {
         let clock = Arc::new(Manual(AtomicI64::new(ms(start))));
         let b = MemoryBackend::new(
             Zone::parse(zone).expect("zone"),
@@ -364,7 +368,9 @@ mod tests {
         let r = b.admit(&scopes, &demand(1, 1, 0)).refusal.expect("refused");
         assert_eq!(r.limit, LimitKind::RequestsPerDay);
         assert_eq!(r.retry_after_ms, Some(3_600_000));
-        clock.0.store(ms("2026-11-22T14:59:59.999Z"), Ordering::SeqCst);
+        clock
+            .0
+            .store(ms("2026-11-22T14:59:59.999Z"), Ordering::SeqCst);
         assert_eq!(admitted(&b, &scopes, 5, 1, 0), 0);
         clock.0.store(ms("2026-11-22T15:00:00Z"), Ordering::SeqCst);
         assert_eq!(admitted(&b, &scopes, 150, 1, 0), 100);
@@ -440,10 +446,7 @@ mod tests {
         };
         let (clock, b, scopes) = setup("UTC", "2026-11-22T12:00:00Z", plan);
         assert_eq!(admitted(&b, &scopes, 5, 1, 0), 2);
-        let r = b
-            .admit(&scopes, &demand(9, 1, 0))
-            .refusal
-            .expect("refused");
+        let r = b.admit(&scopes, &demand(9, 1, 0)).refusal.expect("refused");
         assert_eq!(r.limit.code(), "concurrency_limit_exceeded");
         b.settle(
             &scopes,

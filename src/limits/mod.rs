@@ -761,7 +761,10 @@ mod tests {
         assert_eq!(LimitKind::RequestsPerMinute.code(), "rate_limit_exceeded");
         assert_eq!(LimitKind::TokensPerMinute.code(), "rate_limit_exceeded");
         assert_eq!(LimitKind::RequestsPerDay.code(), "daily_quota_exceeded");
-        assert_eq!(LimitKind::MaxConcurrent.code(), "concurrency_limit_exceeded");
+        assert_eq!(
+            LimitKind::MaxConcurrent.code(),
+            "concurrency_limit_exceeded"
+        );
         assert_eq!(LimitKind::SpendCapMonthly.code(), "spend_cap_exceeded");
         for k in LimitKind::ALL {
             assert_eq!(LimitKind::from_index(k.index()), Some(k));

@@ -14,6 +14,9 @@ use super::{
     Settlement, SystemClock,
 };
 
+/// A zone's offset table (see `Zone::offset_table`), tagged with the hour it was computed for.
+type OffsetCache = (i64, Arc<Vec<(i64, i64)>>);
+
 const SCRIPT: &str = include_str!("lua/limits.lua");
 
 /// Limiter state in Redis.
@@ -24,7 +27,7 @@ pub struct RedisBackend {
     timeout: Duration,
     lease_ms: i64,
     /// The zone's offset table, recomputed when this instance's hour changes.
-    offsets: Mutex<(i64, Arc<Vec<(i64, i64)>>)>,
+    offsets: Mutex<OffsetCache>,
 }
 
 impl RedisBackend {
@@ -102,7 +105,10 @@ impl RedisBackend {
                 ScopeKind::Account => 1,
             });
             for k in LimitKind::ALL {
-                inv.arg(k.of(&s.plan).map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX)));
+                inv.arg(
+                    k.of(&s.plan)
+                        .map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX)),
+                );
             }
         }
         let mut conn = self.conn.clone();
@@ -180,7 +186,7 @@ fn nonneg(v: i64) -> u64 {
 }
 
 fn decode(v: &[i64]) -> Result<Decision, LimitsError> {
-    if v.len() < 7 || (v.len() - 7) % 5 != 0 {
+    if v.len() < 7 || !(v.len() - 7).is_multiple_of(5) {
         return Err(LimitsError::Malformed(format!(
             "script returned {} values",
             v.len()
