@@ -1,0 +1,353 @@
+//! Operational behaviour of the real binary: `--version`, `config check`, model cards, request ids,
+//! body limits without reading the whole body, open-mode refusal off loopback, graceful shutdown.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn write_config(dir: &tempfile::TempDir, body: &str) -> std::path::PathBuf {
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, body).expect("write config");
+    path
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(config: &std::path::Path) -> Server {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &addr.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tollgate");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).is_ok() {
+            return Server { child, addr };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("tollgate did not start listening on {addr}");
+}
+
+/// Sends raw bytes and reads the whole response (the server closes or we time out).
+fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request).expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(end) = find_body_end(&buf) {
+                    buf.truncate(end);
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// With a content-length response, the end of the body.
+fn find_body_end(buf: &[u8]) -> Option<usize> {
+    let text = String::from_utf8_lossy(buf);
+    let head_end = text.find("\r\n\r\n")? + 4;
+    let len: usize = text[..head_end].lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("content-length:")
+            .map(|v| v.trim().parse().ok())
+    })??;
+    (buf.len() >= head_end + len).then_some(head_end + len)
+}
+
+const CONFIG: &str = r#"
+[auth]
+static_keys = ["sk-test"]
+[server]
+max_body_bytes = 1024
+[[providers]]
+name = "moonshot"
+dialect = "moonshot"
+base_url = "http://127.0.0.1:9/v1"
+[[models]]
+id = "kimi-k2.6"
+aliases = ["moonshotai/kimi-k2.6"]
+context_length = 262144
+max_output_tokens = 16000
+input_modalities = ["text", "image", "video"]
+capabilities = ["reasoning", "tools", "json_object"]
+  [[models.routes]]
+  provider = "moonshot"
+  price_per_mtok = { input = 0.60, cached_input = 0.10, output = 3.00 }
+"#;
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = Command::new(BIN).arg("--version").output().expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn config_check_prints_catalog_and_fails_pointedly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = write_config(&dir, CONFIG);
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("kimi-k2.6")
+            && text.contains("moonshotai/kimi-k2.6")
+            && text.contains("in 0.6 cached 0.1 out 3"),
+        "{text}"
+    );
+
+    let bad = write_config(
+        &dir,
+        &CONFIG.replace(
+            "max_body_bytes = 1024",
+            "max_body_bytes = 1024\nlisten_on = \"x\"",
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen_on") && err.contains("line 6"), "{err}");
+}
+
+#[test]
+fn models_cards_request_ids_and_body_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(&dir, CONFIG);
+    let srv = start(&cfg);
+
+    let resp = raw(srv.addr, b"GET /v1/models/moonshotai/kimi-k2.6 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\nconnection: close\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("x-request-id: req_"),
+        "{resp}"
+    );
+    let body = &resp[resp.find("\r\n\r\n").expect("body") + 4..];
+    let card: serde_json::Value = serde_json::from_str(body).expect("json card");
+    assert_eq!(card["id"], "kimi-k2.6");
+    assert_eq!(card["context_length"], 262144);
+    assert_eq!(card["max_output_tokens"], 16000);
+    assert_eq!(
+        card["architecture"]["input_modalities"],
+        serde_json::json!(["text", "image", "video"])
+    );
+    assert_eq!(card["pricing"]["prompt"], "0.0000006");
+    assert!(card["supported_parameters"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|p| p == "tools")));
+
+    // 413 from Content-Length alone: the server answers before the (never sent) body arrives.
+    let resp = raw(
+        srv.addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\ncontent-type: application/json\r\ncontent-length: 100000000\r\n\r\n{",
+    );
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(resp.contains("\"code\":\"payload_too_large\""), "{resp}");
+
+    // Unknown path: OpenAI-shaped 404 with a request id.
+    let resp = raw(
+        srv.addr,
+        b"GET /v1/nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 404") && resp.contains("\"error\""),
+        "{resp}"
+    );
+}
+
+#[test]
+fn open_mode_is_refused_off_loopback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        &dir,
+        &CONFIG.replace("static_keys = [\"sk-test\"]", "required = false"),
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("open mode"));
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_accepting_and_exits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(&dir, CONFIG);
+    let mut srv = start(&cfg);
+    let pid = srv.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = srv.child.try_wait().expect("wait") {
+            assert!(st.success(), "exit status {st:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tollgate did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        TcpStream::connect(srv.addr).is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+/// A one-connection-at-a-time upstream that streams `n` chunks, `gap` apart.
+fn slow_upstream(n: usize, gap: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n");
+                for i in 0..n {
+                    let ev = format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i} \"}}}}]}}\n\n");
+                    if c.write_all(ev.as_bytes()).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(gap);
+                }
+                let _ = c.write_all(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5}}\n\ndata: [DONE]\n\n");
+            });
+        }
+    });
+    addr
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_lets_an_open_stream_finish() {
+    let up = slow_upstream(10, Duration::from_millis(150));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        &dir,
+        &CONFIG.replace("http://127.0.0.1:9/v1", &format!("http://{up}/v1")),
+    );
+    let mut srv = start(&cfg);
+    let addr = srv.addr;
+    let reader = std::thread::spawn(move || {
+        let body =
+            br#"{"model":"kimi-k2.6","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s.write_all(req.as_bytes()).expect("write");
+        s.write_all(body).expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let pid = srv.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let out = reader.join().expect("reader");
+    assert!(out.contains("t9 "), "stream was cut: {out}");
+    assert!(out.contains("data: [DONE]"), "stream did not finish: {out}");
+    let st = srv.child.wait().expect("wait");
+    assert!(st.success());
+}
+
+#[test]
+fn silent_upstream_gets_sse_keepalive_comments() {
+    let up = slow_upstream(2, Duration::from_millis(2500));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = CONFIG
+        .replace("http://127.0.0.1:9/v1", &format!("http://{up}/v1"))
+        .replace(
+            "max_body_bytes = 1024",
+            "max_body_bytes = 1024\nkeepalive_secs = 1",
+        );
+    let cfg = write_config(&dir, &cfg);
+    let srv = start(&cfg);
+    let body =
+        br#"{"model":"kimi-k2.6","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut s = TcpStream::connect(srv.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(req.as_bytes()).expect("write");
+    s.write_all(body).expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let t0 = out.find("t0 ").expect("first chunk");
+    let t1 = out.find("t1 ").expect("second chunk");
+    let ka = out.find(": keep-alive").expect("a keep-alive comment");
+    assert!(
+        t0 < ka && ka < t1,
+        "keep-alive not between the chunks: {out}"
+    );
+    assert!(out.contains("data: [DONE]"));
+}
