@@ -175,13 +175,7 @@ async fn spend_cap_counts_actual_cost() {
     }
     assert_eq!(
         codes,
-        vec![
-            "ok",
-            "ok",
-            "ok",
-            "spend_cap_exceeded",
-            "spend_cap_exceeded"
-        ]
+        vec!["ok", "ok", "ok", "spend_cap_exceeded", "spend_cap_exceeded"]
     );
     assert_eq!(up.hits(), 3);
 }
@@ -205,10 +199,7 @@ async fn concurrency_slot_released_when_client_disconnects() {
     assert_eq!(body["error"]["code"], "concurrency_limit_exceeded");
     // The admin view shows the slot in use.
     let v: serde_json::Value = c
-        .get(format!(
-            "{base}/admin/v1/keys/{}/limits",
-            key_id("sk-pro")
-        ))
+        .get(format!("{base}/admin/v1/keys/{}/limits", key_id("sk-pro")))
         .bearer_auth("sk-admin")
         .send()
         .await
