@@ -261,3 +261,62 @@ async fn redis_daily_quota_resets_at_midnight_of_configured_zone() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_share_concurrency_and_tpm() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    // A slow upstream (1 s) keeps every admitted request in flight while the burst arrives.
+    let up = FakeUpstream::start(1_000).await;
+    let text = config(
+        &up.base_url(),
+        r#"
+[[plans]]
+name = "two_inflight"
+max_concurrent = 2
+[[plans]]
+name = "tpm100"
+tokens_per_minute = 100
+[auth.static_key_plans]
+"sk-pro" = "two_inflight"
+"sk-trial" = "tpm100"
+"#,
+    );
+    let nodes: Vec<Tollgate> = (0..3)
+        .map(|_| Tollgate::start(&text, &["--redis-url", &redis.url()]))
+        .collect();
+    let c = reqwest::Client::new();
+
+    let s = burst(&c, &nodes, "sk-pro", 12).await;
+    assert_eq!(count(&s, 200), 2, "{s:?}");
+    assert_eq!(count(&s, 429), 10, "{s:?}");
+    // Both finished: their slots are free again on every instance.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v: serde_json::Value = c
+            .get(nodes[2].url(&format!(
+                "/admin/v1/keys/{}/limits",
+                tollgate::limits::key_id("sk-pro")
+            )))
+            .bearer_auth("sk-admin")
+            .send()
+            .await
+            .expect("admin")
+            .json()
+            .await
+            .expect("json");
+        if v["limits"][0]["used"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots not released: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = burst(&c, &nodes, "sk-pro", 6).await;
+    assert_eq!(count(&s, 200), 2, "{s:?}");
+
+    // Each request reserves 3 + 20 = 23 tokens: 4 fit in 100 (92), the 5th would make 115.
+    let s = burst(&c, &nodes, "sk-trial", 12).await;
+    assert_eq!(count(&s, 200), 4, "{s:?}");
+}

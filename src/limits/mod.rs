@@ -15,7 +15,7 @@ pub mod calendar;
 mod memory;
 mod redis;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -302,7 +302,13 @@ pub struct Limiter {
     on_redis_down: OnRedisDown,
     local_cap: u64,
     redis_down: AtomicBool,
+    /// While Redis is down, requests skip it until this instant (ms) instead of each waiting for
+    /// a timeout; then one request probes it again (and `/readyz` pings it every time).
+    redis_retry_at: AtomicI64,
 }
+
+/// How long a failed Redis call makes requests skip Redis before probing again.
+const REDIS_PROBE_INTERVAL_MS: i64 = 1_000;
 
 /// The limiter's state for `/readyz`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -348,6 +354,7 @@ impl Limiter {
             on_redis_down: l.on_redis_down,
             local_cap: l.fail_open_local_cap,
             redis_down: AtomicBool::new(false),
+            redis_retry_at: AtomicI64::new(0),
         })
     }
 
@@ -390,7 +397,7 @@ impl Limiter {
                 Charged::Memory(m.clone()),
                 subject.scopes.clone(),
             ),
-            Primary::Redis(r) => match r.admit(&subject.scopes, &demand).await {
+            Primary::Redis(r) => match self.redis_admit(r, &subject.scopes, &demand).await {
                 Ok(d) => {
                     if self.redis_down.swap(false, Ordering::Relaxed) {
                         tracing::info!("redis is reachable again; limits are shared again");
@@ -399,6 +406,10 @@ impl Limiter {
                 }
                 Err(e) => {
                     if !self.redis_down.swap(true, Ordering::Relaxed) {
+                        self.redis_retry_at.store(
+                            SystemClock.now_ms() + REDIS_PROBE_INTERVAL_MS,
+                            Ordering::Relaxed,
+                        );
                         tracing::error!(error = %e, mode = ?self.on_redis_down, "rate-limit backend unreachable");
                     }
                     match self.on_redis_down {
@@ -442,6 +453,33 @@ impl Limiter {
         }
     }
 
+    async fn redis_admit(
+        &self,
+        r: &RedisBackend,
+        scopes: &[Scope],
+        demand: &Demand,
+    ) -> Result<Decision, LimitsError> {
+        let now = SystemClock.now_ms();
+        if self.redis_down.load(Ordering::Relaxed) {
+            let at = self.redis_retry_at.load(Ordering::Relaxed);
+            // Only one request per interval probes; the rest go straight to the configured choice.
+            if now < at
+                || self
+                    .redis_retry_at
+                    .compare_exchange(
+                        at,
+                        now + REDIS_PROBE_INTERVAL_MS,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_err()
+            {
+                return Err(LimitsError::Redis("down (waiting to probe again)".into()));
+            }
+        }
+        r.admit(scopes, demand).await
+    }
+
     /// Current usage of every limit of `scopes`, without charging anything.
     pub async fn peek(&self, scopes: &[Scope]) -> Result<Vec<LimitStatus>, LimitsError> {
         match &self.primary {
@@ -461,7 +499,11 @@ impl Limiter {
             },
             Primary::Redis(r) => {
                 let up = r.ping().await.is_ok();
-                self.redis_down.store(!up, Ordering::Relaxed);
+                if up && self.redis_down.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis is reachable again; limits are shared again");
+                } else if !up {
+                    self.redis_down.store(true, Ordering::Relaxed);
+                }
                 let mode = match self.on_redis_down {
                     OnRedisDown::FailOpen => "fail_open",
                     OnRedisDown::FailClosed => "fail_closed",
