@@ -1,4 +1,5 @@
-//! Command-line interface: `serve`, `config check`, and (later) account administration.
+//! Command-line interface: `serve`, `config check`, and account administration (accounts, keys,
+//! credits, prices, usage, ledger) on the same store as the server.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,12 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Config file (TOML). Without it, the built-in default config is used.
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// Database URL, overriding `[database] url` (`sqlite://tollgate.db`, `postgres://…`).
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -26,9 +33,6 @@ pub struct Cli {
 pub enum Command {
     /// Serve the API.
     Serve {
-        /// Config file (TOML). Without it, the built-in default config is used.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// Listen address, overriding `[server] listen`.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
@@ -41,6 +45,8 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    #[command(flatten)]
+    Billing(crate::billing::cli::BillingCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,11 +59,9 @@ pub enum ConfigCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve {
-            config,
-            listen,
-            redis_url,
-        } => {
+        Command::Serve { listen, redis_url } => {
+            let config = cli.config;
+            let database_url = cli.database_url;
             telemetry::init_logging(cli.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -69,7 +73,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config, listen, redis_url)) {
+            match runtime.block_on(serve(config, listen, database_url, redis_url)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -89,6 +93,38 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Billing(cmd) => {
+            telemetry::init_logging(cli.log_format);
+            let mut cfg = match load(cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Some(u) = cli.database_url {
+                cfg.database_url = u;
+            }
+            let settings = crate::billing::BillingSettings::from_config(&cfg);
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut out = std::io::stdout();
+            match runtime.block_on(crate::billing::cli::run(cmd, settings, &mut out)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -102,11 +138,15 @@ fn load(config: Option<PathBuf>) -> Result<Config, String> {
 async fn serve(
     config: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
+    database_url: Option<String>,
     redis_url: Option<String>,
 ) -> Result<(), String> {
     let mut cfg = load(config)?;
     if let Some(l) = listen {
         cfg.server.listen = l;
+    }
+    if let Some(u) = database_url {
+        cfg.database_url = u;
     }
     if let Some(url) = redis_url {
         cfg.limits.redis_url = Some(url);
@@ -130,10 +170,6 @@ async fn serve(
             "OPEN MODE: [auth] required = false — any caller on {} is served without a key",
             cfg.server.listen
         );
-    } else if cfg.auth.static_keys.is_empty() {
-        tracing::warn!(
-            "[auth] is required but no keys are configured: every request will be refused"
-        );
     }
     for p in &cfg.providers {
         if let (Some(var), None) = (&p.api_key_env, &p.api_key) {
@@ -143,7 +179,19 @@ async fn serve(
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
-    let state = crate::build_state(cfg)?;
+    let billing = crate::open_billing(&cfg).await?;
+    let _sweeper = billing.as_ref().map(|b| b.spawn_sweeper());
+    if let Some(b) = &billing {
+        if b.store()
+            .list_keys(None)
+            .await
+            .map(|k| k.is_empty())
+            .unwrap_or(false)
+        {
+            tracing::warn!("auth is required but no API keys exist yet: create one with `tollgate accounts create NAME` and `tollgate keys create --account NAME`");
+        }
+    }
+    let state = crate::build_state_with(cfg, billing)?;
     crate::http::serve(state, listener)
         .await
         .map_err(|e| e.to_string())

@@ -1,5 +1,6 @@
 //! tollgate: a self-hosted, OpenAI-compatible LLM API gateway.
 
+pub mod billing; // accounts, keys, prices, the hold/settle ledger
 pub mod catalog; // the model catalog and model cards
 pub mod cli; // command-line interface
 pub mod config; // the TOML config format, defaults and presets
@@ -9,12 +10,22 @@ pub mod http; // the HTTP surface (axum)
 pub mod limits; // rate limits, quotas, spend caps (in-process or Redis)
 pub mod openai; // OpenAI Chat Completions wire format
 pub mod providers; // upstream dialect adapters
+pub mod store; // the billing database (SQLite / PostgreSQL)
 pub mod telemetry; // logging and metrics setup
 
 use std::sync::Arc;
 
-/// Builds the application state from a resolved config (used by `serve` and by tests).
+/// Builds the application state from a resolved config, without a billing store (open mode,
+/// or tests that need no keys).
 pub fn build_state(config: config::Config) -> Result<Arc<http::AppState>, String> {
+    build_state_with(config, None)
+}
+
+/// Builds the application state with an open billing service.
+pub fn build_state_with(
+    config: config::Config,
+    billing: Option<Arc<billing::Billing>>,
+) -> Result<Arc<http::AppState>, String> {
     let gateway = gateway::Gateway::new(&config)?;
     let limiter = Arc::new(limits::Limiter::new(&config)?);
     let metrics = if config.server.metrics {
@@ -27,10 +38,56 @@ pub fn build_state(config: config::Config) -> Result<Arc<http::AppState>, String
         gateway,
         limiter,
         metrics,
+        billing,
     }))
 }
 
-/// The router for a resolved config, for tests that serve it on port 0.
+/// Opens the billing store for a config that requires auth (None in open mode), records the
+/// config's route prices as price versions, and releases holds left expired by a crash.
+pub async fn open_billing(
+    config: &config::Config,
+) -> Result<Option<Arc<billing::Billing>>, String> {
+    if !config.auth.required {
+        return Ok(None);
+    }
+    let settings = billing::BillingSettings::from_config(config);
+    let b = billing::Billing::open(settings).await.map_err(|e| {
+        format!(
+            "billing store {}: {e}",
+            store::redact_url(&config.database_url)
+        )
+    })?;
+    let now = store::now_ms();
+    let mut rows = Vec::new();
+    for m in &config.models {
+        for r in m.routes.iter().filter(|r| r.priced) {
+            rows.push(store::PriceRow {
+                id: None,
+                model: m.id.clone(),
+                provider: r.provider.clone(),
+                input_micros_per_m: i64::try_from(r.price.input).unwrap_or(i64::MAX),
+                cached_micros_per_m: i64::try_from(r.price.cached_input).unwrap_or(i64::MAX),
+                output_micros_per_m: i64::try_from(r.price.output).unwrap_or(i64::MAX),
+                fee_input_micros_per_m: 0,
+                fee_cached_micros_per_m: 0,
+                fee_output_micros_per_m: 0,
+                markup_bps: 0,
+                source: "config".to_string(),
+                effective_at: now,
+                created_at: now,
+            });
+        }
+    }
+    b.sync_config_price_rows(&rows)
+        .await
+        .map_err(|e| format!("recording config prices: {e}"))?;
+    b.sweep_expired()
+        .await
+        .map_err(|e| format!("releasing expired holds: {e}"))?;
+    Ok(Some(Arc::new(b)))
+}
+
+/// The router for a resolved config, for tests that serve it on port 0 (no billing store).
 pub fn app(config: config::Config) -> Result<axum::Router, String> {
     Ok(http::app(build_state(config)?))
 }

@@ -6,8 +6,7 @@ mod limits_support;
 
 use std::time::{Duration, Instant};
 
-use limits_support::{chat, config, FakeUpstream, Tollgate};
-use tollgate::limits::key_id;
+use limits_support::{chat, FakeUpstream, Stack, Tollgate};
 
 fn plans(extra: &str) -> String {
     format!(
@@ -29,16 +28,33 @@ tokens_per_minute = 100
     )
 }
 
-fn start(upstream: &FakeUpstream, key_plan: &str, extra: &str) -> Tollgate {
-    let text = config(
-        &upstream.base_url(),
-        &format!(
-            "{}\n[auth.static_key_plans]\n\"sk-pro\" = \"{key_plan}\"\n",
-            plans(extra)
-        ),
-    );
-    // `[auth.static_key_plans]` after `[[plans]]` is a valid TOML sub-table of [auth].
-    Tollgate::start(&text, &[])
+/// One instance on a fresh SQLite store; account `acme` on `plan`, account `free` without a plan
+/// and an admin. Returns (instance, acme's key, free's key, admin key, stack).
+struct One {
+    tg: Tollgate,
+    key: String,
+    free: String,
+    admin: String,
+    stack: Stack,
+}
+
+fn start(upstream: &FakeUpstream, plan: &str, extra: &str) -> One {
+    let stack = Stack::sqlite(&upstream.base_url(), &plans(extra));
+    let key = stack.account("acme", Some(plan));
+    let free = stack.account("free", None);
+    let admin = stack.admin();
+    let tg = stack.start(&[]);
+    One {
+        tg,
+        key,
+        free,
+        admin,
+        stack,
+    }
+}
+
+fn prefix(key: &str) -> &str {
+    &key[..11]
 }
 
 fn header(h: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
@@ -50,12 +66,13 @@ fn header(h: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
 #[tokio::test]
 async fn rpm_refusals_carry_code_headers_and_never_reach_upstream() {
     let up = FakeUpstream::start(0).await;
-    let tg = start(&up, "three_rpm", "");
+    let one = start(&up, "three_rpm", "");
+    let tg = &one.tg;
     let c = reqwest::Client::new();
     let base = format!("http://{}", tg.addr);
     let mut statuses = Vec::new();
     for i in 0..5 {
-        let (status, h, body) = chat(&c, &base, "sk-pro", false).await;
+        let (status, h, body) = chat(&c, &base, &one.key, false).await;
         statuses.push(status);
         assert_eq!(
             header(&h, "x-ratelimit-limit-requests").as_deref(),
@@ -84,25 +101,32 @@ async fn rpm_refusals_carry_code_headers_and_never_reach_upstream() {
     }
     assert_eq!(statuses, vec![200, 200, 200, 429, 429]);
     assert_eq!(up.hits(), 3, "refused requests must not reach the upstream");
+    // Requests per minute are per key: another key of the same account has its own 3.
+    let other = one.stack.key("acme");
+    for _ in 0..3 {
+        assert_eq!(chat(&c, &base, &other, false).await.0, 200);
+    }
+    assert_eq!(chat(&c, &base, &other, false).await.0, 429);
     // A key without a plan is unlimited and gets no rate headers.
     for _ in 0..5 {
-        let (status, h, _) = chat(&c, &base, "sk-free", false).await;
+        let (status, h, _) = chat(&c, &base, &one.free, false).await;
         assert_eq!(status, 200);
         assert!(header(&h, "x-ratelimit-limit-requests").is_none());
     }
     let log = tg.log_text();
-    assert!(!log.contains("sk-pro"), "clear key in the log");
+    assert!(!log.contains(&one.key), "clear key in the log");
 }
 
 #[tokio::test]
 async fn daily_quota_code_and_reset_at_utc_midnight() {
     let up = FakeUpstream::start(0).await;
-    let tg = start(&up, "two_a_day", "");
+    let one = start(&up, "two_a_day", "");
+    let tg = &one.tg;
     let c = reqwest::Client::new();
     let base = format!("http://{}", tg.addr);
     let mut ok = 0;
     for _ in 0..4 {
-        let (status, h, body) = chat(&c, &base, "sk-pro", false).await;
+        let (status, h, body) = chat(&c, &base, &one.key, false).await;
         if status == 200 {
             ok += 1;
             continue;
@@ -121,6 +145,11 @@ async fn daily_quota_code_and_reset_at_utc_midnight() {
     }
     assert_eq!(ok, 2);
     assert_eq!(up.hits(), 2);
+    // The daily quota is the account's: a second key of the account is refused too.
+    let other = one.stack.key("acme");
+    let (status, _, body) = chat(&c, &base, &other, false).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["code"], "daily_quota_exceeded");
 }
 
 #[tokio::test]
@@ -129,13 +158,14 @@ async fn tokens_reserved_then_corrected_to_actual() {
     // (the fake upstream's usage). Sequentially: admitted while 15*n + 23 <= 100, i.e. 6 requests.
     // Without the correction only 4 would pass (23*4 + 23 > 100).
     let up = FakeUpstream::start(0).await;
-    let tg = start(&up, "tpm", "");
+    let one = start(&up, "tpm", "");
+    let tg = &one.tg;
     let c = reqwest::Client::new();
     let base = format!("http://{}", tg.addr);
     let mut ok = 0;
     let mut last = None;
     for _ in 0..8 {
-        let (status, h, body) = chat(&c, &base, "sk-pro", false).await;
+        let (status, h, body) = chat(&c, &base, &one.key, false).await;
         assert_eq!(
             header(&h, "x-ratelimit-limit-tokens").as_deref(),
             Some("100")
@@ -157,16 +187,17 @@ async fn spend_cap_counts_actual_cost() {
     // Worst case 3*$1 + 20*$2 per Mtok = 43 micro-USD; actual 10*$1 + 5*$2 = 20 micro-USD.
     // Cap 100 micro-USD: admitted while 20*n + 43 <= 100, i.e. 3 requests.
     let up = FakeUpstream::start(0).await;
-    let tg = start(
+    let one = start(
         &up,
         "capped",
         "[[plans]]\nname = \"capped\"\nspend_cap_daily_usd = 0.0001\n",
     );
+    let tg = &one.tg;
     let c = reqwest::Client::new();
     let base = format!("http://{}", tg.addr);
     let mut codes = Vec::new();
     for _ in 0..5 {
-        let (status, _, body) = chat(&c, &base, "sk-pro", false).await;
+        let (status, _, body) = chat(&c, &base, &one.key, false).await;
         codes.push(if status == 200 {
             "ok".to_string()
         } else {
@@ -183,24 +214,25 @@ async fn spend_cap_counts_actual_cost() {
 #[tokio::test]
 async fn concurrency_slot_released_when_client_disconnects() {
     let up = FakeUpstream::start(400).await; // a 2-second stream
-    let tg = start(&up, "one_at_a_time", "");
+    let one = start(&up, "one_at_a_time", "");
+    let tg = &one.tg;
     let c = reqwest::Client::new();
     let base = format!("http://{}", tg.addr);
     let held = c
         .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth("sk-pro")
+        .bearer_auth(&one.key)
         .json(&serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}))
         .send()
         .await
         .expect("stream");
     assert_eq!(held.status().as_u16(), 200);
-    let (status, _, body) = chat(&c, &base, "sk-pro", false).await;
+    let (status, _, body) = chat(&c, &base, &one.key, false).await;
     assert_eq!(status, 429);
     assert_eq!(body["error"]["code"], "concurrency_limit_exceeded");
     // The admin view shows the slot in use.
     let v: serde_json::Value = c
-        .get(format!("{base}/admin/v1/keys/{}/limits", key_id("sk-pro")))
-        .bearer_auth("sk-admin")
+        .get(format!("{base}/admin/v1/keys/{}/limits", prefix(&one.key)))
+        .bearer_auth(&one.admin)
         .send()
         .await
         .expect("admin")
@@ -214,7 +246,7 @@ async fn concurrency_slot_released_when_client_disconnects() {
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (status, _, _) = chat(&c, &base, "sk-pro", false).await;
+        let (status, _, _) = chat(&c, &base, &one.key, false).await;
         if status == 200 {
             break;
         }
@@ -229,18 +261,19 @@ async fn concurrency_slot_released_when_client_disconnects() {
 #[tokio::test]
 async fn admin_limits_endpoint_needs_admin_and_reports_usage() {
     let up = FakeUpstream::start(0).await;
-    let tg = start(&up, "two_a_day", "");
+    let one = start(&up, "two_a_day", "");
+    let tg = &one.tg;
     let c = reqwest::Client::new();
     let base = format!("http://{}", tg.addr);
-    chat(&c, &base, "sk-pro", false).await;
-    let url = format!("{base}/admin/v1/keys/{}/limits", key_id("sk-pro"));
-    let r = c.get(&url).bearer_auth("sk-pro").send().await.expect("req");
+    chat(&c, &base, &one.key, false).await;
+    let url = format!("{base}/admin/v1/keys/{}/limits", prefix(&one.key));
+    let r = c.get(&url).bearer_auth(&one.key).send().await.expect("req");
     assert_eq!(r.status().as_u16(), 403);
     let r = c.get(&url).send().await.expect("req");
     assert_eq!(r.status().as_u16(), 401);
     let v: serde_json::Value = c
         .get(&url)
-        .bearer_auth("sk-admin")
+        .bearer_auth(&one.admin)
         .send()
         .await
         .expect("req")
@@ -252,8 +285,8 @@ async fn admin_limits_endpoint_needs_admin_and_reports_usage() {
     assert_eq!(v["limits"][0]["used"], 1);
     assert_eq!(v["limits"][0]["remaining"], 1);
     let r = c
-        .get(format!("{base}/admin/v1/keys/key_nope/limits"))
-        .bearer_auth("sk-admin")
+        .get(format!("{base}/admin/v1/keys/tg-nope0000/limits"))
+        .bearer_auth(&one.admin)
         .send()
         .await
         .expect("req");

@@ -8,7 +8,7 @@ mod limits_support;
 use std::path::PathBuf;
 use std::process::Command;
 
-use limits_support::{config, FakeUpstream, Tollgate};
+use limits_support::{FakeUpstream, Stack};
 
 fn python() -> Option<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -37,11 +37,12 @@ fn python() -> Option<PathBuf> {
 async fn openai_sdk_default_retries_recover_from_429() {
     let Some(py) = python() else { return };
     let up = FakeUpstream::start(0).await;
-    let text = config(
+    let stack = Stack::sqlite(
         &up.base_url(),
-        "[[plans]]\nname = \"twelve\"\nrequests_per_minute = 12\n\n[auth.static_key_plans]\n\"sk-pro\" = \"twelve\"\n",
+        "[[plans]]\nname = \"twelve\"\nrequests_per_minute = 12\n",
     );
-    let tg = Tollgate::start(&text, &[]);
+    let key = stack.account("acme", Some("twelve"));
+    let tg = stack.start(&[]);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/contract/limits");
     let base = format!("http://{}", tg.addr);
     let out = tokio::task::spawn_blocking(move || {
@@ -49,7 +50,7 @@ async fn openai_sdk_default_retries_recover_from_429() {
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
             .arg(&script)
             .env("TOLLGATE_BASE_URL", base)
-            .env("TOLLGATE_KEY", "sk-pro")
+            .env("TOLLGATE_KEY", key)
             .output()
     })
     .await

@@ -17,13 +17,50 @@ fn free_port() -> u16 {
 
 fn write_config(dir: &tempfile::TempDir, body: &str) -> std::path::PathBuf {
     let path = dir.path().join("tollgate.toml");
+    let db = dir.path().join("tollgate.db");
+    let body = format!("{body}\n[database]\nurl = \"sqlite://{}\"\n", db.display());
     std::fs::write(&path, body).expect("write config");
     path
+}
+
+/// Runs a billing CLI command against the config's store; returns stdout.
+fn cli(config: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run cli");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Creates a funded account and returns a fresh customer key for it.
+fn customer_key(config: &std::path::Path) -> String {
+    cli(config, &["accounts", "create", "ops"]);
+    cli(config, &["credits", "add", "ops", "10", "--reason", "test"]);
+    cli(config, &["keys", "create", "--account", "ops"])
+        .trim()
+        .to_string()
 }
 
 struct Server {
     child: Child,
     addr: SocketAddr,
+    key: String,
+}
+
+impl Server {
+    /// The request text with the test's key in place of `sk-test`.
+    fn req(&self, text: &[u8]) -> Vec<u8> {
+        String::from_utf8_lossy(text)
+            .replace("sk-test", &self.key)
+            .into_bytes()
+    }
 }
 
 impl Drop for Server {
@@ -34,6 +71,7 @@ impl Drop for Server {
 }
 
 fn start(config: &std::path::Path) -> Server {
+    let key = customer_key(config);
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut child = Command::new(BIN)
@@ -47,7 +85,7 @@ fn start(config: &std::path::Path) -> Server {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if TcpStream::connect(addr).is_ok() {
-            return Server { child, addr };
+            return Server { child, addr, key };
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -94,7 +132,7 @@ fn find_body_end(buf: &[u8]) -> Option<usize> {
 
 const CONFIG: &str = r#"
 [auth]
-static_keys = ["sk-test"]
+required = true
 [server]
 max_body_bytes = 1024
 [[providers]]
@@ -165,7 +203,7 @@ fn models_cards_request_ids_and_body_limit() {
     let cfg = write_config(&dir, CONFIG);
     let srv = start(&cfg);
 
-    let resp = raw(srv.addr, b"GET /v1/models/moonshotai/kimi-k2.6 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\nconnection: close\r\n\r\n");
+    let resp = raw(srv.addr, &srv.req(b"GET /v1/models/moonshotai/kimi-k2.6 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\nconnection: close\r\n\r\n"));
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(
         resp.to_ascii_lowercase().contains("x-request-id: req_"),
@@ -188,7 +226,7 @@ fn models_cards_request_ids_and_body_limit() {
     // 413 from Content-Length alone: the server answers before the (never sent) body arrives.
     let resp = raw(
         srv.addr,
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\ncontent-type: application/json\r\ncontent-length: 100000000\r\n\r\n{",
+        &srv.req(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\ncontent-type: application/json\r\ncontent-length: 100000000\r\n\r\n{"),
     );
     assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
     assert!(resp.contains("\"code\":\"payload_too_large\""), "{resp}");
@@ -207,10 +245,7 @@ fn models_cards_request_ids_and_body_limit() {
 #[test]
 fn open_mode_is_refused_off_loopback() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(
-        &dir,
-        &CONFIG.replace("static_keys = [\"sk-test\"]", "required = false"),
-    );
+    let cfg = write_config(&dir, &CONFIG.replace("required = true", "required = false"));
     let out = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&cfg)
@@ -287,13 +322,15 @@ fn sigterm_lets_an_open_stream_finish() {
     );
     let mut srv = start(&cfg);
     let addr = srv.addr;
+    let key = srv.key.clone();
     let reader = std::thread::spawn(move || {
         let body =
             br#"{"model":"kimi-k2.6","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
         let req = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
             body.len()
-        );
+        )
+        .replace("sk-test", &key);
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
@@ -334,7 +371,8 @@ fn silent_upstream_gets_sse_keepalive_comments() {
     let req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
-    );
+    )
+    .replace("sk-test", &srv.key);
     let mut s = TcpStream::connect(srv.addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");

@@ -76,6 +76,8 @@ struct RawConfig {
     #[serde(default)]
     database: Option<RawDatabase>,
     #[serde(default)]
+    billing: RawBilling,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -125,16 +127,24 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     required: Option<bool>,
+    /// Replaced by database keys; present only to give an upgrade message.
     #[serde(default)]
     static_keys_env: Vec<String>,
+    /// Replaced by database keys; present only to give an upgrade message.
     #[serde(default)]
     static_keys: Vec<String>,
-    /// Plan per static key (`"key" = "plan"`), until accounts carry plans.
-    #[serde(default)]
-    static_key_plans: HashMap<String, String>,
-    /// Static keys that may use the admin API (`/admin/v1/...`).
-    #[serde(default)]
-    admin_keys: Vec<String>,
+    /// Environment variable holding the server secret for API-key digests.
+    secret_env: Option<String>,
+    /// File holding the server secret when the variable is unset.
+    secret_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBilling {
+    hold_ttl_secs: Option<u64>,
+    sweep_interval_secs: Option<u64>,
+    allow_unpriced: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -209,6 +219,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub database_url: String,
+    pub billing: BillingConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     /// `[[plans]]`: named sets of limits assigned to keys/accounts.
@@ -263,8 +274,6 @@ pub struct LimitsConfig {
     pub redis_timeout: Duration,
     /// A concurrency slot whose holder vanished (crash) is freed after this long.
     pub concurrency_lease: Duration,
-    /// Plan per static key, by the key's id (`crate::limits::key_id`), never the clear key.
-    pub static_key_plans: HashMap<String, String>,
 }
 
 impl Default for LimitsConfig {
@@ -277,7 +286,6 @@ impl Default for LimitsConfig {
             timezone: "UTC".to_string(),
             redis_timeout: Duration::from_millis(250),
             concurrency_lease: Duration::from_secs(900),
-            static_key_plans: HashMap::new(),
         }
     }
 }
@@ -301,10 +309,18 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub required: bool,
-    /// Accepted static keys (from the file and from the named environment variables).
-    pub static_keys: Vec<String>,
-    /// Static keys allowed on the admin API.
-    pub admin_keys: Vec<String>,
+    /// Environment variable holding the server secret (default `TOLLGATE_SECRET`).
+    pub secret_env: String,
+    /// Secret file used when the variable is unset (default: next to the SQLite database).
+    pub secret_file: Option<PathBuf>,
+}
+
+/// `[billing]`: hold lifetime, sweeper interval, unpriced models.
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    pub hold_ttl: Duration,
+    pub sweep_interval: Duration,
+    pub allow_unpriced: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -354,6 +370,8 @@ pub struct RouteConfig {
     pub provider: String,
     pub upstream_model: String,
     pub price: Price,
+    /// The config gave a price (`price_per_mtok`); unpriced routes are refused when billing.
+    pub priced: bool,
     pub weight: u32,
     pub model_path: Option<PathBuf>,
 }
@@ -458,26 +476,29 @@ fn resolve(
         metrics: raw.server.metrics.unwrap_or(true),
     };
 
-    let mut static_keys = raw.auth.static_keys;
-    for var in &raw.auth.static_keys_env {
-        match env(var) {
-            Some(v) if !v.is_empty() => {
-                static_keys.extend(v.split(',').map(|s| s.trim().to_string()))
-            }
-            _ => {
-                return Err(format!(
-                    "[auth] static_keys_env names {var}, which is not set"
-                ))
-            }
-        }
+    if !raw.auth.static_keys.is_empty() || !raw.auth.static_keys_env.is_empty() {
+        return Err("[auth] static_keys / static_keys_env were replaced by database keys: remove them and \
+             create keys with `tollgate accounts create NAME` and `tollgate keys create --account NAME`"
+            .to_string());
     }
     let auth = AuthConfig {
         required: raw.auth.required.unwrap_or(true),
-        static_keys,
-        admin_keys: raw.auth.admin_keys,
+        secret_env: raw
+            .auth
+            .secret_env
+            .unwrap_or_else(|| "TOLLGATE_SECRET".to_string()),
+        secret_file: raw.auth.secret_file.map(|f| match base_dir {
+            Some(d) if Path::new(&f).is_relative() => d.join(f),
+            _ => PathBuf::from(f),
+        }),
+    };
+    let billing = BillingConfig {
+        hold_ttl: Duration::from_secs(raw.billing.hold_ttl_secs.unwrap_or(3600).max(1)),
+        sweep_interval: Duration::from_secs(raw.billing.sweep_interval_secs.unwrap_or(30).max(1)),
+        allow_unpriced: raw.billing.allow_unpriced.unwrap_or(false),
     };
     let plans = resolve_plans(raw.plans)?;
-    let limits = resolve_limits(raw.limits, raw.auth.static_key_plans, &plans)?;
+    let limits = resolve_limits(raw.limits)?;
 
     let mut providers = Vec::with_capacity(raw.providers.len());
     for p in raw.providers {
@@ -577,6 +598,7 @@ fn resolve(
                         .map(str::to_string)
                 })
                 .unwrap_or_else(|| m.id.clone());
+            let priced = r.price_per_mtok.is_some();
             let price = match r.price_per_mtok {
                 Some(p) => Price {
                     input: usd_to_micros(&format!("model {:?} price input", m.id), p.input)?,
@@ -605,6 +627,7 @@ fn resolve(
                 provider: r.provider,
                 upstream_model,
                 price,
+                priced,
                 weight: r.weight.unwrap_or(1),
                 model_path,
             });
@@ -654,6 +677,7 @@ fn resolve(
         server,
         auth,
         database_url,
+        billing,
         providers,
         models,
         plans,
@@ -701,11 +725,7 @@ fn resolve_plans(raw: Vec<RawPlan>) -> Result<Vec<PlanConfig>, String> {
     Ok(plans)
 }
 
-fn resolve_limits(
-    raw: RawLimits,
-    static_key_plans: HashMap<String, String>,
-    plans: &[PlanConfig],
-) -> Result<LimitsConfig, String> {
+fn resolve_limits(raw: RawLimits) -> Result<LimitsConfig, String> {
     let d = LimitsConfig::default();
     let backend = raw.backend.unwrap_or(if raw.redis_url.is_some() {
         LimitsBackend::Redis
@@ -720,15 +740,6 @@ fn resolve_limits(
     let timezone = raw.timezone.unwrap_or(d.timezone);
     crate::limits::calendar::Zone::parse(&timezone)
         .map_err(|e| format!("[limits] timezone: {e}"))?;
-    let mut by_id = HashMap::new();
-    for (key, plan) in static_key_plans {
-        if !plans.iter().any(|p| p.name == plan) {
-            return Err(format!(
-                "[auth] static_key_plans names unknown plan {plan:?}"
-            ));
-        }
-        by_id.insert(crate::limits::key_id(&key), plan);
-    }
     Ok(LimitsConfig {
         backend,
         redis_url: raw.redis_url,
@@ -746,7 +757,6 @@ fn resolve_limits(
             .concurrency_lease_secs
             .map(|s| Duration::from_secs(s.max(1)))
             .unwrap_or(d.concurrency_lease),
-        static_key_plans: by_id,
     })
 }
 

@@ -54,13 +54,13 @@ impl Gateway {
         })
     }
 
-    /// The sink every request's outcome goes to (wrapped per request by the limiter's settlement).
-    pub fn sink(&self) -> Arc<dyn OutcomeSink> {
-        self.sink.clone()
-    }
-
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// The sink every request's outcome goes to (log line and metrics).
+    pub fn sink(&self) -> Arc<dyn OutcomeSink> {
+        self.sink.clone()
     }
 
     /// Finds the model and validates the request for it.

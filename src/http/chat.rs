@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
 use super::error::ApiError;
-use super::{authorize, sse, AppState, RequestId};
+use super::{authorize, billing, sse, AppState, RequestId};
 use crate::error::GatewayError;
 use crate::gateway::usage::Metered;
 use crate::gateway::{estimate_prompt_tokens, Answer, Prepared};
@@ -100,13 +100,13 @@ async fn handle(
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_default();
-    authorize(state, req.headers())?;
-    let subject = super::limits::subject(state, req.headers());
+    let principal = authorize(state, req.headers()).await?;
+    let subject = super::limits::subject(state, principal.as_ref()).await;
     let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
     let parsed = openai::parse_chat_request(&body)?;
     let prepared = state.gateway.prepare(parsed)?;
     let prompt_estimate = estimate_prompt_tokens(&prepared.request);
-    // Limits are checked before anything is sent upstream; a refusal costs nothing.
+    // Limits are checked before anything is held or sent upstream; a refusal costs nothing.
     let admitted = match &subject {
         Some(s) => match state
             .limiter
@@ -124,12 +124,33 @@ async fn handle(
     if let Some(a) = &admitted {
         *rate = a.headers;
     }
+    // Hold the worst case before any upstream call (402 insufficient_credits otherwise).
+    let ticket = match billing::hold(
+        state,
+        principal.as_ref(),
+        &prepared,
+        &request_id,
+        prompt_estimate,
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(a) = admitted {
+                a.settle(0, 0);
+            }
+            return Err(e.into());
+        }
+    };
     let (answer, served) = match state.gateway.dispatch(&prepared, &request_id).await {
         Ok(x) => x,
         Err(e) => {
-            // Nothing was generated: the reservation is returned in full.
+            // Nothing was delivered: charge 0, and the limiter reservation is returned in full.
             if let Some(a) = admitted {
                 a.settle(0, 0);
+            }
+            if let Some(t) = ticket {
+                t.release("upstream_error").await;
             }
             return Err(e.into());
         }
@@ -154,34 +175,45 @@ async fn handle(
                     crate::limits::cost_micros(&served.price, &usage),
                 );
             }
+            // Settle before answering, so the cost shown is the cost charged.
+            let cost = match ticket {
+                Some(t) => t.settle_complete(&served, &usage, r.usage.is_none()).await,
+                None => None,
+            };
             let env = Envelope {
                 id: &completion_id,
                 created,
                 model: model_id,
                 provider: &served.provider,
             };
-            let json = openai::wire::completion_json(&env, &r, show_reasoning, None);
-            (
+            let json = openai::wire::completion_json(&env, &r, show_reasoning, cost);
+            let mut resp = (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
                 json,
             )
-                .into_response()
+                .into_response();
+            if let Some(c) = cost.and_then(|c| i64::try_from(c).ok()) {
+                if let Ok(v) = HeaderValue::from_str(&crate::billing::format_usd(c)) {
+                    resp.headers_mut().insert("x-tollgate-cost-usd", v);
+                }
+            }
+            resp
         }
         Answer::Stream(stream) => {
-            let metered = match admitted {
-                // The stream's outcome (also on client disconnect) settles the reservation.
-                Some(a) => Metered::new(
-                    stream,
-                    Arc::new(SettleSink::new(state.gateway.sink(), a, served.price)),
-                    template,
-                    prompt_estimate,
-                    started,
-                ),
-                None => state
-                    .gateway
-                    .meter_stream(stream, template, prompt_estimate, started),
+            let (sink, cost) = match ticket {
+                Some(t) => {
+                    let (sink, rx) = t.into_sink(state.gateway.sink());
+                    (sink, Some(rx))
+                }
+                None => (state.gateway.sink(), None),
             };
+            // The stream's outcome (also on client disconnect) settles the limiter reservation.
+            let sink: Arc<dyn crate::gateway::usage::OutcomeSink> = match admitted {
+                Some(a) => Arc::new(SettleSink::new(sink, a, served.price)),
+                None => sink,
+            };
+            let metered = Metered::new(stream, sink, template, prompt_estimate, started);
             let body = sse::chat_sse(
                 metered,
                 sse::ChatSseOptions {
@@ -192,6 +224,7 @@ async fn handle(
                     include_usage: prepared.request.include_usage,
                     show_reasoning,
                     keepalive: state.config.server.keepalive,
+                    cost,
                 },
             );
             let mut r = Response::new(Body::from_stream(body));

@@ -1,5 +1,5 @@
-//! HTTP side of the limiter: who a request is limited as, the `x-ratelimit-*` headers, and
-//! `GET /admin/v1/keys/{id}/limits`.
+//! HTTP side of the limiter: who a request is limited as (from the billing principal and the
+//! account's plan), the `x-ratelimit-*` headers, and `GET /admin/v1/keys/{prefix}/limits`.
 
 use std::sync::Arc;
 
@@ -8,30 +8,53 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use super::{presented_key, AppState};
+use super::AppState;
+use crate::billing::Principal;
+use crate::config::PlanConfig;
 use crate::error::GatewayError;
-use crate::limits::{key_id, LimitSubject, RateHeaders};
+use crate::limits::{LimitSubject, RateHeaders};
 
-/// The subject a request is limited as: the presented key's id and its configured plan.
-/// `None` when no key was presented (open mode), which is never limited.
-pub fn subject(state: &AppState, headers: &HeaderMap) -> Option<LimitSubject> {
-    let key = presented_key(headers)?;
-    let id = key_id(key);
-    let plan = plan_of(state, &id);
-    Some(LimitSubject::key(id, plan))
+/// The plan named by an account (its `plan` column), resolved against `[[plans]]`. The account's
+/// plan is read through the limiter's short cache, so a changed plan applies within seconds.
+async fn account_plan(state: &AppState, account_id: &str) -> Option<Arc<PlanConfig>> {
+    let name = match state.limiter.cached_plan(account_id) {
+        Some(name) => name,
+        None => {
+            let billing = state.billing.as_ref()?;
+            let name = match billing.account_by_id(account_id).await {
+                Ok(a) => a.plan,
+                Err(e) => {
+                    // Without the account row there is nothing to limit by; billing itself
+                    // refuses requests while its store is down.
+                    tracing::warn!(account_id, error = %e, "could not read the account's plan");
+                    return None;
+                }
+            };
+            state.limiter.store_plan(account_id, name.clone());
+            name
+        }
+    }?;
+    match state.config.plan(&name) {
+        Some(p) => Some(Arc::new(p.clone())),
+        None => {
+            tracing::warn!(account_id, plan = %name, "account names a plan that is not in [[plans]]; no limits apply");
+            None
+        }
+    }
 }
 
-fn plan_of(state: &AppState, key_id: &str) -> Option<Arc<crate::config::PlanConfig>> {
-    state
-        .config
-        .limits
-        .static_key_plans
-        .get(key_id)
-        .and_then(|name| state.config.plan(name))
-        .map(|p| Arc::new(p.clone()))
+/// The subject a request is limited as: its key and account, under the account's plan.
+/// `None` in open mode (no principal), which is never limited.
+pub async fn subject(state: &AppState, principal: Option<&Principal>) -> Option<LimitSubject> {
+    let p = principal?;
+    let plan = account_plan(state, &p.account_id).await;
+    Some(LimitSubject::from_plan(
+        p.key_id.clone(),
+        p.account_id.clone(),
+        plan,
+    ))
 }
 
 /// Adds the `x-ratelimit-*` headers to a response.
@@ -44,47 +67,44 @@ pub fn apply_headers(resp: &mut Response, rate: &RateHeaders) {
     }
 }
 
-/// Checks the caller's key against `[auth] admin_keys`.
-pub fn authorize_admin(state: &AppState, headers: &HeaderMap) -> Result<(), GatewayError> {
-    let Some(key) = presented_key(headers) else {
-        return Err(GatewayError::Unauthorized {
-            message: "The admin API needs an admin key.".into(),
-        });
-    };
-    let ok = state.config.auth.admin_keys.iter().fold(false, |acc, k| {
-        acc | bool::from(k.as_bytes().ct_eq(key.as_bytes()))
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(GatewayError::Forbidden {
-            message: "This key may not use the admin API.".into(),
-        })
-    }
-}
-
-/// `GET /admin/v1/keys/{id}/limits`: the key's plan and current usage against each limit.
+/// `GET /admin/v1/keys/{prefix}/limits` (admin key): the key's plan and its current usage against
+/// each limit, key-scoped and account-scoped. `{prefix}` is the key's visible prefix or its id.
 pub async fn key_limits(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path(prefix): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize_admin(&state, &headers)?;
-    let plan = plan_of(&state, &id);
-    let known = plan.is_some()
-        || state
-            .config
-            .auth
-            .static_keys
-            .iter()
-            .any(|k| key_id(k) == id);
-    if !known {
+    let principal = super::authorize(&state, &headers).await?;
+    let (Some(p), Some(billing)) = (principal, state.billing.as_ref()) else {
         return Err(GatewayError::NotFound {
-            message: format!("No key with id '{id}'."),
+            message: "There are no keys in open mode.".into(),
+        }
+        .into());
+    };
+    if !p.is_admin {
+        return Err(GatewayError::Forbidden {
+            message: "This key may not use the admin API.".into(),
         }
         .into());
     }
-    let subject = LimitSubject::key(id.clone(), plan.clone());
+    let key = match billing.key(&prefix).await {
+        Ok(k) => Some(k),
+        Err(_) => billing
+            .list_keys(None)
+            .await
+            .map_err(super::billing::to_gateway_error)?
+            .into_iter()
+            .find(|k| k.id == prefix),
+    };
+    let Some(key) = key else {
+        return Err(GatewayError::NotFound {
+            message: format!("No key '{prefix}'."),
+        }
+        .into());
+    };
+    state.limiter.forget_plan(&key.account_id);
+    let plan = account_plan(&state, &key.account_id).await;
+    let subject = LimitSubject::from_plan(key.id.clone(), key.account_id.clone(), plan.clone());
     let status =
         state
             .limiter
@@ -109,7 +129,10 @@ pub async fn key_limits(
         .collect();
     Ok(Json(json!({
         "object": "key.limits",
-        "key_id": id,
+        "key_id": key.id,
+        "key_prefix": key.prefix,
+        "account_id": key.account_id,
+        "account": key.account_name,
         "plan": plan.as_ref().map(|p| p.name.clone()),
         "backend": state.limiter.backend_name(),
         "timezone": state.config.limits.timezone,

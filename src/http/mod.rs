@@ -1,5 +1,7 @@
 //! The HTTP surface (the only module that knows axum): router, middleware, server lifecycle.
 
+pub mod admin;
+pub mod billing;
 pub mod chat;
 pub mod error;
 pub mod limits;
@@ -16,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub gateway: Gateway,
     pub limiter: Arc<crate::limits::Limiter>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Accounts, keys and the ledger; None in open mode (nothing is billed then).
+    pub billing: Option<Arc<crate::billing::Billing>>,
 }
 
 /// The request's id, set by the request-id middleware and echoed in `x-request-id`.
@@ -37,17 +40,22 @@ pub struct RequestId(pub String);
 
 /// Builds the router.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+    let billing = state.billing.clone();
+    let router = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .route("/admin/v1/keys/{id}/limits", get(limits::key_limits))
+        .route("/admin/v1/keys/{prefix}/limits", get(limits::key_limits))
         .fallback(not_found)
         .layer(middleware::from_fn(request_id))
-        .with_state(state)
+        .with_state(state);
+    match billing {
+        Some(b) => router.merge(admin::router(b)),
+        None => router,
+    }
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -80,33 +88,13 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Checks the caller's key against the configured static keys (or open mode).
-pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), GatewayError> {
-    if !state.config.auth.required {
-        return Ok(());
-    }
-    let Some(key) = presented_key(headers) else {
-        return Err(GatewayError::Unauthorized {
-            message: "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.".into(),
-        });
-    };
-    let ok = state.config.auth.static_keys.iter().fold(false, |acc, k| {
-        acc | bool::from(k.as_bytes().ct_eq(key.as_bytes()))
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(GatewayError::Unauthorized {
-            message: "Incorrect API key provided.".into(),
-        })
-    }
-}
+pub use billing::authorize;
 
 async fn list_models(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers).await?;
     let cat = state.gateway.catalog();
     let data: Vec<_> = cat.models().iter().map(|m| cat.card(m)).collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())
@@ -117,8 +105,15 @@ async fn get_model(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &headers).await?;
     let cat = state.gateway.catalog();
+    // `/v1/models/{id}/pricing-history` (model ids may contain '/', so it is routed here)
+    if let (Some(mid), Some(b)) = (id.strip_suffix("/pricing-history"), &state.billing) {
+        let canonical = cat.get(mid).map_or(mid, |m| m.id.as_str());
+        return admin::pricing_history_response(b, canonical)
+            .await
+            .map_err(|e| billing::to_gateway_error(e).into());
+    }
     match cat.get(&id) {
         Some(m) => Ok(Json(cat.card(m)).into_response()),
         None => {

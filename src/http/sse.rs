@@ -19,7 +19,12 @@ pub struct ChatSseOptions {
     pub include_usage: bool,
     pub show_reasoning: bool,
     pub keepalive: Duration,
+    /// The request's charge (micro-USD), sent by billing once the stream's outcome is settled.
+    pub cost: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
 }
+
+/// How long the end of a stream waits for its settlement before sending the usage chunk anyway.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 fn frame(json: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(json.len() + 8);
@@ -57,9 +62,14 @@ pub fn chat_sse(
                 None => break,
             }
         }
+        // Settlement is committed before the final usage (and [DONE]) is sent.
+        let cost = match o.cost {
+            Some(rx) => tokio::time::timeout(SETTLE_WAIT, rx).await.ok().and_then(Result::ok).flatten(),
+            None => None,
+        };
         if o.include_usage {
             if let Some(u) = metered.usage() {
-                yield Ok(frame(&usage_chunk_json(&env, &u, None)));
+                yield Ok(frame(&usage_chunk_json(&env, &u, cost)));
             }
         }
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));

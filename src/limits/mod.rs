@@ -76,9 +76,9 @@ impl Scope {
     }
 }
 
-/// Who a request is limited as. Until accounts exist, `key_id` is [`key_id`] of the presented key
-/// and the plan comes from `[auth] static_key_plans`; with accounts, the account's plan (and any
-/// per-key override) fill `scopes`.
+/// Who a request is limited as: its key and its account. A plan assigned to an account limits each
+/// of the account's keys by its per-key limits (requests/tokens per minute, concurrency) and the
+/// account as a whole by its per-account limits (requests/tokens per day, spend caps).
 #[derive(Debug, Clone)]
 pub struct LimitSubject {
     pub key_id: String,
@@ -122,6 +122,41 @@ impl LimitSubject {
         }
         s.account_id = Some(account_id);
         s
+    }
+
+    /// The subject for a key of an account whose plan is `plan`: per-minute and concurrency limits
+    /// on the key, daily quotas and spend caps on the account.
+    pub fn from_plan(
+        key_id: String,
+        account_id: String,
+        plan: Option<Arc<PlanConfig>>,
+    ) -> LimitSubject {
+        let Some(plan) = plan else {
+            return LimitSubject {
+                key_id,
+                account_id: Some(account_id),
+                scopes: Vec::new(),
+            };
+        };
+        let per_key = PlanConfig {
+            name: plan.name.clone(),
+            requests_per_minute: plan.requests_per_minute,
+            tokens_per_minute: plan.tokens_per_minute,
+            max_concurrent: plan.max_concurrent,
+            ..PlanConfig::default()
+        };
+        let per_account = PlanConfig {
+            name: plan.name.clone(),
+            requests_per_day: plan.requests_per_day,
+            tokens_per_day: plan.tokens_per_day,
+            spend_cap_daily_micros: plan.spend_cap_daily_micros,
+            spend_cap_monthly_micros: plan.spend_cap_monthly_micros,
+            ..PlanConfig::default()
+        };
+        let has = |p: &PlanConfig| LimitKind::ALL.iter().any(|k| k.of(p).is_some());
+        let key_plan = has(&per_key).then(|| Arc::new(per_key));
+        let account_plan = has(&per_account).then(|| Arc::new(per_account));
+        LimitSubject::account_key(key_id, account_id, key_plan, account_plan)
     }
 
     pub fn is_limited(&self) -> bool {
@@ -305,7 +340,13 @@ pub struct Limiter {
     /// While Redis is down, requests skip it until this instant (ms) instead of each waiting for
     /// a timeout; then one request probes it again (and `/readyz` pings it every time).
     redis_retry_at: AtomicI64,
+    /// Account id -> (when read, plan name): the account's plan, re-read after `PLAN_CACHE`.
+    plans:
+        std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<String>)>>,
 }
+
+/// How long an account's plan is cached before it is read from the store again.
+const PLAN_CACHE: Duration = Duration::from_secs(5);
 
 /// How long a failed Redis call makes requests skip Redis before probing again.
 const REDIS_PROBE_INTERVAL_MS: i64 = 1_000;
@@ -355,6 +396,7 @@ impl Limiter {
             local_cap: l.fail_open_local_cap,
             redis_down: AtomicBool::new(false),
             redis_retry_at: AtomicI64::new(0),
+            plans: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -515,6 +557,31 @@ impl Limiter {
                     admitting: up || self.on_redis_down == OnRedisDown::FailOpen,
                 }
             }
+        }
+    }
+
+    /// The cached plan name of an account (`Some(None)`: cached, no plan), if fresh.
+    pub fn cached_plan(&self, account_id: &str) -> Option<Option<String>> {
+        let g = self.plans.lock().ok()?;
+        g.get(account_id)
+            .filter(|(at, _)| at.elapsed() < PLAN_CACHE)
+            .map(|(_, p)| p.clone())
+    }
+
+    /// Caches an account's plan name.
+    pub fn store_plan(&self, account_id: &str, plan: Option<String>) {
+        if let Ok(mut g) = self.plans.lock() {
+            if g.len() > 100_000 {
+                g.retain(|_, (at, _)| at.elapsed() < PLAN_CACHE);
+            }
+            g.insert(account_id.to_string(), (std::time::Instant::now(), plan));
+        }
+    }
+
+    /// Drops an account's cached plan (after it was changed).
+    pub fn forget_plan(&self, account_id: &str) {
+        if let Ok(mut g) = self.plans.lock() {
+            g.remove(account_id);
         }
     }
 

@@ -94,8 +94,11 @@ impl FakeUpstream {
     }
 }
 
-/// A config with one model `m` routed to the fake upstream, plus `extra` TOML.
-pub fn config(upstream: &str, extra: &str) -> String {
+/// The server secret every process of a test shares (keys are stored as HMACs under it).
+pub const SECRET: &str = "limits-test-secret-0123456789abcdef-xyz";
+
+/// A config with one model `m` routed to the fake upstream, on database `db_url`, plus `extra`.
+pub fn config(upstream: &str, db_url: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
@@ -103,8 +106,9 @@ listen = "127.0.0.1:0"
 
 [auth]
 required = true
-static_keys = ["sk-trial", "sk-pro", "sk-free", "sk-admin"]
-admin_keys = ["sk-admin"]
+
+[database]
+url = "{db_url}"
 
 [[providers]]
 name = "fake"
@@ -122,6 +126,110 @@ max_output_tokens = 100
 {extra}
 "#
     )
+}
+
+/// A config file and its database, with accounts and keys made through the real CLI.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub db_url: String,
+}
+
+impl Stack {
+    /// A stack on a fresh SQLite file.
+    pub fn sqlite(upstream: &str, extra: &str) -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db_url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+        Stack::with_db(dir, db_url, upstream, extra)
+    }
+
+    /// A stack on a fresh PostgreSQL database when `TOLLGATE_TEST_PG_URL` is set (as `make test`
+    /// does), else on one SQLite file shared by every process (fine on one machine).
+    pub async fn shared(upstream: &str, extra: &str) -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db_url = match std::env::var("TOLLGATE_TEST_PG_URL") {
+            Ok(base) => fresh_pg(&base).await,
+            Err(_) => {
+                eprintln!("TOLLGATE_TEST_PG_URL not set: the instances share one SQLite file instead of PostgreSQL");
+                format!("sqlite://{}", dir.path().join("tollgate.db").display())
+            }
+        };
+        Stack::with_db(dir, db_url, upstream, extra)
+    }
+
+    fn with_db(dir: tempfile::TempDir, db_url: String, upstream: &str, extra: &str) -> Stack {
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(&path, config(upstream, &db_url, extra)).expect("write config");
+        Stack {
+            dir,
+            config: path,
+            db_url,
+        }
+    }
+
+    /// Runs `tollgate --config FILE ARGS...`; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("TOLLGATE_SECRET", SECRET)
+            .output()
+            .expect("run tollgate cli");
+        assert!(
+            out.status.success(),
+            "tollgate {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Creates account `name` (with `plan`), gives it $1000 and returns a new key for it.
+    pub fn account(&self, name: &str, plan: Option<&str>) -> String {
+        let mut args = vec!["accounts", "create", name];
+        if let Some(p) = plan {
+            args.extend(["--plan", p]);
+        }
+        self.cli(&args);
+        self.cli(&["credits", "add", name, "1000", "--reason", "test"]);
+        self.key(name)
+    }
+
+    /// Another key for an existing account.
+    pub fn key(&self, account: &str) -> String {
+        self.cli(&["keys", "create", "--account", account])
+            .trim()
+            .to_string()
+    }
+
+    /// An admin key (account `ops`, no plan).
+    pub fn admin(&self) -> String {
+        self.cli(&["accounts", "create", "ops"]);
+        self.cli(&["keys", "create", "--account", "ops", "--admin"])
+            .trim()
+            .to_string()
+    }
+
+    pub fn start(&self, args: &[&str]) -> Tollgate {
+        Tollgate::start_file(&self.config, args)
+    }
+}
+
+async fn fresh_pg(base: &str) -> String {
+    use sqlx::{Connection, Executor};
+    let name = format!("tg_limits_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(base)
+        .await
+        .unwrap_or_else(|e| panic!("connect {base}: {e}"));
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap_or_else(|e| panic!("create database: {e}"));
+    let _ = admin.close().await;
+    match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => format!("{}/{name}", &base[..i]),
+        _ => panic!("TOLLGATE_TEST_PG_URL must end in /DBNAME"),
+    }
 }
 
 /// Whether a test that needs `redis-server` can run; panics under CI when it is missing.
@@ -224,19 +332,19 @@ pub struct Tollgate {
 }
 
 impl Tollgate {
-    pub fn start(config_text: &str, args: &[&str]) -> Tollgate {
+    pub fn start_file(cfg: &Path, args: &[&str]) -> Tollgate {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = dir.path().join("tollgate.toml");
-        std::fs::write(&cfg, config_text).expect("write config");
         let log = dir.path().join("tollgate.log");
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&cfg)
+            .arg("--config")
+            .arg(cfg)
+            .arg("serve")
             .args(["--listen", &addr.to_string()])
             .args(args)
             .env_remove("TOLLGATE_REDIS_URL")
+            .env("TOLLGATE_SECRET", SECRET)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

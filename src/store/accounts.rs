@@ -1,0 +1,280 @@
+//! Accounts and API-key rows: create, list, look up by key digest, revoke, spend caps.
+
+use sqlx::Row;
+
+use super::{new_id, now_ms, Store, StoreError};
+
+/// One customer account with its available and held balance (micro-USD).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AccountRow {
+    pub id: String,
+    pub name: String,
+    pub plan: Option<String>,
+    pub balance_micros: i64,
+    pub held_micros: i64,
+    pub created_at: i64,
+}
+
+/// One API key as listed (never contains the key or its digest).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyRow {
+    pub id: String,
+    pub account_id: String,
+    pub account_name: String,
+    pub prefix: String,
+    pub is_admin: bool,
+    pub name: Option<String>,
+    pub spend_cap_micros: Option<i64>,
+    pub spent_micros: i64,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+/// What authentication needs about a key, looked up by its digest.
+#[derive(Debug, Clone)]
+pub struct KeyAuthRow {
+    pub id: String,
+    pub account_id: String,
+    pub account_name: String,
+    pub prefix: String,
+    pub key_hash: String,
+    pub is_admin: bool,
+    pub spend_cap_micros: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+fn account_from(row: &sqlx::any::AnyRow) -> Result<AccountRow, sqlx::Error> {
+    Ok(AccountRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        plan: row.try_get("plan")?,
+        balance_micros: row.try_get("balance_micros")?,
+        held_micros: row.try_get("held_micros")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+const KEY_COLS: &str = "k.id, k.account_id, a.name AS account_name, k.prefix, k.is_admin, k.name, \
+     k.spend_cap_micros, k.spent_micros, k.created_at, k.revoked_at, k.last_used_at";
+
+fn key_from(row: &sqlx::any::AnyRow) -> Result<KeyRow, sqlx::Error> {
+    Ok(KeyRow {
+        id: row.try_get("id")?,
+        account_id: row.try_get("account_id")?,
+        account_name: row.try_get("account_name")?,
+        prefix: row.try_get("prefix")?,
+        is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+        name: row.try_get("name")?,
+        spend_cap_micros: row.try_get("spend_cap_micros")?,
+        spent_micros: row.try_get("spent_micros")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        last_used_at: row.try_get("last_used_at")?,
+    })
+}
+
+/// True when a database error is a unique-constraint violation.
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.is_unique_violation() || {
+                let m = d.message();
+                m.contains("UNIQUE constraint failed") || m.contains("duplicate key value")
+            }
+        }
+        _ => false,
+    }
+}
+
+impl Store {
+    /// Creates an account with a zero balance. Returns None if the name is taken.
+    pub async fn create_account(
+        &self,
+        name: &str,
+        plan: Option<&str>,
+    ) -> Result<Option<AccountRow>, StoreError> {
+        let _gate = self.write_gate().await;
+        let id = new_id("acct");
+        let now = now_ms();
+        let res = sqlx::query(
+            "INSERT INTO accounts (id, name, plan, balance_micros, held_micros, created_at) \
+             VALUES ($1, $2, $3, 0, 0, $4)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(plan)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
+        match res {
+            Ok(_) => Ok(Some(AccountRow {
+                id,
+                name: name.to_string(),
+                plan: plan.map(str::to_string),
+                balance_micros: 0,
+                held_micros: 0,
+                created_at: now,
+            })),
+            Err(e) if is_unique_violation(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn list_accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, plan, balance_micros, held_micros, created_at FROM accounts ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(account_from).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn account_by_name(&self, name: &str) -> Result<Option<AccountRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, plan, balance_micros, held_micros, created_at FROM accounts WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(account_from).transpose()?)
+    }
+
+    pub async fn account_by_id(&self, id: &str) -> Result<Option<AccountRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, plan, balance_micros, held_micros, created_at FROM accounts WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(account_from).transpose()?)
+    }
+
+    /// Inserts a key row. Returns false if the prefix or digest already exists (caller retries).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn insert_key(
+        &self,
+        account_id: &str,
+        prefix: &str,
+        key_hash: &str,
+        is_admin: bool,
+        name: Option<&str>,
+        spend_cap_micros: Option<i64>,
+    ) -> Result<Option<KeyRow>, StoreError> {
+        let _gate = self.write_gate().await;
+        let id = new_id("key");
+        let now = now_ms();
+        let res = sqlx::query(
+            "INSERT INTO api_keys (id, account_id, prefix, key_hash, is_admin, name, spend_cap_micros, \
+             spent_micros, reserved_micros, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8)",
+        )
+        .bind(&id)
+        .bind(account_id)
+        .bind(prefix)
+        .bind(key_hash)
+        .bind(i64::from(is_admin))
+        .bind(name)
+        .bind(spend_cap_micros)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
+        match res {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        drop(_gate);
+        self.key_by_prefix(prefix).await
+    }
+
+    pub async fn key_by_prefix(&self, prefix: &str) -> Result<Option<KeyRow>, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLS} FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.prefix = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(prefix)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(key_from).transpose()?)
+    }
+
+    /// Lists keys, optionally for one account id.
+    pub async fn list_keys(&self, account_id: Option<&str>) -> Result<Vec<KeyRow>, StoreError> {
+        let rows = match account_id {
+            Some(acct) => {
+                let sql = format!(
+                    "SELECT {KEY_COLS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+                     WHERE k.account_id = $1 ORDER BY k.created_at"
+                );
+                sqlx::query(&sql).bind(acct).fetch_all(&self.pool).await?
+            }
+            None => {
+                let sql = format!(
+                    "SELECT {KEY_COLS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+                     ORDER BY a.name, k.created_at"
+                );
+                sqlx::query(&sql).fetch_all(&self.pool).await?
+            }
+        };
+        Ok(rows.iter().map(key_from).collect::<Result<_, _>>()?)
+    }
+
+    /// Looks a key up by its HMAC digest (an indexed equality lookup).
+    pub async fn key_by_hash(&self, key_hash: &str) -> Result<Option<KeyAuthRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.key_hash, k.is_admin, \
+             k.spend_cap_micros, k.revoked_at, k.last_used_at \
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = $1",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(KeyAuthRow {
+            id: row.try_get("id")?,
+            account_id: row.try_get("account_id")?,
+            account_name: row.try_get("account_name")?,
+            prefix: row.try_get("prefix")?,
+            key_hash: row.try_get("key_hash")?,
+            is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+            spend_cap_micros: row.try_get("spend_cap_micros")?,
+            revoked_at: row.try_get("revoked_at")?,
+            last_used_at: row.try_get("last_used_at")?,
+        }))
+    }
+
+    pub async fn touch_key(&self, key_id: &str, now: i64) -> Result<(), StoreError> {
+        let _gate = self.write_gate().await;
+        sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes a key by prefix. Returns false when no active key has that prefix.
+    pub async fn revoke_key(&self, prefix: &str) -> Result<bool, StoreError> {
+        let _gate = self.write_gate().await;
+        let res = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE prefix = $2 AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(prefix)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Sets or clears a key's spend cap (micro-USD over the key's lifetime).
+    pub async fn set_key_cap(&self, prefix: &str, cap: Option<i64>) -> Result<bool, StoreError> {
+        let _gate = self.write_gate().await;
+        let res = sqlx::query("UPDATE api_keys SET spend_cap_micros = $1 WHERE prefix = $2")
+            .bind(cap)
+            .bind(prefix)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+}

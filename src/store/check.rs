@@ -1,0 +1,186 @@
+//! Ledger invariant checker, run after every billing test and by `tollgate ledger check`.
+
+use std::collections::HashMap;
+
+use sqlx::Row;
+
+use super::ledger::{available_of, held_of};
+use super::{Store, StoreError};
+
+/// Totals the checker saw (for reporting); `problems` is empty when the ledger is consistent.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LedgerReport {
+    pub transactions: i64,
+    pub entries: i64,
+    pub requests: i64,
+    pub open_holds: i64,
+    pub expired_open_holds: i64,
+    pub revenue_micros: i64,
+    pub problems: Vec<String>,
+}
+
+impl LedgerReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+fn get_i64(r: &sqlx::any::AnyRow, i: usize) -> Result<i64, sqlx::Error> {
+    r.try_get::<i64, _>(i)
+}
+
+impl Store {
+    /// Verifies the ledger invariants:
+    /// 1. every transaction's entries sum to zero, and every transaction has entries unless zero;
+    /// 2. each account's `balance_micros`/`held_micros` equal the sums of its ledger entries;
+    /// 3. each account's `held_micros` equals the sum of its open holds;
+    /// 4. every request has exactly one hold transaction, open holds have no final transaction,
+    ///    final requests have exactly one, and captured ≤ held;
+    /// 5. no balance is negative; no open hold is older than `now_ms` + `grace_ms` past expiry
+    ///    (pass `None` to skip this check).
+    pub async fn check_ledger(
+        &self,
+        expiry_cutoff_ms: Option<i64>,
+    ) -> Result<LedgerReport, StoreError> {
+        let mut rep = LedgerReport::default();
+        let p = &self.pool;
+
+        let rows = sqlx::query(
+            "SELECT t.id, t.kind, t.amount_micros, CAST(COALESCE(SUM(e.amount_micros), 0) AS BIGINT), \
+             CAST(COUNT(e.id) AS BIGINT) FROM ledger_transactions t \
+             LEFT JOIN ledger_entries e ON e.txn_id = t.id GROUP BY t.id, t.kind, t.amount_micros",
+        )
+        .fetch_all(p)
+        .await?;
+        rep.transactions = rows.len() as i64;
+        for r in &rows {
+            let id: String = r.try_get(0)?;
+            let amount = get_i64(r, 2)?;
+            let sum = get_i64(r, 3)?;
+            let n = get_i64(r, 4)?;
+            rep.entries += n;
+            if sum != 0 {
+                rep.problems
+                    .push(format!("transaction {id} entries sum to {sum}"));
+            }
+            if n == 0 && amount != 0 {
+                rep.problems
+                    .push(format!("transaction {id} has no entries"));
+            }
+        }
+
+        let sums: HashMap<String, i64> = sqlx::query(
+            "SELECT ledger_account, CAST(SUM(amount_micros) AS BIGINT) FROM ledger_entries GROUP BY ledger_account",
+        )
+        .fetch_all(p)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get::<String, _>(0)?, get_i64(r, 1)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+        rep.revenue_micros = sums
+            .get(super::ledger::REVENUE_NETWORK)
+            .copied()
+            .unwrap_or(0)
+            + sums.get(super::ledger::REVENUE_FEE).copied().unwrap_or(0);
+
+        let open: HashMap<String, i64> = sqlx::query(
+            "SELECT account_id, CAST(SUM(hold_micros) AS BIGINT) FROM requests WHERE state = 'held' GROUP BY account_id",
+        )
+        .fetch_all(p)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get::<String, _>(0)?, get_i64(r, 1)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+
+        for r in sqlx::query("SELECT id, balance_micros, held_micros FROM accounts")
+            .fetch_all(p)
+            .await?
+        {
+            let id: String = r.try_get(0)?;
+            let bal = get_i64(&r, 1)?;
+            let held = get_i64(&r, 2)?;
+            let lbal = sums.get(&available_of(&id)).copied().unwrap_or(0);
+            let lheld = sums.get(&held_of(&id)).copied().unwrap_or(0);
+            if bal != lbal {
+                rep.problems
+                    .push(format!("account {id}: balance {bal} != ledger {lbal}"));
+            }
+            if held != lheld {
+                rep.problems
+                    .push(format!("account {id}: held {held} != ledger {lheld}"));
+            }
+            let oh = open.get(&id).copied().unwrap_or(0);
+            if held != oh {
+                rep.problems
+                    .push(format!("account {id}: held {held} != open holds {oh}"));
+            }
+            if bal < 0 || held < 0 {
+                rep.problems
+                    .push(format!("account {id}: negative balance {bal}/{held}"));
+            }
+        }
+
+        let rows = sqlx::query(
+            "SELECT r.id, r.state, r.hold_micros, r.cost_micros, r.hold_expires_at, \
+             CAST((SELECT COUNT(*) FROM ledger_transactions t WHERE t.request_id = r.id AND t.phase = 'hold') AS BIGINT), \
+             CAST((SELECT COUNT(*) FROM ledger_transactions t WHERE t.request_id = r.id AND t.phase = 'final') AS BIGINT), \
+             CAST(COALESCE((SELECT SUM(t.amount_micros) FROM ledger_transactions t WHERE t.request_id = r.id AND t.phase = 'final'), 0) AS BIGINT) \
+             FROM requests r",
+        )
+        .fetch_all(p)
+        .await?;
+        rep.requests = rows.len() as i64;
+        for r in &rows {
+            let id: String = r.try_get(0)?;
+            let state: String = r.try_get(1)?;
+            let hold = get_i64(r, 2)?;
+            let cost = get_i64(r, 3)?;
+            let expires = get_i64(r, 4)?;
+            let holds = get_i64(r, 5)?;
+            let finals = get_i64(r, 6)?;
+            let captured = get_i64(r, 7)?;
+            if holds != 1 {
+                rep.problems
+                    .push(format!("request {id}: {holds} hold transactions"));
+            }
+            match state.as_str() {
+                "held" => {
+                    rep.open_holds += 1;
+                    if finals != 0 {
+                        rep.problems
+                            .push(format!("request {id}: open but has a final transaction"));
+                    }
+                    if let Some(cut) = expiry_cutoff_ms {
+                        if expires < cut {
+                            rep.expired_open_holds += 1;
+                            rep.problems
+                                .push(format!("request {id}: hold open past its expiry"));
+                        }
+                    }
+                }
+                "settled" | "released" | "expired" => {
+                    if finals != 1 {
+                        rep.problems
+                            .push(format!("request {id}: {finals} final transactions"));
+                    }
+                    if captured != cost {
+                        rep.problems
+                            .push(format!("request {id}: captured {captured} != cost {cost}"));
+                    }
+                    if cost > hold {
+                        rep.problems
+                            .push(format!("request {id}: cost {cost} > hold {hold}"));
+                    }
+                    if state != "settled" && cost != 0 {
+                        rep.problems
+                            .push(format!("request {id}: {state} with cost {cost}"));
+                    }
+                }
+                other => rep
+                    .problems
+                    .push(format!("request {id}: unknown state {other}")),
+            }
+        }
+        Ok(rep)
+    }
+}

@@ -1,0 +1,600 @@
+//! Billing through the real binary against a fake upstream, on SQLite and PostgreSQL: costs in
+//! responses, 402 before any upstream call, request records, revocation, the account API, keys
+//! never in logs, and `kill -9` recovery during 200 streamed requests.
+
+mod billing_support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tollgate::billing::keys::ServerSecret;
+use tollgate::billing::{Billing, BillingSettings};
+use tollgate::store::{now_ms, Store};
+
+use billing_support::Db;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+const SECRET: &str = "gateway-test-secret-0123456789abcdef-xyz";
+
+// ---- fake upstream -----------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Upstream {
+    calls: AtomicUsize,
+}
+
+/// OpenAI-compatible fake: `fake-500` fails; streams send `max_tokens` (default 20) one-token
+/// chunks 5 ms apart, then usage; complete answers report 10 prompt (4 cached) + 20 completion.
+async fn upstream_chat(State(st): State<Arc<Upstream>>, Json(body): Json<Value>) -> Response {
+    st.calls.fetch_add(1, Ordering::SeqCst);
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    if model == "fake-500" {
+        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
+    }
+    if body["stream"].as_bool() == Some(true) {
+        let n = body["max_tokens"]
+            .as_u64()
+            .or(body["max_completion_tokens"].as_u64())
+            .unwrap_or(20)
+            .min(20);
+        let stream = async_stream::stream! {
+            for i in 0..n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let ev = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
+                    "choices": [{"index": 0, "delta": {"content": format!("t{i} ")}, "finish_reason": null}]});
+                yield Ok::<_, std::convert::Infallible>(format!("data: {ev}\n\n"));
+            }
+            let ev = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n}});
+            yield Ok(format!("data: {ev}\n\ndata: [DONE]\n\n"));
+        };
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(stream))
+            .unwrap_or_else(|_| Response::new(Body::empty()));
+    }
+    Json(json!({
+        "id": "x", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello there"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30,
+                  "prompt_tokens_details": {"cached_tokens": 4}}
+    }))
+    .into_response()
+}
+
+async fn start_upstream() -> (SocketAddr, Arc<Upstream>) {
+    let st = Arc::new(Upstream::default());
+    let app = Router::new()
+        .route("/v1/chat/completions", post(upstream_chat))
+        .with_state(st.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (addr, st)
+}
+
+// ---- the binary --------------------------------------------------------------------------------
+
+fn config_text(up: SocketAddr, db_url: &str, hold_ttl_secs: u64) -> String {
+    format!(
+        r#"
+[auth]
+required = true
+[database]
+url = "{db_url}"
+[billing]
+hold_ttl_secs = {hold_ttl_secs}
+sweep_interval_secs = 1
+[[providers]]
+name = "fake"
+dialect = "openai"
+base_url = "http://{up}/v1"
+[[models]]
+id = "m1"
+max_output_tokens = 1000
+  [[models.routes]]
+  provider = "fake"
+  upstream_model = "fake-ok"
+  price_per_mtok = {{ input = 1.00, cached_input = 0.50, output = 4.00 }}
+[[models]]
+id = "broken"
+max_output_tokens = 1000
+  [[models.routes]]
+  provider = "fake"
+  upstream_model = "fake-500"
+  price_per_mtok = {{ input = 1.00, output = 4.00 }}
+"#
+    )
+}
+
+struct Gw {
+    child: Child,
+    addr: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("free port: {e}"))
+}
+
+fn spawn_gw(config: &Path, log: &Path) -> (Child, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("log: {e}"));
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &addr.to_string()])
+        .env("TOLLGATE_SECRET", SECRET)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(logf))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn tollgate: {e}"));
+    (child, addr)
+}
+
+async fn wait_ready(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("tollgate did not start on {addr}");
+}
+
+async fn start_gw(db: &Db, up: SocketAddr, hold_ttl_secs: u64) -> Gw {
+    let config = db.dir.path().join("tollgate.toml");
+    std::fs::write(&config, config_text(up, &db.url, hold_ttl_secs))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = db.dir.path().join("tollgate.log");
+    let (child, addr) = spawn_gw(&config, &log);
+    wait_ready(addr).await;
+    Gw {
+        child,
+        addr,
+        config,
+        log,
+    }
+}
+
+/// A billing handle on the same store, with the same secret as the binary.
+async fn billing_on(db: &Db) -> Billing {
+    let store = Store::connect(&db.url)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    Billing::with_store(
+        store,
+        ServerSecret::from_bytes(SECRET.as_bytes().to_vec()),
+        BillingSettings {
+            database_url: db.url.clone(),
+            ..BillingSettings::default()
+        },
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn chat_body(model: &str, stream: bool, max_tokens: u32) -> Value {
+    json!({"model": model, "stream": stream, "max_tokens": max_tokens,
+           "stream_options": {"include_usage": true},
+           "messages": [{"role": "user", "content": "hello"}]})
+}
+
+// expected: 6 uncached × $1 + 4 cached × $0.5 + 20 × $4 per 1M = 6 + 2 + 80 = 88 micro-USD
+const COMPLETE_COST: i64 = 88;
+
+async fn gateway_flow(db: &Db) -> Billing {
+    let (up, upstream) = start_upstream().await;
+    let b = billing_on(db).await;
+    let gw = start_gw(db, up, 3600).await;
+    let base = format!("http://{}", gw.addr);
+    let http = client();
+
+    b.create_account("acme", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (key, _) = b
+        .create_key("acme", false, None, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (admin_key, _) = b
+        .create_key("acme", true, Some("ops"), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // A new account has no credit: 402 before any upstream call.
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat_body("m1", false, 100))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 402);
+    let v: Value = r.json().await.unwrap_or_default();
+    assert_eq!(v["error"]["code"], "insufficient_credits", "{v}");
+    assert_eq!(
+        upstream.calls.load(Ordering::SeqCst),
+        0,
+        "no upstream call without credit"
+    );
+
+    // Top up through the admin API (idempotent).
+    for _ in 0..2 {
+        let r = http
+            .post(format!("{base}/admin/v1/accounts/acme/credits"))
+            .bearer_auth(&admin_key)
+            .header("idempotency-key", "topup-1")
+            .json(&json!({"amount_usd": "1.00", "reason": "test"}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.status().is_success(), "{:?}", r.text().await);
+    }
+    // customer keys cannot use the admin API
+    let r = http
+        .get(format!("{base}/admin/v1/accounts"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 403);
+
+    // Non-streamed: cost header and usage.cost, equal to the ledger's charge.
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .header("x-api-key", &key)
+        .json(&chat_body("m1", false, 100))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 200);
+    let rid = r
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(
+        r.headers()
+            .get("x-tollgate-cost-usd")
+            .and_then(|v| v.to_str().ok()),
+        Some("0.000088")
+    );
+    let v: Value = r.json().await.unwrap_or_default();
+    assert_eq!(v["usage"]["cost"].as_f64(), Some(0.000088), "{v}");
+    let rec = b
+        .request_record(&rid)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (rec.state.as_str(), rec.cost_micros),
+        ("settled", COMPLETE_COST)
+    );
+    assert_eq!(
+        (rec.prompt_tokens, rec.cached_tokens, rec.completion_tokens),
+        (10, 4, 20)
+    );
+    assert_eq!(rec.provider.as_deref(), Some("fake"));
+    assert_eq!(rec.upstream_model.as_deref(), Some("fake-ok"));
+    assert!(!rec.estimated);
+
+    // The customer API sees it.
+    let r = http
+        .get(format!("{base}/v1/requests/{rid}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v: Value = r.json().await.unwrap_or_default();
+    assert_eq!(v["cost"]["total_micros"], COMPLETE_COST, "{v}");
+    let r = http
+        .get(format!("{base}/v1/account"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v: Value = r.json().await.unwrap_or_default();
+    assert_eq!(v["balance_micros"], 1_000_000 - COMPLETE_COST, "{v}");
+    let r = http
+        .get(format!("{base}/v1/usage?group_by=model"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v: Value = r.json().await.unwrap_or_default();
+    assert_eq!(v["data"][0]["group"], "m1", "{v}");
+    assert_eq!(v["data"][0]["cost_micros"], COMPLETE_COST, "{v}");
+    let r = http
+        .get(format!("{base}/v1/models/m1/pricing-history"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v: Value = r.json().await.unwrap_or_default();
+    assert_eq!(
+        v["data"][0]["per_million_tokens_usd"]["output"], "4.000000",
+        "{v}"
+    );
+
+    // Streamed: the final usage chunk carries the cost; settled before [DONE].
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat_body("m1", true, 15))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rid = r
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let text = r.text().await.unwrap_or_default();
+    assert!(text.contains("data: [DONE]"), "{text}");
+    let cost = stream_cost(&text);
+    // 10 × $1 + 15 × $4 = 70 micros
+    assert_eq!(cost, Some(70), "{text}");
+    let rec = b
+        .request_record(&rid)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((rec.state.as_str(), rec.cost_micros), ("settled", 70));
+
+    // Upstream failure: nothing delivered, charge 0.
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat_body("broken", false, 10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.status().is_server_error(), "{}", r.status());
+    let rid = r
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let rec = b
+        .request_record(&rid)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((rec.state.as_str(), rec.cost_micros), ("released", 0));
+
+    // Revocation takes effect on the next request.
+    let prefix = tollgate::billing::keys::visible_prefix(&key).unwrap_or_default();
+    b.revoke_key(&prefix)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat_body("m1", false, 10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 401);
+
+    // Keys never appear in the log (nor the database: see billing_ledger).
+    let log = std::fs::read_to_string(&gw.log).unwrap_or_default();
+    assert!(
+        log.contains("request finished"),
+        "the log is being captured: {log}"
+    );
+    for k in [&key, &admin_key] {
+        assert!(!log.contains(&k[3..]), "a raw key appears in the log");
+    }
+    drop(gw);
+    b
+}
+both_backends!(gateway_bills_and_reports, gateway_flow);
+
+/// The charge from the final usage chunk of an SSE body, in micro-USD.
+fn stream_cost(text: &str) -> Option<i64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["usage"]["cost"].as_f64())
+        .map(|c| (c * 1_000_000.0).round() as i64)
+        .next_back()
+}
+
+// ---- kill -9 -----------------------------------------------------------------------------------
+
+struct Outcome {
+    request_id: Option<String>,
+    completed_cost: Option<i64>,
+}
+
+async fn kill9(db: &Db) -> Billing {
+    const HOLD_TTL: u64 = 2;
+    let (up, _upstream) = start_upstream().await;
+    let b = billing_on(db).await;
+    b.create_account("acme", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.add_credits("acme", 100_000_000, "test", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (key, _) = b
+        .create_key("acme", false, None, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gw = start_gw(db, up, HOLD_TTL).await;
+    let addr = Arc::new(RwLock::new(gw.addr));
+    let (config, log) = (gw.config.clone(), gw.log.clone());
+    let gw = Arc::new(tokio::sync::Mutex::new(gw));
+
+    // 200 streamed requests, 16 at a time, while the gateway is killed at random points.
+    let http = client();
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let (http, next, done, addr, key) = (
+            http.clone(),
+            next.clone(),
+            done.clone(),
+            addr.clone(),
+            key.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            while next.fetch_add(1, Ordering::SeqCst) < 200 {
+                // one logical request: retried only while the gateway is down (no response)
+                let resp = loop {
+                    let a = *addr.read().unwrap_or_else(|e| e.into_inner());
+                    match http
+                        .post(format!("http://{a}/v1/chat/completions"))
+                        .bearer_auth(&key)
+                        .json(&chat_body("m1", true, 20))
+                        .send()
+                        .await
+                    {
+                        Ok(r) => break r,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                };
+                let request_id = resp
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let text = resp.text().await.unwrap_or_default();
+                let completed_cost = if text.contains("data: [DONE]") {
+                    stream_cost(&text)
+                } else {
+                    None
+                };
+                out.push(Outcome {
+                    request_id,
+                    completed_cost,
+                });
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            out
+        }));
+    }
+    // Seeded "random" kill points (deterministic per run).
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15 ^ now_ms() as u64;
+    let seed0 = seed;
+    let mut kills = 0;
+    while done.load(Ordering::SeqCst) < 200 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(100 + seed % 300)).await;
+        let mut g = gw.lock().await;
+        let _ = g.child.kill(); // SIGKILL
+        let _ = g.child.wait();
+        kills += 1;
+        let (child, a) = spawn_gw(&config, &log);
+        wait_ready(a).await;
+        g.child = child;
+        g.addr = a;
+        *addr.write().unwrap_or_else(|e| e.into_inner()) = a;
+    }
+    let mut outcomes = Vec::new();
+    for w in workers {
+        outcomes.extend(w.await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert!(
+        kills >= 2,
+        "the gateway was killed {kills} times (seed {seed0:#x})"
+    );
+    assert_eq!(outcomes.len(), 200);
+    let completed: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.completed_cost.is_some())
+        .collect();
+    assert!(
+        !completed.is_empty(),
+        "some streams completed (seed {seed0:#x})"
+    );
+
+    // Recovery: the running gateway's sweeper releases holds once they expire.
+    tokio::time::sleep(Duration::from_secs(HOLD_TTL + 3)).await;
+    let rep = b
+        .check_ledger(Some(now_ms()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(rep.is_ok(), "seed {seed0:#x}: {:#?}", rep.problems);
+    assert_eq!(
+        rep.open_holds, 0,
+        "every request id reached a final state (seed {seed0:#x})"
+    );
+    // A client that saw a cost was charged exactly that, once.
+    for o in &completed {
+        let Some(id) = &o.request_id else { continue };
+        let rec = b.request_record(id).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rec.state, "settled", "{id} (seed {seed0:#x})");
+        assert_eq!(
+            Some(rec.cost_micros),
+            o.completed_cost,
+            "{id} (seed {seed0:#x})"
+        );
+    }
+    // Every request the gateway saw has exactly one row and one final state (checked above);
+    // requests cut by a kill were never charged more than their hold.
+    eprintln!(
+        "kill -9: {kills} kills, {} requests, {} completed, {} rows (seed {seed0:#x})",
+        outcomes.len(),
+        completed.len(),
+        rep.requests
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !log_text.contains(&key[3..]),
+        "a raw key appears in the log"
+    );
+    drop(gw);
+    b
+}
+both_backends!(kill9_recovery, kill9);

@@ -1,0 +1,851 @@
+//! Billing ledger tests, run against SQLite and PostgreSQL: admission under concurrency,
+//! exactly-once settlement, expiry sweeping, idempotent top-ups, keys, caps, prices and usage.
+
+mod billing_support;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate::billing::{
+    compute_cost, Billing, BillingError, HoldParams, Principal, SettleInput, Usage,
+};
+use tollgate::store::ledger::FinalState;
+use tollgate::store::{now_ms, PriceRow, UsageGroup, UsageQuery};
+
+use billing_support::Db;
+
+fn price(model: &str, input: i64, cached: i64, output: i64) -> PriceRow {
+    PriceRow {
+        id: None,
+        model: model.to_string(),
+        provider: String::new(),
+        input_micros_per_m: input,
+        cached_micros_per_m: cached,
+        output_micros_per_m: output,
+        fee_input_micros_per_m: 0,
+        fee_cached_micros_per_m: 0,
+        fee_output_micros_per_m: 0,
+        markup_bps: 0,
+        source: "test".to_string(),
+        effective_at: 0,
+        created_at: 0,
+    }
+}
+
+/// Account `name` with `usd_micros` credit and a customer key; returns the principal.
+async fn funded(b: &Billing, name: &str, micros: i64) -> (Principal, String) {
+    b.create_account(name, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    if micros > 0 {
+        b.add_credits(name, micros, "test funding", None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let (raw, _) = b
+        .create_key(name, false, None, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = b.authenticate(&raw).await.unwrap_or_else(|e| panic!("{e}"));
+    (p, raw)
+}
+
+fn params(id: &str, model: &str, prompt: u64, max_out: u64) -> HoldParams {
+    HoldParams {
+        request_id: id.to_string(),
+        model: model.to_string(),
+        provider: None,
+        fallback_providers: Vec::new(),
+        prompt_tokens_estimate: prompt,
+        max_output_tokens: max_out,
+    }
+}
+
+fn ok_input(u: Usage) -> SettleInput {
+    SettleInput {
+        usage: u,
+        delivered: true,
+        estimated: false,
+        status: "ok".into(),
+        http_status: Some(200),
+        ..Default::default()
+    }
+}
+
+/// The cost formula written out independently of the library: exact pico-USD, rounded once.
+fn expected_cost(u: &Usage, input: i64, cached: i64, output: i64) -> i64 {
+    let c = u.cached_tokens.min(u.prompt_tokens) as i128;
+    let pico = (u.prompt_tokens as i128 - c) * input as i128
+        + c * cached as i128
+        + u.completion_tokens as i128 * output as i128;
+    ((pico + 500_000) / 1_000_000) as i64
+}
+
+// D-1: $1.00, 200 concurrent requests each holding up to $0.05 → at most 20 admitted, the
+// balance never below zero, and charges = usage × price to the micro-dollar.
+async fn concurrent_admission(db: &Db) -> Billing {
+    let b = Arc::new(db.billing().await);
+    // $0.50/1M input, $0.125/1M cached, $2.00/1M output; hold = 20k × 0.5 + 20k × 2 = $0.05
+    b.set_price(&price("m1", 500_000, 125_000, 2_000_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (p, _) = funded(&b, "acme", 1_000_000).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let min_seen = Arc::new(AtomicI64::new(i64::MAX));
+    let monitor = {
+        let (b, stop, min_seen) = (b.clone(), stop.clone(), min_seen.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(a) = b.account("acme").await {
+                    min_seen.fetch_min(a.balance_micros, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    // Phase 1: 200 concurrent holds; admitted holds stay open until every attempt has finished.
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let (b, p) = (b.clone(), p.clone());
+        tasks.push(tokio::spawn(async move {
+            let id = format!("req-{i}");
+            match b.hold(&p, &params(&id, "m1", 20_000, 20_000)).await {
+                Ok(h) => Some((i, h)),
+                Err(BillingError::InsufficientCredits { .. }) => None,
+                Err(e) => panic!("hold {id}: {e}"),
+            }
+        }));
+    }
+    let mut holds = Vec::new();
+    for t in tasks {
+        if let Some(h) = t.await.unwrap_or_else(|e| panic!("{e}")) {
+            holds.push(h);
+        }
+    }
+    assert!(holds.len() <= 20, "admitted {} > 20", holds.len());
+    assert_eq!(holds.len(), 20, "every hold that fits is admitted");
+    // Phase 2: settle all concurrently with "upstream-reported" usage within the hold bounds.
+    let mut tasks = Vec::new();
+    for (i, hold) in holds {
+        assert_eq!(hold.amount, 50_000);
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let u = Usage {
+                prompt_tokens: 1_000 + i * 97 % 19_000,
+                cached_tokens: i * 31 % 1_000,
+                completion_tokens: 1 + i * 7_919 % 20_000,
+                reasoning_tokens: i % 50,
+            };
+            let s = b
+                .settle(&hold, &ok_input(u))
+                .await
+                .unwrap_or_else(|e| panic!("settle {i}: {e}"));
+            (u, s.charged)
+        }));
+    }
+    let mut charged_sum = 0i64;
+    let mut expected_sum = 0i64;
+    for t in tasks {
+        let (u, charged) = t.await.unwrap_or_else(|e| panic!("{e}"));
+        charged_sum += charged;
+        expected_sum += expected_cost(&u, 500_000, 125_000, 2_000_000);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = monitor.await;
+    assert!(
+        min_seen.load(Ordering::Relaxed) >= 0,
+        "balance went below zero"
+    );
+    assert_eq!(charged_sum, expected_sum, "charges != usage × price");
+    let a = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a.balance_micros, 1_000_000 - charged_sum);
+    assert_eq!(a.held_micros, 0);
+    Arc::try_unwrap(b).unwrap_or_else(|_| panic!("billing still shared"))
+}
+both_backends!(d1_concurrent_admission, concurrent_admission);
+
+// Each request id settles exactly once, whatever races or retries.
+async fn exactly_once(db: &Db) -> Billing {
+    let b = Arc::new(db.billing().await);
+    b.set_price(&price("m", 1_000_000, 1_000_000, 1_000_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (p, _) = funded(&b, "acme", 10_000_000).await;
+    let hold = b
+        .hold(&p, &params("dup", "m", 100, 100))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(hold.amount, 200);
+
+    // a second hold with the same id is refused by the database
+    match b.hold(&p, &params("dup", "m", 100, 100)).await {
+        Err(BillingError::DuplicateRequest(_)) => {}
+        other => panic!("expected DuplicateRequest, got {other:?}"),
+    }
+
+    // 16 concurrent settlements (and releases) of the same hold: exactly one applies
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (b, hold) = (b.clone(), hold.clone());
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                b.settle(
+                    &hold,
+                    &ok_input(Usage {
+                        prompt_tokens: 50,
+                        completion_tokens: 70,
+                        ..Default::default()
+                    }),
+                )
+                .await
+            } else {
+                b.release(&hold, "retry").await
+            }
+        }));
+    }
+    let mut fresh = 0;
+    let mut states = Vec::new();
+    for t in tasks {
+        let s = t
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if !s.replayed {
+            fresh += 1;
+        }
+        states.push((s.state, s.charged));
+    }
+    assert_eq!(fresh, 1, "exactly one settlement applies");
+    assert!(
+        states.windows(2).all(|w| w[0] == w[1]),
+        "all callers see the same outcome: {states:?}"
+    );
+    let a = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a.balance_micros, 10_000_000 - states[0].1);
+    assert_eq!(a.held_micros, 0);
+    Arc::try_unwrap(b).unwrap_or_else(|_| panic!("billing still shared"))
+}
+both_backends!(exactly_once_settlement, exactly_once);
+
+// Charging rules: nothing delivered → 0; usage beyond the hold → capped; estimated flag kept.
+async fn charging_rules(db: &Db) -> Billing {
+    let b = db.billing().await;
+    b.set_price(&price("m", 1_000_000, 500_000, 4_000_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (p, _) = funded(&b, "acme", 1_000_000).await;
+
+    let h = b
+        .hold(&p, &params("fail", "m", 1_000, 1_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = b
+        .settle(
+            &h,
+            &SettleInput {
+                delivered: false,
+                usage: Usage {
+                    prompt_tokens: 1_000,
+                    completion_tokens: 10,
+                    ..Default::default()
+                },
+                status: "upstream_error".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((s.state, s.charged), (FinalState::Released, 0));
+
+    let h = b
+        .hold(&p, &params("big", "m", 10, 10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = b
+        .settle(
+            &h,
+            &ok_input(Usage {
+                prompt_tokens: 1_000,
+                completion_tokens: 1_000,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.state, FinalState::Settled);
+    assert_eq!(s.charged, h.amount, "capture never exceeds the hold");
+    assert!(s.cost.total > h.amount);
+
+    let h = b
+        .hold(&p, &params("est", "m", 100, 100))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = b
+        .settle(
+            &h,
+            &SettleInput {
+                usage: Usage {
+                    prompt_tokens: 100,
+                    cached_tokens: 40,
+                    completion_tokens: 30,
+                    reasoning_tokens: 10,
+                },
+                delivered: true,
+                estimated: true,
+                provider: Some("fake".into()),
+                upstream_model: Some("fake-model".into()),
+                status: "client_disconnected".into(),
+                http_status: Some(200),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // 60 × 1 + 40 × 0.5 + 30 × 4 = 200 micros
+    assert_eq!(s.charged, 200);
+    let r = b
+        .request_record("est")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.estimated && r.delivered);
+    assert_eq!(r.state, "settled");
+    assert_eq!(
+        (
+            r.prompt_tokens,
+            r.cached_tokens,
+            r.completion_tokens,
+            r.reasoning_tokens
+        ),
+        (100, 40, 30, 10)
+    );
+    assert_eq!(
+        (
+            r.input_cost_micros,
+            r.cached_cost_micros,
+            r.output_cost_micros
+        ),
+        (60, 20, 120)
+    );
+    assert_eq!(r.provider.as_deref(), Some("fake"));
+    assert_eq!(r.upstream_model.as_deref(), Some("fake-model"));
+    assert_eq!(r.status.as_deref(), Some("client_disconnected"));
+    assert!(r.latency_ms.is_some());
+    b
+}
+both_backends!(charging_rules_apply, charging_rules);
+
+// A crash leaves holds open; the sweeper releases them after expiry, idempotently.
+async fn sweeper(db: &Db) -> Billing {
+    let mut settings = db.settings();
+    settings.hold_ttl = Duration::from_millis(50);
+    let b = db.billing_with(settings).await;
+    b.set_price(&price("m", 1_000_000, 1_000_000, 1_000_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (p, _) = funded(&b, "acme", 1_000_000).await;
+    let mut holds = Vec::new();
+    for i in 0..5 {
+        holds.push(
+            b.hold(&p, &params(&format!("h{i}"), "m", 1_000, 1_000))
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    assert_eq!(
+        b.sweep_expired().await.unwrap_or_else(|e| panic!("{e}")),
+        0,
+        "nothing expired yet"
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let rep = b
+        .check_ledger(Some(now_ms()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rep.expired_open_holds, 5, "the checker sees stale holds");
+    // two sweepers at once (e.g. two replicas) → each hold expires once
+    let (a, c) = tokio::join!(b.sweep_expired(), b.sweep_expired());
+    let n = a.unwrap_or_else(|e| panic!("{e}")) + c.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(n, 5);
+    assert_eq!(b.sweep_expired().await.unwrap_or_else(|e| panic!("{e}")), 0);
+    // a late settlement after expiry is a replay, not a second final state
+    let s = b
+        .settle(
+            &holds[0],
+            &ok_input(Usage {
+                prompt_tokens: 1,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.replayed);
+    assert_eq!((s.state, s.charged), (FinalState::Expired, 0));
+    let acct = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((acct.balance_micros, acct.held_micros), (1_000_000, 0));
+    billing_support::assert_ledger_ok_no_stale_holds(&b).await;
+    b
+}
+both_backends!(sweeper_releases_expired_holds, sweeper);
+
+// Top-ups with an Idempotency-Key apply once; a mismatched reuse is a conflict.
+async fn topups(db: &Db) -> Billing {
+    let b = Arc::new(db.billing().await);
+    b.create_account("acme", Some("pro"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            b.add_credits("acme", 2_500_000, "invoice 42", Some("inv-42"))
+                .await
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        let r = t
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if !r.replayed {
+            applied += 1;
+        }
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(
+        b.account("acme")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .balance_micros,
+        2_500_000
+    );
+    match b
+        .add_credits("acme", 3_000_000, "invoice 42", Some("inv-42"))
+        .await
+    {
+        Err(BillingError::Conflict(_)) => {}
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    // adjustments down, never below zero
+    b.add_credits("acme", -500_000, "refund", Some("adj-1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    match b.add_credits("acme", -5_000_000, "too much", None).await {
+        Err(BillingError::InsufficientCredits { .. }) => {}
+        other => panic!("expected InsufficientCredits, got {other:?}"),
+    }
+    let r = b
+        .add_credits("acme", -500_000, "refund", Some("adj-1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.replayed);
+    assert_eq!(
+        b.account("acme")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .balance_micros,
+        2_000_000
+    );
+    assert!(matches!(
+        b.add_credits("nobody", 1, "x", None).await,
+        Err(BillingError::NotFound(_))
+    ));
+    assert!(matches!(
+        b.add_credits("acme", 0, "x", None).await,
+        Err(BillingError::Invalid(_))
+    ));
+    assert!(matches!(
+        b.create_account("acme", None).await,
+        Err(BillingError::Conflict(_))
+    ));
+    Arc::try_unwrap(b).unwrap_or_else(|_| panic!("billing still shared"))
+}
+both_backends!(idempotent_topups, topups);
+
+// Keys: shown once, stored as digests, revocation takes effect on the next request, caps hold.
+async fn keys(db: &Db) -> Billing {
+    let b = db.billing().await;
+    b.set_price(&price("m", 0, 0, 1_000_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (p, raw) = funded(&b, "acme", 1_000_000).await;
+    assert!(!p.is_admin);
+    assert!(raw.starts_with(&p.key_prefix));
+    let keys = b
+        .list_keys(Some("acme"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(keys.len(), 1);
+    assert!(
+        keys[0].last_used_at.is_some(),
+        "authenticate records last_used_at"
+    );
+    // wrong keys of every shape fail the same way
+    for bad in [
+        "",
+        "tg-",
+        "sk-123",
+        "tg-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "tg-x' OR '1'='1",
+    ] {
+        assert!(
+            matches!(b.authenticate(bad).await, Err(BillingError::Unauthorized)),
+            "{bad}"
+        );
+    }
+    let long = format!("tg-{}", "a".repeat(10_000));
+    assert!(matches!(
+        b.authenticate(&long).await,
+        Err(BillingError::Unauthorized)
+    ));
+    b.revoke_key(&p.key_prefix)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        b.authenticate(&raw).await,
+        Err(BillingError::Revoked)
+    ));
+    assert!(matches!(
+        b.revoke_key(&p.key_prefix).await,
+        Err(BillingError::NotFound(_))
+    ));
+
+    // spend cap: $0.001 cap, holds of 500 micros each
+    let (raw2, _) = b
+        .create_key("acme", true, Some("capped"), Some(1_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p2 = b
+        .authenticate(&raw2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(p2.is_admin);
+    let h1 = b
+        .hold(&p2, &params("c1", "m", 0, 500))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let h2 = b
+        .hold(&p2, &params("c2", "m", 0, 500))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        b.hold(&p2, &params("c3", "m", 0, 500)).await,
+        Err(BillingError::KeySpendCapReached)
+    ));
+    b.settle(
+        &h1,
+        &ok_input(Usage {
+            completion_tokens: 100,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    b.release(&h2, "x").await.unwrap_or_else(|e| panic!("{e}"));
+    let k = b
+        .key(&p2.key_prefix)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(k.spent_micros, 100);
+    // 100 spent + 500 + 500 > 1000, 100 + 500 fits
+    b.hold(&p2, &params("c4", "m", 0, 500))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        b.hold(&p2, &params("c5", "m", 0, 500)).await,
+        Err(BillingError::KeySpendCapReached)
+    ));
+    b.set_key_cap(&p2.key_prefix, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // the raw keys appear nowhere in the database
+    assert_no_secret_in_db(db, &b, &[&raw, &raw2]).await;
+    b
+}
+both_backends!(keys_auth_revoke_caps, keys);
+
+async fn assert_no_secret_in_db(db: &Db, b: &Billing, raws: &[&str]) {
+    if let Some(path) = db.sqlite_file() {
+        // checkpoint so the WAL content is in the main file too, then grep every file
+        let _ = sqlx::query("PRAGMA wal_checkpoint(FULL)")
+            .execute(b.store().pool())
+            .await;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            if let Ok(bytes) = std::fs::read(&p) {
+                for raw in raws {
+                    let body = &raw[3..];
+                    assert!(
+                        !bytes.windows(body.len()).any(|w| w == body.as_bytes()),
+                        "raw key found in {p:?}"
+                    );
+                }
+            }
+        }
+    } else {
+        use sqlx::Row;
+        let tables = [
+            "accounts",
+            "api_keys",
+            "requests",
+            "ledger_transactions",
+            "ledger_entries",
+            "prices",
+        ];
+        for t in tables {
+            let sql = format!("SELECT CAST(row_to_json(x) AS TEXT) FROM {t} x");
+            let rows = sqlx::query(&sql)
+                .fetch_all(b.store().pool())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            for r in rows {
+                let text: String = r.try_get(0).unwrap_or_default();
+                for raw in raws {
+                    assert!(!text.contains(&raw[3..]), "raw key found in table {t}");
+                }
+            }
+        }
+    }
+}
+
+// Price versions with effective times; history lists every change.
+async fn prices(db: &Db) -> Billing {
+    let b = db.billing().await;
+    let now = now_ms();
+    let mut old = price("kimi", 1_000_000, 1_000_000, 1_000_000);
+    old.effective_at = now - 60_000;
+    let mut cur = price("kimi", 2_000_000, 2_000_000, 2_000_000);
+    cur.effective_at = now - 1_000;
+    let mut future = price("kimi", 9_000_000, 9_000_000, 9_000_000);
+    future.effective_at = now + 3_600_000;
+    let mut routed = price("kimi", 3_000_000, 3_000_000, 3_000_000);
+    routed.provider = "moonshot".into();
+    routed.effective_at = now - 1_000;
+    for p in [&future, &old, &cur, &routed] {
+        b.set_price(p).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let got = b
+        .price_for("kimi", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no price"));
+    assert_eq!(got.input_micros_per_m, 2_000_000);
+    let got = b
+        .price_for("kimi", Some("moonshot"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no price"));
+    assert_eq!(got.input_micros_per_m, 3_000_000);
+    let got = b
+        .price_for("kimi", Some("other"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no price"));
+    assert_eq!(got.input_micros_per_m, 2_000_000);
+    assert!(b
+        .price_for("unknown", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_none());
+    let hist = b
+        .price_history("kimi")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(hist.len(), 4);
+    assert!(hist
+        .windows(2)
+        .all(|w| w[0].effective_at <= w[1].effective_at));
+
+    // unpriced models are refused, never free by accident
+    let (p, _) = funded(&b, "acme", 1_000_000).await;
+    assert!(matches!(
+        b.hold(&p, &params("u", "unknown", 1, 1)).await,
+        Err(BillingError::NoPrice(_))
+    ));
+
+    // config prices: written once, rewritten only when the config changes
+    use tollgate::billing::PriceSpec;
+    let spec = PriceSpec {
+        input: "0.60".into(),
+        output: "2.50".into(),
+        ..Default::default()
+    };
+    let entries = vec![("cfg".to_string(), String::new(), spec.clone())];
+    assert_eq!(
+        b.sync_config_prices(&entries)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        1
+    );
+    assert_eq!(
+        b.sync_config_prices(&entries)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        0
+    );
+    let changed = vec![(
+        "cfg".to_string(),
+        String::new(),
+        PriceSpec {
+            output: "3".into(),
+            ..spec
+        },
+    )];
+    assert_eq!(
+        b.sync_config_prices(&changed)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        1
+    );
+    assert_eq!(
+        b.price_history("cfg")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .len(),
+        2
+    );
+    b
+}
+both_backends!(price_versions, prices);
+
+// Usage by day, model and key.
+async fn usage(db: &Db) -> Billing {
+    let b = db.billing().await;
+    b.set_price(&price("a", 1_000_000, 1_000_000, 1_000_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.set_price(&price("b", 2_000_000, 2_000_000, 2_000_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (p, _) = funded(&b, "acme", 1_000_000).await;
+    let (raw2, _) = b
+        .create_key("acme", false, None, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p2 = b
+        .authenticate(&raw2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (other, _) = funded(&b, "other", 1_000_000).await;
+    for (i, (who, model)) in [(&p, "a"), (&p, "b"), (&p2, "a"), (&other, "a")]
+        .iter()
+        .enumerate()
+    {
+        let h = b
+            .hold(who, &params(&format!("u{i}"), model, 10, 10))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        b.settle(
+            &h,
+            &ok_input(Usage {
+                prompt_tokens: 10,
+                completion_tokens: 10,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let q = |group| UsageQuery {
+        account_id: Some(p.account_id.clone()),
+        from_ms: 0,
+        to_ms: now_ms() + 1_000,
+        group,
+    };
+    let by_model = b
+        .usage(&q(UsageGroup::Model))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(by_model.len(), 2);
+    assert_eq!(
+        (
+            by_model[0].group.as_str(),
+            by_model[0].requests,
+            by_model[0].cost_micros
+        ),
+        ("a", 2, 40)
+    );
+    assert_eq!(
+        (
+            by_model[1].group.as_str(),
+            by_model[1].requests,
+            by_model[1].cost_micros
+        ),
+        ("b", 1, 40)
+    );
+    let by_key = b
+        .usage(&q(UsageGroup::Key))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(by_key.len(), 2);
+    assert_eq!(by_key.iter().map(|x| x.cost_micros).sum::<i64>(), 80);
+    let by_day = b
+        .usage(&q(UsageGroup::Day))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(by_day.len(), 1);
+    assert_eq!(by_day[0].group, (now_ms() / 86_400_000).to_string());
+    assert_eq!(by_day[0].prompt_tokens, 30);
+    let all = b
+        .usage(&UsageQuery {
+            account_id: None,
+            from_ms: 0,
+            to_ms: now_ms() + 1_000,
+            group: UsageGroup::Model,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(all[0].requests, 3);
+    let none = b
+        .usage(&UsageQuery {
+            account_id: None,
+            from_ms: 0,
+            to_ms: 1_000,
+            group: UsageGroup::Model,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(none.is_empty());
+    b
+}
+both_backends!(usage_grouping, usage);
+
+// The ledger tables refuse UPDATE and DELETE.
+async fn append_only(db: &Db) -> Billing {
+    let b = db.billing().await;
+    funded(&b, "acme", 1_000).await;
+    for sql in [
+        "UPDATE ledger_entries SET amount_micros = 0",
+        "DELETE FROM ledger_entries",
+        "UPDATE ledger_transactions SET amount_micros = 0",
+        "DELETE FROM ledger_transactions",
+    ] {
+        assert!(
+            sqlx::query(sql).execute(b.store().pool()).await.is_err(),
+            "{sql} must fail"
+        );
+    }
+    b
+}
+both_backends!(ledger_is_append_only, append_only);
+
+#[test]
+fn library_cost_matches_independent_formula() {
+    let p = price("m", 500_000, 125_000, 2_000_000);
+    for i in 0..2_000u64 {
+        let u = Usage {
+            prompt_tokens: i * 13,
+            cached_tokens: i * 5 % 700,
+            completion_tokens: i * 29 % 3_001,
+            reasoning_tokens: 0,
+        };
+        assert_eq!(
+            compute_cost(&p, &u).total,
+            expected_cost(&u, 500_000, 125_000, 2_000_000)
+        );
+    }
+}

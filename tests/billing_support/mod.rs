@@ -1,0 +1,131 @@
+//! Shared test support for billing tests: a fresh database per test on SQLite (temp file) and
+//! PostgreSQL (`TOLLGATE_TEST_PG_URL`, a fresh database each), and the ledger checker.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sqlx::{Connection, Executor};
+use tollgate::billing::keys::ServerSecret;
+use tollgate::billing::{Billing, BillingSettings};
+use tollgate::store::{now_ms, Store};
+
+/// A fresh, empty database for one test.
+pub struct Db {
+    pub url: String,
+    pub backend: &'static str,
+    pub dir: tempfile::TempDir,
+}
+
+impl Db {
+    pub async fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+        Db {
+            url,
+            backend: "sqlite",
+            dir,
+        }
+    }
+
+    /// A fresh PostgreSQL database, or None when no test server is configured. With `CI` set, a
+    /// missing `TOLLGATE_TEST_PG_URL` is a failure, never a silent skip.
+    pub async fn postgres() -> Option<Db> {
+        let Ok(base) = std::env::var("TOLLGATE_TEST_PG_URL") else {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI is set but TOLLGATE_TEST_PG_URL is not: PostgreSQL tests cannot run (use `make test`, which starts scripts/pg-test.sh)");
+            }
+            eprintln!(
+                "TOLLGATE_TEST_PG_URL not set: skipping the PostgreSQL variant (run `make test`)"
+            );
+            return None;
+        };
+        let name = format!("tg_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&base)
+            .await
+            .unwrap_or_else(|e| panic!("connect {base}: {e}"));
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap_or_else(|e| panic!("create database: {e}"));
+        let _ = admin.close().await;
+        let url = match base.rfind('/') {
+            Some(i) if i > "postgres://".len() => format!("{}/{name}", &base[..i]),
+            _ => panic!("TOLLGATE_TEST_PG_URL must end in /DBNAME"),
+        };
+        Some(Db {
+            url,
+            backend: "postgres",
+            dir: tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")),
+        })
+    }
+
+    pub fn settings(&self) -> BillingSettings {
+        BillingSettings {
+            database_url: self.url.clone(),
+            secret_env: "TOLLGATE_TEST_SECRET_UNSET".to_string(),
+            secret_file: Some(self.dir.path().join("tollgate.secret")),
+            hold_ttl: Duration::from_secs(600),
+            sweep_interval: Duration::from_millis(200),
+            allow_unpriced: false,
+        }
+    }
+
+    pub async fn billing(&self) -> Billing {
+        self.billing_with(self.settings()).await
+    }
+
+    pub async fn billing_with(&self, settings: BillingSettings) -> Billing {
+        let store = Store::connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.url));
+        let secret = ServerSecret::from_bytes(b"test-secret-test-secret-test-secret!".to_vec());
+        Billing::with_store(store, secret, settings)
+    }
+
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        tollgate::store::sqlite_file_of(&self.url)
+    }
+}
+
+/// Runs the ledger checker and fails the test on any problem.
+pub async fn assert_ledger_ok(b: &Billing) {
+    let rep = b
+        .check_ledger(None)
+        .await
+        .unwrap_or_else(|e| panic!("ledger check failed to run: {e}"));
+    assert!(rep.is_ok(), "ledger problems: {:#?}", rep.problems);
+}
+
+/// Like [`assert_ledger_ok`] and also requires that no hold is open past its expiry.
+pub async fn assert_ledger_ok_no_stale_holds(b: &Billing) {
+    let rep = b
+        .check_ledger(Some(now_ms()))
+        .await
+        .unwrap_or_else(|e| panic!("ledger check failed to run: {e}"));
+    assert!(rep.is_ok(), "ledger problems: {:#?}", rep.problems);
+}
+
+/// Declares one test per backend: `NAME::sqlite` and `NAME::postgres`. The body gets a `Db` and
+/// returns the `Billing` it used; the ledger checker runs afterwards.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let db = $crate::billing_support::Db::sqlite().await;
+                let b = super::$body(&db).await;
+                $crate::billing_support::assert_ledger_ok(&b).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some(db) = $crate::billing_support::Db::postgres().await {
+                    let b = super::$body(&db).await;
+                    $crate::billing_support::assert_ledger_ok(&b).await;
+                    b.store().close().await;
+                }
+            }
+        }
+    };
+}
