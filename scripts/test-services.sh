@@ -37,3 +37,16 @@ elif [ -n "${CI:-}" ]; then
 else
     echo "test-services: redis-server not installed; Redis tests will be skipped" >&2
 fi
+
+# PostgreSQL for the billing suite and the multi-instance limiter test (scripts/pg-test.sh, from
+# the billing branch), unless the caller already provides one.
+if [ -z "${TOLLGATE_TEST_PG_URL:-}" ] && [ -x scripts/pg-test.sh ]; then
+    if eval "$(scripts/pg-test.sh start)"; then
+        _tg_stop_pg() { scripts/pg-test.sh stop "$TOLLGATE_TEST_PG_DIR" || true; }
+        trap '_tg_stop_pg; if declare -f _tg_stop_redis >/dev/null; then _tg_stop_redis; fi' EXIT
+        echo "test-services: postgres on $TOLLGATE_TEST_PG_URL"
+    elif [ -n "${CI:-}" ]; then
+        echo "test-services: could not start PostgreSQL" >&2
+        return 1 2>/dev/null || exit 1
+    fi
+fi

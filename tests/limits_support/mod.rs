@@ -202,9 +202,10 @@ impl Stack {
             .to_string()
     }
 
-    /// An admin key (account `ops`, no plan).
+    /// An admin key (account `ops`, no plan, $1000).
     pub fn admin(&self) -> String {
         self.cli(&["accounts", "create", "ops"]);
+        self.cli(&["credits", "add", "ops", "1000", "--reason", "test"]);
         self.cli(&["keys", "create", "--account", "ops", "--admin"])
             .trim()
             .to_string()
