@@ -46,7 +46,7 @@ pub enum Command {
         command: ConfigCommand,
     },
     #[command(flatten)]
-    Billing(crate::billing::cli::BillingCommand),
+    Billing(Box<crate::billing::cli::BillingCommand>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,7 +117,7 @@ pub fn main() -> ExitCode {
                 }
             };
             let mut out = std::io::stdout();
-            match runtime.block_on(crate::billing::cli::run(cmd, settings, &mut out)) {
+            match runtime.block_on(crate::billing::cli::run(*cmd, settings, &mut out)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -176,9 +176,9 @@ async fn serve(
             tracing::warn!(provider = %p.name, "environment variable {var} is not set; requests to this provider go without a key");
         }
     }
-    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
+    // Signals first, so a SIGTERM that arrives as soon as the port is open is never lost; the
+    // state (models loaded, store opened) before the bind, so an open port is a serving port.
+    let shutdown = crate::http::shutdown_signal();
     let billing = crate::open_billing(&cfg).await?;
     let _sweeper = billing.as_ref().map(|b| b.spawn_sweeper());
     if let Some(b) = &billing {
@@ -191,8 +191,12 @@ async fn serve(
             tracing::warn!("auth is required but no API keys exist yet: create one with `tollgate accounts create NAME` and `tollgate keys create --account NAME`");
         }
     }
+    let listen = cfg.server.listen;
     let state = crate::build_state_with(cfg, billing)?;
-    crate::http::serve(state, listener)
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    crate::http::serve(state, listener, shutdown)
         .await
         .map_err(|e| e.to_string())
 }

@@ -1,5 +1,6 @@
 //! tollgate: a self-hosted, OpenAI-compatible LLM API gateway.
 
+pub mod anthropic; // Anthropic Messages wire format and converters
 pub mod billing; // accounts, keys, prices, the hold/settle ledger
 pub mod catalog; // the model catalog and model cards
 pub mod cli; // command-line interface
@@ -10,6 +11,7 @@ pub mod http; // the HTTP surface (axum)
 pub mod limits; // rate limits, quotas, spend caps (in-process or Redis)
 pub mod openai; // OpenAI Chat Completions wire format
 pub mod providers; // upstream dialect adapters
+pub mod responses; // OpenAI Responses API wire format and converters
 pub mod store; // the billing database (SQLite / PostgreSQL)
 pub mod telemetry; // logging and metrics setup
 
@@ -85,6 +87,18 @@ pub async fn open_billing(
         .await
         .map_err(|e| format!("releasing expired holds: {e}"))?;
     Ok(Some(Arc::new(b)))
+}
+
+/// Like [`build_state`], with the gateway reporting every request's outcome to `sink` (tests).
+pub fn build_state_with_sink(
+    config: config::Config,
+    sink: Arc<dyn gateway::usage::OutcomeSink>,
+) -> Result<Arc<http::AppState>, String> {
+    let gateway = gateway::Gateway::with_sink(&config, sink)?;
+    let mut state = Arc::try_unwrap(build_state(config)?)
+        .map_err(|_| "the new state is already shared".to_string())?;
+    state.gateway = gateway;
+    Ok(Arc::new(state))
 }
 
 /// The router for a resolved config, for tests that serve it on port 0 (no billing store).

@@ -339,7 +339,8 @@ both_backends!(charging_rules_apply, charging_rules);
 // A crash leaves holds open; the sweeper releases them after expiry, idempotently.
 async fn sweeper(db: &Db) -> Billing {
     let mut settings = db.settings();
-    settings.hold_ttl = Duration::from_millis(50);
+    // generous TTL: the "nothing expired yet" check must not race a slow, loaded machine
+    settings.hold_ttl = Duration::from_millis(2_000);
     let b = db.billing_with(settings).await;
     b.set_price(&price("m", 1_000_000, 1_000_000, 1_000_000))
         .await
@@ -358,7 +359,7 @@ async fn sweeper(db: &Db) -> Billing {
         0,
         "nothing expired yet"
     );
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
     let rep = b
         .check_ledger(Some(now_ms()))
         .await

@@ -936,7 +936,9 @@ mod gateway {
             let v: Value = serde_json::from_str(last)
                 .unwrap_or_else(|e| panic!("cut after {cut}: last event not JSON ({e}): {last}"));
             assert_error_shape(&v);
-            assert_eq!(up2.stats().streams_cut, 1);
+            // A cut that lands before tollgate read the first chunk is retried (issue 6: failover
+            // before the first byte), so the fake may have cut more than one stream.
+            assert!(up2.stats().streams_cut >= 1);
         }
     }
 

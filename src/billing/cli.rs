@@ -54,6 +54,15 @@ pub enum KeysCmd {
         #[arg(long)]
         spend_cap: Option<String>,
     },
+    /// Import an existing key (e.g. a former static key), read from stdin; prints its prefix.
+    Import {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// List keys (prefixes only).
     List {
         #[arg(long)]
@@ -65,31 +74,35 @@ pub enum KeysCmd {
     SetCap { prefix: String, usd: String },
 }
 
+/// Arguments of `prices set`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PriceSetArgs {
+    pub model: String,
+    #[arg(long, default_value = "")]
+    pub provider: String,
+    #[arg(long)]
+    pub input: String,
+    #[arg(long)]
+    pub cached_input: Option<String>,
+    #[arg(long)]
+    pub output: String,
+    #[arg(long)]
+    pub fee_input: Option<String>,
+    #[arg(long)]
+    pub fee_cached_input: Option<String>,
+    #[arg(long)]
+    pub fee_output: Option<String>,
+    #[arg(long)]
+    pub markup_percent: Option<String>,
+    /// `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM:SSZ` or unix seconds; default now.
+    #[arg(long)]
+    pub effective_at: Option<String>,
+}
+
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum PricesCmd {
     /// Add a price version (USD per 1M tokens).
-    Set {
-        model: String,
-        #[arg(long, default_value = "")]
-        provider: String,
-        #[arg(long)]
-        input: String,
-        #[arg(long)]
-        cached_input: Option<String>,
-        #[arg(long)]
-        output: String,
-        #[arg(long)]
-        fee_input: Option<String>,
-        #[arg(long)]
-        fee_cached_input: Option<String>,
-        #[arg(long)]
-        fee_output: Option<String>,
-        #[arg(long)]
-        markup_percent: Option<String>,
-        /// `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM:SSZ` or unix seconds; default now.
-        #[arg(long)]
-        effective_at: Option<String>,
-    },
+    Set(Box<PriceSetArgs>),
     /// List every price version of a model.
     History { model: String },
 }
@@ -235,6 +248,20 @@ pub async fn run_with(
             );
             writeln!(out, "{raw}").map_err(io)?;
         }
+        BillingCommand::Keys(KeysCmd::Import {
+            account,
+            admin,
+            name,
+        }) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| BillingError::Invalid(format!("reading the key from stdin: {e}")))?;
+            let row = billing
+                .import_key(&account, line.trim(), admin, name.as_deref())
+                .await?;
+            writeln!(out, "{}", row.prefix).map_err(io)?;
+        }
         BillingCommand::Keys(KeysCmd::List { account }) => {
             writeln!(
                 out,
@@ -283,18 +310,19 @@ pub async fn run_with(
             )
             .map_err(io)?;
         }
-        BillingCommand::Prices(PricesCmd::Set {
-            model,
-            provider,
-            input,
-            cached_input,
-            output,
-            fee_input,
-            fee_cached_input,
-            fee_output,
-            markup_percent,
-            effective_at,
-        }) => {
+        BillingCommand::Prices(PricesCmd::Set(args)) => {
+            let PriceSetArgs {
+                model,
+                provider,
+                input,
+                cached_input,
+                output,
+                fee_input,
+                fee_cached_input,
+                fee_output,
+                markup_percent,
+                effective_at,
+            } = *args;
             let at = match effective_at {
                 Some(s) => parse_time(&s)
                     .ok_or_else(|| BillingError::Invalid(format!("bad --effective-at {s:?}")))?,

@@ -67,12 +67,25 @@ pub fn visible_prefix(raw: &str) -> Option<String> {
     Some(format!("{KEY_PREFIX}{head}"))
 }
 
-/// Cheap shape check before hashing: `tg-` + base62, bounded length.
+/// Cheap shape check before hashing: `tg-` + base62, or an imported key (6-256 printable ASCII
+/// characters, e.g. a former static key), bounded length.
 pub fn well_formed(raw: &str) -> bool {
-    raw.len() <= 128
-        && raw.strip_prefix(KEY_PREFIX).is_some_and(|b| {
-            b.len() >= VISIBLE_CHARS && b.bytes().all(|c| c.is_ascii_alphanumeric())
-        })
+    if let Some(b) = raw.strip_prefix(KEY_PREFIX) {
+        return raw.len() <= 128
+            && b.len() >= VISIBLE_CHARS
+            && b.bytes().all(|c| c.is_ascii_alphanumeric());
+    }
+    importable(raw)
+}
+
+/// Whether `raw` may be imported as a key (an existing key brought over, e.g. a static key).
+pub fn importable(raw: &str) -> bool {
+    (6..=256).contains(&raw.len()) && raw.bytes().all(|c| c.is_ascii_graphic())
+}
+
+/// The listing prefix of an imported key: derived from its digest, never from the key itself.
+pub fn imported_prefix(digest: &str) -> String {
+    format!("imp-{}", digest.get(..12).unwrap_or(digest))
 }
 
 /// The server secret keyed into every key digest.
@@ -175,7 +188,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -198,9 +211,12 @@ mod tests {
         let p = visible_prefix(&k).unwrap_or_default();
         assert_eq!(p.len(), 11);
         assert!(k.starts_with(&p));
-        assert!(!well_formed("sk-abc"));
+        assert!(!well_formed("sk-ab"));
         assert!(!well_formed("tg-abc"));
         assert!(!well_formed("tg-abcdefgh'; DROP TABLE"));
+        assert!(well_formed("sk-imported-key"), "imported keys are accepted");
+        assert!(!well_formed("has a space"));
+        assert!(!well_formed(&"x".repeat(300)));
     }
 
     #[test]

@@ -789,6 +789,32 @@ impl Billing {
         ))
     }
 
+    /// Imports an existing key (e.g. a former `[auth] static_keys` entry) for an account. Only
+    /// its digest is stored; its listing prefix is derived from the digest. Returns the row.
+    pub async fn import_key(
+        &self,
+        account: &str,
+        raw: &str,
+        admin: bool,
+        name: Option<&str>,
+    ) -> Result<KeyRow, BillingError> {
+        if !keys::importable(raw) {
+            return Err(BillingError::Invalid(
+                "an imported key must be 6-256 printable ASCII characters".into(),
+            ));
+        }
+        let acct = self.account(account).await?;
+        let digest = self.secret.digest(raw);
+        let prefix = keys::imported_prefix(&digest);
+        let row = self
+            .store
+            .insert_key(&acct.id, &prefix, &digest, admin, name, None)
+            .await?
+            .ok_or_else(|| BillingError::Conflict("this key is already imported".into()))?;
+        tracing::info!(account = %acct.name, key = %prefix, admin, "imported API key");
+        Ok(row)
+    }
+
     pub async fn list_keys(&self, account: Option<&str>) -> Result<Vec<KeyRow>, BillingError> {
         let id = match account {
             Some(name) => Some(self.account(name).await?.id),

@@ -81,6 +81,9 @@ struct RawConfig {
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
+    /// Outlier ejection of routes (applies to every route).
+    #[serde(default)]
+    health: RawHealth,
     #[serde(default)]
     plans: Vec<RawPlan>,
     #[serde(default)]
@@ -99,6 +102,34 @@ struct RawPlan {
     /// USD in the file (e.g. `5.00`); stored as integer micro-USD.
     spend_cap_daily_usd: Option<f64>,
     spend_cap_monthly_usd: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    consecutive_failures: Option<u32>,
+    error_rate_percent: Option<u32>,
+    error_rate_min_requests: Option<u32>,
+    error_rate_window: Option<u32>,
+    base_ejection_ms: Option<u64>,
+    max_ejection_ms: Option<u64>,
+    max_cooldown_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    policy: Option<RoutingPolicy>,
+    max_attempts: Option<u32>,
+    deadline_ms: Option<u64>,
+    complete_deadline_ms: Option<u64>,
+    first_chunk_timeout_ms: Option<u64>,
+    retry_budget_percent: Option<u32>,
+    retry_budget_min_per_sec: Option<u32>,
+    max_retry_after_ms: Option<u64>,
+    backoff_base_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    affinity: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,8 +217,13 @@ struct RawModel {
     /// Sampling parameters this model does not let callers change (dropped with a warning).
     #[serde(default)]
     fixed_parameters: Vec<String>,
+    /// Whether the model has graded reasoning effort levels (false for Kimi K2.6: on/off only).
+    reasoning_efforts: Option<bool>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    /// How requests are spread over the routes and retried.
+    #[serde(default)]
+    routing: RawRouting,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,6 +234,10 @@ struct RawRoute {
     price_per_mtok: Option<RawPrice>,
     weight: Option<u32>,
     model_path: Option<String>,
+    /// Overrides of the model's card for this route (what this upstream can serve).
+    capabilities: Option<Vec<String>>,
+    input_modalities: Option<Vec<String>>,
+    context_length: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +262,7 @@ pub struct Config {
     pub billing: BillingConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
+    pub health: HealthConfig,
     /// `[[plans]]`: named sets of limits assigned to keys/accounts.
     pub plans: Vec<PlanConfig>,
     /// `[limits]`: where limiter state lives and what happens when it is unreachable.
@@ -290,10 +331,99 @@ impl Default for LimitsConfig {
     }
 }
 
+/// How a model's requests pick a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingPolicy {
+    /// Routes in configured order; later ones are fallbacks.
+    #[default]
+    Priority,
+    /// Random by `weight`; the others are fallbacks.
+    Weighted,
+    /// Lowest price for the request's token mix first.
+    Cheapest,
+    /// Lowest measured time to first token plus generation time first.
+    Fastest,
+}
+
+/// Retry and routing settings of one model.
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    pub policy: RoutingPolicy,
+    /// Upstream attempts per request, first one included.
+    pub max_attempts: u32,
+    /// Streams: overall time until the first chunk is ready for the client, all attempts and
+    /// waits included.
+    pub deadline: Duration,
+    /// Non-streamed requests: overall time for the whole answer, all attempts included.
+    pub complete_deadline: Duration,
+    /// Streams: longest wait for one attempt's first chunk before failing over.
+    pub first_chunk_timeout: Duration,
+    /// Retries allowed on top of first attempts, in percent of requests (sliding 10 s window).
+    pub retry_budget_percent: u32,
+    /// Retries always allowed per second of the window, whatever the percentage says.
+    pub retry_budget_min_per_sec: u32,
+    /// Longest `Retry-After` waited for; a longer one moves to the next route at once.
+    pub max_retry_after: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Keep one conversation on one route while it is healthy.
+    pub affinity: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            policy: RoutingPolicy::Priority,
+            max_attempts: 3,
+            deadline: Duration::from_secs(100),
+            complete_deadline: Duration::from_secs(600),
+            first_chunk_timeout: Duration::from_secs(30),
+            retry_budget_percent: 20,
+            retry_budget_min_per_sec: 10,
+            max_retry_after: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            affinity: true,
+        }
+    }
+}
+
 impl Config {
     /// The plan named `name`.
     pub fn plan(&self, name: &str) -> Option<&PlanConfig> {
         self.plans.iter().find(|p| p.name == name)
+    }
+}
+
+/// Outlier ejection of routes.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// Consecutive failures that eject a route.
+    pub consecutive_failures: u32,
+    /// Failure percentage over the last `error_rate_window` outcomes that ejects a route.
+    pub error_rate_percent: u32,
+    /// Outcomes needed in the window before the error rate counts.
+    pub error_rate_min_requests: u32,
+    pub error_rate_window: u32,
+    /// First ejection lasts this long; each further one doubles it, up to `max_ejection`.
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// Longest cooldown taken from an upstream's `Retry-After`.
+    pub max_cooldown: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            consecutive_failures: 5,
+            error_rate_percent: 50,
+            error_rate_min_requests: 20,
+            error_rate_window: 50,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_cooldown: Duration::from_secs(300),
+        }
     }
 }
 
@@ -374,6 +504,10 @@ pub struct RouteConfig {
     pub priced: bool,
     pub weight: u32,
     pub model_path: Option<PathBuf>,
+    /// `None`: the model's.
+    pub capabilities: Option<Vec<String>>,
+    pub input_modalities: Option<Vec<String>>,
+    pub context_length: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -386,7 +520,11 @@ pub struct ModelConfig {
     pub input_modalities: Vec<String>,
     pub capabilities: Vec<String>,
     pub fixed_parameters: Vec<String>,
+    /// The model has graded reasoning effort levels; when false, an effort only turns thinking on
+    /// (or off for `none`) and is reported in `x-tollgate-warning`.
+    pub reasoning_efforts: bool,
     pub routes: Vec<RouteConfig>,
+    pub routing: RoutingConfig,
 }
 
 impl ModelConfig {
@@ -630,6 +768,9 @@ fn resolve(
                 priced,
                 weight: r.weight.unwrap_or(1),
                 model_path,
+                capabilities: r.capabilities,
+                input_modalities: r.input_modalities,
+                context_length: r.context_length,
             });
         }
         let max_output_tokens = m.max_output_tokens.unwrap_or(16_384);
@@ -651,6 +792,7 @@ fn resolve(
                 ));
             }
         }
+        let routing = resolve_routing(&m.id, m.routing)?;
         models.push(ModelConfig {
             name: m.name.unwrap_or_else(|| m.id.clone()),
             id: m.id,
@@ -664,7 +806,9 @@ fn resolve(
             },
             capabilities: m.capabilities,
             fixed_parameters: m.fixed_parameters,
+            reasoning_efforts: m.reasoning_efforts.unwrap_or(true),
             routes,
+            routing,
         });
     }
 
@@ -680,6 +824,7 @@ fn resolve(
         billing,
         providers,
         models,
+        health: resolve_health(raw.health)?,
         plans,
         limits,
     })
@@ -758,6 +903,71 @@ fn resolve_limits(raw: RawLimits) -> Result<LimitsConfig, String> {
             .map(|s| Duration::from_secs(s.max(1)))
             .unwrap_or(d.concurrency_lease),
     })
+}
+
+fn resolve_routing(model: &str, r: RawRouting) -> Result<RoutingConfig, String> {
+    let d = RoutingConfig::default();
+    let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
+    let out = RoutingConfig {
+        policy: r.policy.unwrap_or(d.policy),
+        max_attempts: r.max_attempts.unwrap_or(d.max_attempts),
+        deadline: ms(r.deadline_ms, d.deadline),
+        complete_deadline: ms(r.complete_deadline_ms, d.complete_deadline),
+        first_chunk_timeout: ms(r.first_chunk_timeout_ms, d.first_chunk_timeout),
+        retry_budget_percent: r.retry_budget_percent.unwrap_or(d.retry_budget_percent),
+        retry_budget_min_per_sec: r
+            .retry_budget_min_per_sec
+            .unwrap_or(d.retry_budget_min_per_sec),
+        max_retry_after: ms(r.max_retry_after_ms, d.max_retry_after),
+        backoff_base: ms(r.backoff_base_ms, d.backoff_base),
+        backoff_max: ms(r.backoff_max_ms, d.backoff_max),
+        affinity: r.affinity.unwrap_or(d.affinity),
+    };
+    if out.max_attempts == 0 || out.max_attempts > 10 {
+        return Err(format!(
+            "model {model:?}: routing.max_attempts must be between 1 and 10"
+        ));
+    }
+    if out.retry_budget_percent > 100 {
+        return Err(format!(
+            "model {model:?}: routing.retry_budget_percent must be at most 100"
+        ));
+    }
+    if out.deadline.is_zero()
+        || out.complete_deadline.is_zero()
+        || out.first_chunk_timeout.is_zero()
+    {
+        return Err(format!(
+            "model {model:?}: routing.deadline_ms, complete_deadline_ms and first_chunk_timeout_ms must be > 0"
+        ));
+    }
+    Ok(out)
+}
+
+fn resolve_health(h: RawHealth) -> Result<HealthConfig, String> {
+    let d = HealthConfig::default();
+    let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
+    let out = HealthConfig {
+        consecutive_failures: h.consecutive_failures.unwrap_or(d.consecutive_failures),
+        error_rate_percent: h.error_rate_percent.unwrap_or(d.error_rate_percent),
+        error_rate_min_requests: h
+            .error_rate_min_requests
+            .unwrap_or(d.error_rate_min_requests),
+        error_rate_window: h.error_rate_window.unwrap_or(d.error_rate_window),
+        base_ejection: ms(h.base_ejection_ms, d.base_ejection),
+        max_ejection: ms(h.max_ejection_ms, d.max_ejection),
+        max_cooldown: ms(h.max_cooldown_ms, d.max_cooldown),
+    };
+    if out.consecutive_failures == 0 {
+        return Err("[health] consecutive_failures must be > 0".into());
+    }
+    if out.error_rate_window == 0 || out.error_rate_window > 10_000 {
+        return Err("[health] error_rate_window must be between 1 and 10000".into());
+    }
+    if out.max_ejection < out.base_ejection {
+        return Err("[health] max_ejection_ms must be >= base_ejection_ms".into());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -850,6 +1060,33 @@ id = "kimi-k2.6"
     fn duplicate_alias_is_an_error() {
         let text = format!("{EXAMPLE}\n[[models]]\nid = \"kimi-k2-6\"\n  [[models.routes]]\n  provider = \"moonshot\"\n");
         assert!(parse(&text).unwrap_err().contains("used by both"));
+    }
+
+    #[test]
+    fn routing_and_health_settings_parse_with_defaults() {
+        let text = EXAMPLE.replace(
+            "capabilities = [\"reasoning\", \"tools\", \"json_object\"]",
+            "capabilities = [\"reasoning\", \"tools\", \"json_object\"]\nrouting = { policy = \"cheapest\", max_attempts = 2, max_retry_after_ms = 5000 }",
+        ) + "\n[health]\nconsecutive_failures = 3\nbase_ejection_ms = 1000\n";
+        let c = parse(&text).expect("parses");
+        let r = &c.models[0].routing;
+        assert_eq!(r.policy, RoutingPolicy::Cheapest);
+        assert_eq!(r.max_attempts, 2);
+        assert_eq!(r.max_retry_after, Duration::from_secs(5));
+        assert_eq!(r.retry_budget_percent, 20, "default");
+        assert_eq!(c.health.consecutive_failures, 3);
+        assert_eq!(c.health.base_ejection, Duration::from_secs(1));
+        assert_eq!(c.health.max_ejection, Duration::from_secs(300), "default");
+        let bad = EXAMPLE.replace(
+            "capabilities = [\"reasoning\", \"tools\", \"json_object\"]",
+            "routing = { max_atempts = 2 }",
+        );
+        assert!(parse(&bad).unwrap_err().contains("max_atempts"));
+        let bad = EXAMPLE.replace(
+            "capabilities = [\"reasoning\", \"tools\", \"json_object\"]",
+            "routing = { max_attempts = 0 }",
+        );
+        assert!(parse(&bad).unwrap_err().contains("max_attempts"));
     }
 
     #[test]

@@ -112,6 +112,10 @@ pub struct Message {
     pub tool_call_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The opaque signature of `reasoning_content` when it came from Anthropic (replayed only to
+    /// an Anthropic upstream; never serialised in the OpenAI shape).
+    #[serde(skip)]
+    pub reasoning_signature: Option<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -125,6 +129,7 @@ impl Message {
             tool_calls: None,
             tool_call_id: None,
             name: None,
+            reasoning_signature: None,
             extra: Map::new(),
         }
     }
@@ -280,6 +285,8 @@ pub struct ChunkChoice {
     pub role: bool,
     pub content: Option<String>,
     pub reasoning: Option<String>,
+    /// The signature closing a reasoning block (Anthropic upstreams only).
+    pub reasoning_signature: Option<String>,
     pub refusal: Option<String>,
     pub tool_calls: Vec<ToolCallDelta>,
     pub logprobs: Option<Value>,
@@ -289,7 +296,7 @@ pub struct ChunkChoice {
 impl ChunkChoice {
     /// Whether the choice carries only reasoning (hidden when the client excluded reasoning).
     pub fn is_reasoning_only(&self) -> bool {
-        self.reasoning.is_some()
+        (self.reasoning.is_some() || self.reasoning_signature.is_some())
             && !self.role
             && self.content.is_none()
             && self.refusal.is_none()
@@ -302,6 +309,7 @@ impl ChunkChoice {
         !self.role
             && self.content.is_none()
             && self.reasoning.is_none()
+            && self.reasoning_signature.is_none()
             && self.refusal.is_none()
             && self.tool_calls.is_empty()
             && self.logprobs.is_none()

@@ -27,12 +27,57 @@ pub struct Outcome {
     pub status: OutcomeStatus,
     pub latency_ms: u64,
     pub first_byte_ms: Option<u64>,
+    /// Every upstream attempt, in order; the last successful one served the request.
+    pub attempts: Vec<Attempt>,
+}
+
+/// One upstream attempt of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub provider: String,
+    pub upstream_model: String,
+    /// Milliseconds from the request's start to this attempt's start.
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    pub result: AttemptResult,
+    /// The upstream's HTTP status, when it sent one.
+    pub status: Option<u16>,
+    /// A short reason for a failed attempt (never prompt text).
+    pub error: Option<String>,
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// The upstream accepted and started answering; this attempt served the request.
+    Served,
+    /// 5xx, connection failure, bad answer, or a failure before the first chunk (retryable).
+    Failed,
+    /// The upstream did not answer in time.
+    TimedOut,
+    /// 429 / 408 / 409: retryable rejection.
+    RateLimited,
+    /// A 4xx that is not retried (passed to the client).
+    Rejected,
+}
+
+impl AttemptResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Served => "served",
+            AttemptResult::Failed => "failed",
+            AttemptResult::TimedOut => "timed_out",
+            AttemptResult::RateLimited => "rate_limited",
+            AttemptResult::Rejected => "rejected",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeStatus {
     Completed,
-    /// The upstream failed after the stream started.
+    /// The upstream failed: after the stream started (`delivered` may be true), or before anything
+    /// was sent because every attempt failed (`delivered` false, usage zero: charge 0).
     UpstreamError,
     /// The client went away before the end.
     ClientDisconnected,
@@ -76,6 +121,7 @@ impl OutcomeSink for LogSink {
             estimated = o.estimated,
             latency_ms = o.latency_ms,
             first_byte_ms = o.first_byte_ms,
+            attempts = o.attempts.len(),
             "request finished"
         );
     }

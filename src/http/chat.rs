@@ -1,4 +1,5 @@
-//! `POST /v1/chat/completions`: body limits, parsing, dispatch, and the JSON or SSE answer.
+//! `POST /v1/chat/completions`, and the request path all three inbound APIs share (body limits,
+//! auth, parse, prepare, dispatch, metering).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -10,11 +11,12 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
 use super::error::ApiError;
-use super::{authorize, billing, sse, AppState, RequestId};
+use super::{authorize, billing, presented_key, sse, AppState, RequestId};
 use crate::error::GatewayError;
+use crate::gateway::model::{ChatRequest, ChatResponse};
 use crate::gateway::usage::Metered;
-use crate::gateway::{estimate_prompt_tokens, Answer, Prepared};
-use crate::limits::{Demand, RateHeaders, SettleSink};
+use crate::gateway::{estimate_prompt_tokens, memory, Answer, Prepared, Served};
+use crate::limits::{Demand, SettleSink};
 use crate::openai::{self, wire::Envelope};
 
 /// Reads a request body, refusing (413) anything over `limit` without reading it all.
@@ -44,16 +46,6 @@ pub async fn read_body(req: Request, limit: u64) -> Result<(HeaderMap, Bytes), G
             None,
         )),
     }
-}
-
-pub async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let mut rate = RateHeaders::default();
-    let mut resp = match handle(&state, req, &mut rate).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    super::limits::apply_headers(&mut resp, &rate);
-    resp
 }
 
 /// The worst case a request may use: prompt estimate + maximum output tokens, and their cost at
@@ -89,11 +81,42 @@ fn demand(prepared: &Prepared, prompt_estimate: u64, request_id: &str) -> Demand
     }
 }
 
-async fn handle(
-    state: &Arc<AppState>,
+/// A request that went through the shared path: authorised, parsed, prepared, dispatched, and
+/// metered (a complete answer is recorded; a stream records itself when it ends).
+pub struct Dispatched {
+    pub request_id: String,
+    pub prepared: Prepared,
+    pub served: Served,
+    pub created: i64,
+    pub answer: Metering,
+    /// A complete answer's charge in micro-USD (settled before the answer is sent).
+    pub cost_micros: Option<u64>,
+    /// A stream's charge, sent once its outcome is settled (before the final usage / `[DONE]`).
+    pub stream_cost: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
+}
+
+/// Sets `x-tollgate-cost-usd` (a complete answer's charge) on its response.
+pub fn annotate_cost(resp: &mut Response, cost_micros: Option<u64>) {
+    if let Some(c) = cost_micros.and_then(|c| i64::try_from(c).ok()) {
+        if let Ok(v) = HeaderValue::from_str(&crate::billing::format_usd(c)) {
+            resp.headers_mut().insert("x-tollgate-cost-usd", v);
+        }
+    }
+}
+
+/// The answer with its metering attached.
+pub enum Metering {
+    Complete(ChatResponse),
+    Stream(Metered),
+}
+
+/// The one path every inbound API shares: auth → parse → prepare → dispatch → meter. `parse`
+/// turns the body into the internal request (plus whatever its encoder needs).
+pub async fn handle<T>(
+    state: &AppState,
     req: Request,
-    rate: &mut RateHeaders,
-) -> Result<Response, ApiError> {
+    parse: impl FnOnce(&[u8]) -> Result<(ChatRequest, T), GatewayError>,
+) -> Result<(Dispatched, T), GatewayError> {
     let started = Instant::now();
     let request_id = req
         .extensions()
@@ -102,9 +125,13 @@ async fn handle(
         .unwrap_or_default();
     let principal = authorize(state, req.headers()).await?;
     let subject = super::limits::subject(state, principal.as_ref()).await;
+    let rate_slot = super::limits::RateSlot::of(&req);
+    let scope = memory::scope_of(presented_key(req.headers()));
     let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
-    let parsed = openai::parse_chat_request(&body)?;
-    let prepared = state.gateway.prepare(parsed)?;
+    let (parsed, extra) = parse(&body)?;
+    let mut prepared = state.gateway.prepare(parsed)?;
+    let mem = state.gateway.memory();
+    mem.restore(scope, &mut prepared.request);
     let prompt_estimate = estimate_prompt_tokens(&prepared.request);
     // Limits are checked before anything is held or sent upstream; a refusal costs nothing.
     let admitted = match &subject {
@@ -115,14 +142,14 @@ async fn handle(
         {
             Ok(a) => Some(a),
             Err((e, h)) => {
-                *rate = h;
-                return Err(e.into());
+                rate_slot.set(h);
+                return Err(e);
             }
         },
         None => None,
     };
     if let Some(a) = &admitted {
-        *rate = a.headers;
+        rate_slot.set(a.headers);
     }
     // Hold the worst case before any upstream call (402 insufficient_credits otherwise).
     let ticket = match billing::hold(
@@ -152,20 +179,17 @@ async fn handle(
             if let Some(t) = ticket {
                 t.release("upstream_error").await;
             }
-            return Err(e.into());
+            return Err(e);
         }
     };
-    let model_id = prepared.model.id.as_str();
-    let template = state.gateway.outcome(&request_id, model_id, &served);
-    let show_reasoning = !prepared.request.reasoning.exclude;
-    let completion_id = format!("chatcmpl-{}", request_id.trim_start_matches("req_"));
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-
-    let mut resp = match answer {
+    let template = state
+        .gateway
+        .outcome(&request_id, &prepared.model.id, &served);
+    let mut cost_micros = None;
+    let mut stream_cost = None;
+    let answer = match answer {
         Answer::Complete(r) => {
+            mem.remember_response(scope, &r);
             let usage = state
                 .gateway
                 .record_complete(template, &r, prompt_estimate, started);
@@ -176,76 +200,129 @@ async fn handle(
                 );
             }
             // Settle before answering, so the cost shown is the cost charged.
-            let cost = match ticket {
-                Some(t) => t.settle_complete(&served, &usage, r.usage.is_none()).await,
-                None => None,
-            };
-            let env = Envelope {
-                id: &completion_id,
-                created,
-                model: model_id,
-                provider: &served.provider,
-            };
-            let json = openai::wire::completion_json(&env, &r, show_reasoning, cost);
-            let mut resp = (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                json,
-            )
-                .into_response();
-            if let Some(c) = cost.and_then(|c| i64::try_from(c).ok()) {
-                if let Ok(v) = HeaderValue::from_str(&crate::billing::format_usd(c)) {
-                    resp.headers_mut().insert("x-tollgate-cost-usd", v);
-                }
+            if let Some(t) = ticket {
+                cost_micros = t.settle_complete(&served, &usage, r.usage.is_none()).await;
             }
-            resp
+            Metering::Complete(r)
         }
-        Answer::Stream(stream) => {
-            let (sink, cost) = match ticket {
+        Answer::Stream(s) => {
+            let sink = match ticket {
                 Some(t) => {
                     let (sink, rx) = t.into_sink(state.gateway.sink());
-                    (sink, Some(rx))
+                    stream_cost = Some(rx);
+                    sink
                 }
-                None => (state.gateway.sink(), None),
+                None => state.gateway.sink(),
             };
             // The stream's outcome (also on client disconnect) settles the limiter reservation.
             let sink: Arc<dyn crate::gateway::usage::OutcomeSink> = match admitted {
                 Some(a) => Arc::new(SettleSink::new(sink, a, served.price)),
                 None => sink,
             };
-            let metered = Metered::new(stream, sink, template, prompt_estimate, started);
-            let body = sse::chat_sse(
-                metered,
-                sse::ChatSseOptions {
-                    id: completion_id,
-                    created,
-                    model: model_id.to_string(),
-                    provider: served.provider.clone(),
-                    include_usage: prepared.request.include_usage,
-                    show_reasoning,
-                    keepalive: state.config.server.keepalive,
-                    cost,
-                },
-            );
-            let mut r = Response::new(Body::from_stream(body));
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-            r
+            Metering::Stream(Metered::new(
+                mem.observe(scope, s),
+                sink,
+                template,
+                prompt_estimate,
+                started,
+            ))
         }
     };
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Ok((
+        Dispatched {
+            request_id,
+            prepared,
+            served,
+            created,
+            answer,
+            cost_micros,
+            stream_cost,
+        },
+        extra,
+    ))
+}
+
+/// An SSE response around a byte stream.
+pub fn sse_response<S>(body: S) -> Response
+where
+    S: futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+{
+    let mut r = Response::new(Body::from_stream(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+/// A JSON response.
+pub fn json_response(json: Vec<u8>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        json,
+    )
+        .into_response()
+}
+
+/// `x-tollgate-provider` and `x-tollgate-warning` on a successful answer.
+pub fn annotate(resp: &mut Response, provider: &str, warnings: &[String]) {
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&served.provider) {
+    if let Ok(v) = HeaderValue::from_str(provider) {
         h.insert("x-tollgate-provider", v);
     }
-    if !prepared.warnings.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&prepared.warnings.join("; ")) {
+    if !warnings.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&warnings.join("; ")) {
             h.insert("x-tollgate-warning", v);
         }
     }
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (d, ()) = handle(&state, req, |b| Ok((openai::parse_chat_request(b)?, ()))).await?;
+    let p = &d.prepared;
+    let show_reasoning = !p.request.reasoning.exclude;
+    let completion_id = format!("chatcmpl-{}", d.request_id.trim_start_matches("req_"));
+    let mut resp = match d.answer {
+        Metering::Complete(r) => {
+            let env = Envelope {
+                id: &completion_id,
+                created: d.created,
+                model: &p.model.id,
+                provider: &d.served.provider,
+            };
+            json_response(openai::wire::completion_json(
+                &env,
+                &r,
+                show_reasoning,
+                d.cost_micros,
+            ))
+        }
+        Metering::Stream(metered) => sse_response(sse::chat_sse(
+            metered,
+            sse::ChatSseOptions {
+                id: completion_id,
+                created: d.created,
+                model: p.model.id.clone(),
+                provider: d.served.provider.clone(),
+                include_usage: p.request.include_usage,
+                show_reasoning,
+                keepalive: state.config.server.keepalive,
+                cost: d.stream_cost,
+            },
+        )),
+    };
+    annotate(&mut resp, &d.served.provider, &p.warnings);
+    super::chat::annotate_cost(&mut resp, d.cost_micros);
     Ok(resp)
 }

@@ -57,6 +57,43 @@ pub async fn subject(state: &AppState, principal: Option<&Principal>) -> Option<
     ))
 }
 
+/// Where the request path leaves the rate headers for [`rate_headers`] to put on the response,
+/// whichever way it ends (answer, 429, upstream error).
+#[derive(Clone, Default)]
+pub struct RateSlot(Option<Arc<std::sync::Mutex<RateHeaders>>>);
+
+impl RateSlot {
+    /// The slot of a request (empty when the middleware is not installed).
+    pub fn of(req: &axum::extract::Request) -> RateSlot {
+        req.extensions()
+            .get::<RateSlot>()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn set(&self, rate: RateHeaders) {
+        if let Some(m) = &self.0 {
+            if let Ok(mut g) = m.lock() {
+                *g = rate;
+            }
+        }
+    }
+}
+
+/// Middleware: gives each request a [`RateSlot`] and adds what the handler left in it to the
+/// response as `x-ratelimit-*` headers.
+pub async fn rate_headers(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let cell = Arc::new(std::sync::Mutex::new(RateHeaders::default()));
+    req.extensions_mut().insert(RateSlot(Some(cell.clone())));
+    let mut resp = next.run(req).await;
+    let rate = cell.lock().map(|g| *g).unwrap_or_default();
+    apply_headers(&mut resp, &rate);
+    resp
+}
+
 /// Adds the `x-ratelimit-*` headers to a response.
 pub fn apply_headers(resp: &mut Response, rate: &RateHeaders) {
     let h = resp.headers_mut();

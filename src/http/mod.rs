@@ -4,7 +4,10 @@ pub mod admin;
 pub mod billing;
 pub mod chat;
 pub mod error;
+mod events;
 pub mod limits;
+pub mod messages;
+pub mod responses;
 mod sse;
 
 use std::net::SocketAddr;
@@ -43,13 +46,18 @@ pub fn app(state: Arc<AppState>) -> Router {
     let billing = state.billing.clone();
     let router = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .route("/admin/v1/keys/{prefix}/limits", get(limits::key_limits))
+        .route("/admin/v1/routes/health", get(routes_health))
         .fallback(not_found)
+        .layer(middleware::from_fn(limits::rate_headers))
         .layer(middleware::from_fn(request_id))
         .with_state(state);
     match billing {
@@ -137,7 +145,8 @@ async fn healthz() -> impl IntoResponse {
 
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let limits = state.limiter.health().await;
-    let status = if limits.admitting {
+    // Not ready only when the limiter refuses everything (Redis down and `fail_closed`).
+    let code = if limits.admitting {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -148,12 +157,58 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .map(|p| json!({"name": p.name, "dialect": p.dialect.as_str(), "key_configured": p.api_key.is_some() || p.api_key_env.is_none()}))
         .collect();
+    let routes = state.gateway.health().snapshot();
+    // Ready while every model has a route that is not ejected; a degraded gateway stays in
+    // rotation (it still fails over and probes), so the status code stays 200.
+    let degraded: Vec<&str> = state
+        .config
+        .models
+        .iter()
+        .filter(|m| {
+            m.routes.iter().all(|r| {
+                let key = crate::gateway::health::route_key(r);
+                routes
+                    .iter()
+                    .any(|v| v.route == key && v.state == "ejected")
+            })
+        })
+        .map(|m| m.id.as_str())
+        .collect();
+    let status = if !limits.admitting {
+        "not_ready"
+    } else if degraded.is_empty() {
+        "ready"
+    } else {
+        "degraded"
+    };
+    let routes: Vec<_> = routes
+        .iter()
+        .map(|r| json!({"route": r.route, "state": r.state}))
+        .collect();
     (
-        status,
+        code,
         Json(
-            json!({"status": if limits.admitting { "ready" } else { "not_ready" }, "auth_required": state.config.auth.required, "providers": providers, "limits": limits}),
+            json!({"status": status, "auth_required": state.config.auth.required, "providers": providers, "routes": routes, "models_without_healthy_route": degraded, "limits": limits}),
         ),
     )
+}
+
+/// `GET /admin/v1/routes/health`: every route's ejection state, error rate and speed.
+async fn routes_health(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // an admin API: admin keys only (open mode: anyone on loopback)
+    if let Some(p) = authorize(&state, &headers).await? {
+        if !p.is_admin {
+            return Err(GatewayError::Forbidden {
+                message: "admin key required".into(),
+            }
+            .into());
+        }
+    }
+    let data = state.gateway.health().snapshot();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
@@ -171,7 +226,11 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 /// Runs the server until SIGTERM/SIGINT, then lets open requests finish up to the grace period.
-pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     let grace = state.config.server.shutdown_grace;
     let addr: SocketAddr = listener.local_addr()?;
@@ -187,7 +246,7 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> s
     let mut handle = tokio::spawn(async move { server.await });
     tokio::select! {
         r = &mut handle => return r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-        _ = shutdown_signal() => {}
+        _ = shutdown => {}
     }
     tracing::info!(
         grace_secs = grace.as_secs(),
@@ -204,24 +263,41 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> s
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers SIGTERM/SIGINT handlers now (before the listener is bound, so an early signal is never
+/// lost) and returns a future that resolves on the first of them.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {}
+                _ = int => {}
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

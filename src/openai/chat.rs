@@ -12,44 +12,48 @@ use crate::gateway::model::{ChatRequest, Effort, Message, Reasoning, Tool};
 
 /// Parses and normalises a request body. Malformed JSON is reported with line and column.
 pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
-    let mut obj: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            return Err(GatewayError::invalid(
-                "the request body must be a JSON object",
-                None,
-            ))
-        }
-        Err(e) => {
-            return Err(GatewayError::InvalidJson {
-                message: format!(
-                    "could not parse the request body as JSON: {} (line {}, column {})",
-                    strip_position(&e.to_string()),
-                    e.line(),
-                    e.column()
-                ),
-            })
-        }
-    };
+    let mut obj = parse_object(body)?;
+    chat_request_from(&mut obj)
+}
 
-    let model: String = take(&mut obj, "model")?.ok_or_else(|| {
+/// Parses a request body that must be a JSON object (malformed JSON names line and column).
+pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, GatewayError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(GatewayError::invalid(
+            "the request body must be a JSON object",
+            None,
+        )),
+        Err(e) => Err(GatewayError::InvalidJson {
+            message: format!(
+                "could not parse the request body as JSON: {} (line {}, column {})",
+                strip_position(&e.to_string()),
+                e.line(),
+                e.column()
+            ),
+        }),
+    }
+}
+
+fn chat_request_from(obj: &mut Map<String, Value>) -> Result<ChatRequest, GatewayError> {
+    let model: String = take(obj, "model")?.ok_or_else(|| {
         GatewayError::invalid("you must provide a model parameter", Some("model".into()))
     })?;
-    let messages: Vec<Message> = take(&mut obj, "messages")?.ok_or_else(|| {
+    let messages: Vec<Message> = take(obj, "messages")?.ok_or_else(|| {
         GatewayError::invalid(
             "missing required parameter: 'messages'",
             Some("messages".into()),
         )
     })?;
-    let stream: bool = take(&mut obj, "stream")?.unwrap_or(false);
-    let stream_options: Option<Map<String, Value>> = take(&mut obj, "stream_options")?;
+    let stream: bool = take(obj, "stream")?.unwrap_or(false);
+    let stream_options: Option<Map<String, Value>> = take(obj, "stream_options")?;
     let include_usage = stream_options
         .as_ref()
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let max_completion_tokens: Option<i64> = take(&mut obj, "max_completion_tokens")?;
-    let max_tokens: Option<i64> = take(&mut obj, "max_tokens")?;
+    let max_completion_tokens: Option<i64> = take(obj, "max_completion_tokens")?;
+    let max_tokens: Option<i64> = take(obj, "max_tokens")?;
     let (max_output_tokens, max_output_param) = match (max_completion_tokens, max_tokens) {
         (Some(v), _) => (
             Some(positive_u32(v, "max_completion_tokens")?),
@@ -58,7 +62,7 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         (None, Some(v)) => (Some(positive_u32(v, "max_tokens")?), "max_tokens"),
         (None, None) => (None, "max_tokens"),
     };
-    let stop = match take::<Value>(&mut obj, "stop")? {
+    let stop = match take::<Value>(obj, "stop")? {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s],
         Some(Value::Array(items)) => items
@@ -78,7 +82,7 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
             ))
         }
     };
-    let tools: Vec<Value> = take(&mut obj, "tools")?.unwrap_or_default();
+    let tools: Vec<Value> = take(obj, "tools")?.unwrap_or_default();
     let tools = tools
         .into_iter()
         .enumerate()
@@ -92,28 +96,28 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         include_usage,
         max_output_tokens,
         max_output_param,
-        temperature: take(&mut obj, "temperature")?,
-        top_p: take(&mut obj, "top_p")?,
-        n: take(&mut obj, "n")?,
-        presence_penalty: take(&mut obj, "presence_penalty")?,
-        frequency_penalty: take(&mut obj, "frequency_penalty")?,
-        seed: take(&mut obj, "seed")?,
+        temperature: take(obj, "temperature")?,
+        top_p: take(obj, "top_p")?,
+        n: take(obj, "n")?,
+        presence_penalty: take(obj, "presence_penalty")?,
+        frequency_penalty: take(obj, "frequency_penalty")?,
+        seed: take(obj, "seed")?,
         stop,
         tools,
-        tool_choice: take(&mut obj, "tool_choice")?,
-        parallel_tool_calls: take(&mut obj, "parallel_tool_calls")?,
-        response_format: take(&mut obj, "response_format")?,
-        logprobs: take::<Option<bool>>(&mut obj, "logprobs")?
+        tool_choice: take(obj, "tool_choice")?,
+        parallel_tool_calls: take(obj, "parallel_tool_calls")?,
+        response_format: take(obj, "response_format")?,
+        logprobs: take::<Option<bool>>(obj, "logprobs")?
             .flatten()
             .unwrap_or(false),
-        top_logprobs: take(&mut obj, "top_logprobs")?,
+        top_logprobs: take(obj, "top_logprobs")?,
         reasoning: Reasoning::default(),
-        user: take(&mut obj, "user")?,
-        prompt_cache_key: take(&mut obj, "prompt_cache_key")?,
+        user: take(obj, "user")?,
+        prompt_cache_key: take(obj, "prompt_cache_key")?,
         extra: Map::new(),
     };
-    req.reasoning = parse_reasoning(&mut obj)?;
-    req.extra = obj;
+    req.reasoning = parse_reasoning(obj)?;
+    req.extra = std::mem::take(obj);
     Ok(req)
 }
 
@@ -123,7 +127,7 @@ fn strip_position(msg: &str) -> &str {
 }
 
 /// Removes `key` and deserialises it; `null` counts as absent.
-fn take<T: DeserializeOwned>(
+pub(crate) fn take<T: DeserializeOwned>(
     obj: &mut Map<String, Value>,
     key: &str,
 ) -> Result<Option<T>, GatewayError> {
@@ -161,7 +165,7 @@ fn positive_u32(v: i64, param: &str) -> Result<u32, GatewayError> {
     })
 }
 
-fn parse_tool(i: usize, t: Value) -> Result<Tool, GatewayError> {
+pub(crate) fn parse_tool(i: usize, t: Value) -> Result<Tool, GatewayError> {
     let param = format!("tools[{i}]");
     let tool: Tool = serde_path_to_error::deserialize(t).map_err(|e| {
         let path = e.path().to_string();
@@ -216,7 +220,7 @@ struct Vote {
 
 /// Reduces every chat-side spelling of thinking controls to one [`Reasoning`]; contradictory
 /// settings are a 400 naming both.
-fn parse_reasoning(obj: &mut Map<String, Value>) -> Result<Reasoning, GatewayError> {
+pub(crate) fn parse_reasoning(obj: &mut Map<String, Value>) -> Result<Reasoning, GatewayError> {
     let mut r = Reasoning::default();
     let mut votes: Vec<Vote> = Vec::new();
 
@@ -346,6 +350,12 @@ fn parse_reasoning(obj: &mut Map<String, Value>) -> Result<Reasoning, GatewayErr
 
     // OpenRouter legacy: include_reasoning
     if let Some(Value::Bool(inc)) = obj.remove("include_reasoning") {
+        if inc && r.exclude {
+            return Err(GatewayError::invalid(
+                "contradictory thinking settings: reasoning.exclude hides the reasoning but include_reasoning asks for it",
+                Some("include_reasoning".into()),
+            ));
+        }
         r.exclude = r.exclude || !inc;
     }
 
@@ -536,6 +546,20 @@ mod tests {
             (r.reasoning.enabled, r.reasoning.budget_tokens),
             (Some(true), Some(2048))
         );
+    }
+
+    #[test]
+    fn contradictory_visibility_is_400_naming_both() {
+        let e = parse(serde_json::json!({"model": "m", "messages": [], "reasoning": {"exclude": true}, "include_reasoning": true})).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("reasoning.exclude") && msg.contains("include_reasoning"),
+            "{msg}"
+        );
+        let r =
+            parse(serde_json::json!({"model": "m", "messages": [], "include_reasoning": false}))
+                .expect("ok");
+        assert!(r.reasoning.exclude);
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! OpenAI-like dialects (moonshot, openrouter, openai, vllm, sglang, empiriolabs, gonkagate) share
 //! one HTTP client in `openai_compat.rs`; each dialect's quirks live in its own file.
 
+pub mod anthropic;
+pub mod kimi_k2;
+pub mod media;
 pub mod moonshot;
 pub mod openai_compat;
 pub mod openrouter;
@@ -50,12 +53,7 @@ pub fn build(config: &Config) -> Result<HashMap<String, Arc<dyn Provider>>, Stri
                     p.name
                 ))
             }
-            Dialect::Anthropic => {
-                return Err(format!(
-                    "provider {:?}: the anthropic upstream dialect is not available in this build",
-                    p.name
-                ))
-            }
+            Dialect::Anthropic => Arc::new(anthropic::Anthropic::new(p.clone())?),
             _ => Arc::new(openai_compat::OpenAiCompat::new(p.clone())?),
         };
         out.insert(p.name.clone(), provider);

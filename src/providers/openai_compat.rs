@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use tokio::time::{timeout, Instant};
 
 use super::sse::{SseEvent, SseParser};
-use super::{moonshot, openrouter, Provider, UpstreamCall};
+use super::{kimi_k2, media, moonshot, openrouter, Provider, UpstreamCall};
 use crate::config::{Dialect, ProviderConfig};
 use crate::error::{GatewayError, UpstreamRejection};
 use crate::gateway::model::{
@@ -81,7 +81,19 @@ impl OpenAiCompat {
         call: &UpstreamCall<'_>,
         stream: bool,
     ) -> Result<reqwest::Response, GatewayError> {
-        let body = self.body(call, stream);
+        if self.cfg.dialect == Dialect::Moonshot {
+            moonshot::check(call.request, &call.route.upstream_model)?;
+        }
+        // Moonshot reads only data URIs: remote images are fetched (SSRF-safe) and inlined.
+        let inlined = if self.cfg.dialect == Dialect::Moonshot {
+            media::inline_remote_images(call.request).await?
+        } else {
+            None
+        };
+        let body = match &inlined {
+            Some(req) => write_body(self.cfg.dialect, req, &call.route.upstream_model, stream),
+            None => self.body(call, stream),
+        };
         let fut = self
             .client
             .post(&self.url)
@@ -257,7 +269,7 @@ impl Provider for OpenAiCompat {
     }
 }
 
-async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Bytes, String> {
+pub(crate) async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Bytes, String> {
     let mut out = bytes::BytesMut::new();
     let mut s = resp.bytes_stream();
     while let Some(part) = s.next().await {
@@ -271,7 +283,7 @@ async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Bytes, Strin
     Ok(out.freeze())
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -366,6 +378,16 @@ pub fn write_body(
         body.entry(k.clone()).or_insert_with(|| v.clone());
     }
     write_reasoning(dialect, &mut body, req);
+    match dialect {
+        Dialect::Moonshot => moonshot::patch_body(&mut body, req, upstream_model),
+        _ => {
+            kimi_k2::apply_prefill(dialect, &mut body);
+            if matches!(dialect, Dialect::Vllm | Dialect::Sglang) && kimi_k2::is_k2(upstream_model)
+            {
+                kimi_k2::patch_body(&mut body, req);
+            }
+        }
+    }
     serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
 }
 
@@ -514,7 +536,8 @@ struct UpMessage {
     refusal: Option<Value>,
 }
 
-fn parse_completion(body: &[u8]) -> Result<ChatResponse, String> {
+/// Parses a non-streamed OpenAI-like answer (any dialect's quirks) into the internal model.
+pub fn parse_completion(body: &[u8]) -> Result<ChatResponse, String> {
     let up: UpCompletion = serde_json::from_slice(body)
         .map_err(|e| format!("the upstream answer is not a chat completion: {e}"))?;
     if let Some(err) = up.error {
@@ -659,6 +682,7 @@ impl StreamNormaliser {
                     .reasoning_content
                     .or(c.delta.reasoning)
                     .filter(|s| !s.is_empty()),
+                reasoning_signature: None,
                 refusal: c.delta.refusal.filter(|s| !s.is_empty()),
                 tool_calls: c.delta.tool_calls.unwrap_or_default(),
                 logprobs: c.logprobs.filter(|l| !l.is_null()),
@@ -680,6 +704,25 @@ impl StreamNormaliser {
             system_fingerprint: up.system_fingerprint,
         }))
     }
+}
+
+/// Normalises a whole recorded stream (each SSE `data` payload in order), as the live adapter
+/// does: for golden tests and tools. Stops at `[DONE]`; an upstream error ends it with `Err`.
+pub fn normalise_stream(events: &[String]) -> Result<Vec<ChatChunk>, String> {
+    let mut n = StreamNormaliser::default();
+    let mut out = Vec::new();
+    for data in events {
+        if let Some(c) = n.event(&SseEvent {
+            event: None,
+            data: data.clone(),
+        })? {
+            out.push(c);
+        }
+        if n.done {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 fn error_message(err: &Value) -> String {

@@ -220,8 +220,10 @@ impl Config {
         }
         s.push_str("[auth]\n");
         match &self.static_keys {
-            Some(keys) => {
-                let _ = writeln!(s, "required = true\nstatic_keys = {}", toml_list(keys));
+            Some(_) => {
+                // The keys are imported into the test's database by `start` (static keys were
+                // replaced by database keys).
+                s.push_str("required = true\n");
             }
             None => s.push_str("required = false\n"),
         }
@@ -282,6 +284,42 @@ pub struct Tollgate {
     config: Config,
 }
 
+/// Creates a well-funded account `test` and imports `keys` as its keys (the test's fixed key
+/// strings, so requests can keep using them).
+fn import_keys(config: &Path, keys: &[String]) {
+    let run = |args: &[&str], stdin: Option<&str>| {
+        let mut child = Command::new(binary())
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run tollgate {args:?}: {e}"));
+        if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+            use std::io::Write as _;
+            let _ = writeln!(w, "{text}");
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("wait tollgate {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "tollgate {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["accounts", "create", "test"], None);
+    run(
+        &["credits", "add", "test", "1000", "--reason", "test harness"],
+        None,
+    );
+    for k in keys {
+        run(&["keys", "import", "--account", "test"], Some(k));
+    }
+}
+
 fn reserve_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0")
         .unwrap_or_else(|e| panic!("reserve a port on 127.0.0.1: {e}"));
@@ -301,8 +339,17 @@ impl Tollgate {
     pub async fn start(cfg: &Config) -> Tollgate {
         let mut dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let config_path = dir.path().join("tollgate.toml");
-        std::fs::write(&config_path, cfg.to_toml())
+        let db = dir.path().join("tollgate.db");
+        let text = format!(
+            "{}\n[database]\nurl = {}\n",
+            cfg.to_toml(),
+            toml_str(&format!("sqlite://{}", db.display()))
+        );
+        std::fs::write(&config_path, text)
             .unwrap_or_else(|e| panic!("write {}: {e}", config_path.display()));
+        if let Some(keys) = &cfg.static_keys {
+            import_keys(&config_path, keys);
+        }
         let mut last_logs = String::new();
         for attempt in 0..3 {
             let addr = reserve_port();
