@@ -166,7 +166,7 @@ pub async fn handle<T>(
             if let Some(a) = admitted {
                 a.settle(0, 0);
             }
-            return Err(e.into());
+            return Err(e);
         }
     };
     let (answer, served) = match state.gateway.dispatch(&prepared, &request_id).await {
