@@ -36,6 +36,9 @@ pub enum Command {
         /// Listen address, overriding `[server] listen`.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Redis for limits shared by several instances (sets `[limits] backend = "redis"`).
+        #[arg(long, env = "TOLLGATE_REDIS_URL")]
+        redis_url: Option<String>,
     },
     /// Configuration tools.
     Config {
@@ -56,7 +59,7 @@ pub enum ConfigCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { listen } => {
+        Command::Serve { listen, redis_url } => {
             let config = cli.config;
             let database_url = cli.database_url;
             telemetry::init_logging(cli.log_format);
@@ -70,7 +73,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config, listen, database_url)) {
+            match runtime.block_on(serve(config, listen, database_url, redis_url)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -136,6 +139,7 @@ async fn serve(
     config: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
     database_url: Option<String>,
+    redis_url: Option<String>,
 ) -> Result<(), String> {
     let mut cfg = load(config)?;
     if let Some(l) = listen {
@@ -144,6 +148,17 @@ async fn serve(
     if let Some(u) = database_url {
         cfg.database_url = u;
     }
+    if let Some(url) = redis_url {
+        cfg.limits.redis_url = Some(url);
+        cfg.limits.backend = crate::config::LimitsBackend::Redis;
+    }
+    tracing::info!(
+        backend = ?cfg.limits.backend,
+        on_redis_down = ?cfg.limits.on_redis_down,
+        timezone = %cfg.limits.timezone,
+        plans = cfg.plans.len(),
+        "rate limits"
+    );
     if !cfg.auth.required {
         if !cfg.server.listen.ip().is_loopback() {
             return Err(format!(

@@ -9,6 +9,7 @@ pub mod engine; // the embedded llama.cpp engine (dialect `local`)
 pub mod error; // GatewayError, independent of HTTP
 pub mod gateway; // the core: internal model, validation, routing, usage
 pub mod http; // the HTTP surface (axum)
+pub mod limits; // rate limits, quotas, spend caps (in-process or Redis)
 pub mod openai; // OpenAI Chat Completions wire format
 pub mod providers; // upstream dialect adapters
 pub mod responses; // OpenAI Responses API wire format and converters
@@ -29,6 +30,7 @@ pub fn build_state_with(
     billing: Option<Arc<billing::Billing>>,
 ) -> Result<Arc<http::AppState>, String> {
     let gateway = gateway::Gateway::new(&config)?;
+    let limiter = Arc::new(limits::Limiter::new(&config)?);
     let metrics = if config.server.metrics {
         telemetry::prometheus()
     } else {
@@ -37,6 +39,7 @@ pub fn build_state_with(
     Ok(Arc::new(http::AppState {
         config: Arc::new(config),
         gateway,
+        limiter,
         metrics,
         billing,
     }))

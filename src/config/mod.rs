@@ -84,6 +84,24 @@ struct RawConfig {
     /// Outlier ejection of routes (applies to every route).
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    plans: Vec<RawPlan>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    name: String,
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
+    max_concurrent: Option<u64>,
+    requests_per_day: Option<u64>,
+    tokens_per_day: Option<u64>,
+    /// USD in the file (e.g. `5.00`); stored as integer micro-USD.
+    spend_cap_daily_usd: Option<f64>,
+    spend_cap_monthly_usd: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +130,18 @@ struct RawRouting {
     backoff_base_ms: Option<u64>,
     backoff_max_ms: Option<u64>,
     affinity: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    backend: Option<LimitsBackend>,
+    redis_url: Option<String>,
+    on_redis_down: Option<OnRedisDown>,
+    fail_open_local_cap: Option<u64>,
+    timezone: Option<String>,
+    redis_timeout_ms: Option<u64>,
+    concurrency_lease_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +263,72 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub health: HealthConfig,
+    /// `[[plans]]`: named sets of limits assigned to keys/accounts.
+    pub plans: Vec<PlanConfig>,
+    /// `[limits]`: where limiter state lives and what happens when it is unreachable.
+    pub limits: LimitsConfig,
+}
+
+/// One `[[plans]]` entry. `None` means "no limit of this kind". Money is integer micro-USD.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PlanConfig {
+    pub name: String,
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u64>,
+    pub requests_per_day: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+    pub spend_cap_daily_micros: Option<u64>,
+    pub spend_cap_monthly_micros: Option<u64>,
+}
+
+/// Where limiter state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    Memory,
+    Redis,
+}
+
+/// What the Redis backend does while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisDown {
+    /// Admit, bounded by a per-instance in-memory cap (`fail_open_local_cap` requests/min/subject).
+    FailOpen,
+    /// Refuse with 503 until Redis is back.
+    FailClosed,
+}
+
+/// The `[limits]` section, resolved.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub backend: LimitsBackend,
+    pub redis_url: Option<String>,
+    pub on_redis_down: OnRedisDown,
+    /// Requests per minute per subject (key or account) each instance admits while Redis is down
+    /// in `fail_open` mode (on top of the plan's own limits, enforced locally).
+    pub fail_open_local_cap: u64,
+    /// `"UTC"`, a fixed offset like `"+05:30"`, or an IANA zone name like `"Europe/Berlin"`.
+    pub timezone: String,
+    /// Timeout of every Redis call.
+    pub redis_timeout: Duration,
+    /// A concurrency slot whose holder vanished (crash) is freed after this long.
+    pub concurrency_lease: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            backend: LimitsBackend::Memory,
+            redis_url: None,
+            on_redis_down: OnRedisDown::FailOpen,
+            fail_open_local_cap: 60,
+            timezone: "UTC".to_string(),
+            redis_timeout: Duration::from_millis(250),
+            concurrency_lease: Duration::from_secs(900),
+        }
+    }
 }
 
 /// How a model's requests pick a route.
@@ -290,6 +386,13 @@ impl Default for RoutingConfig {
             backoff_max: Duration::from_secs(2),
             affinity: true,
         }
+    }
+}
+
+impl Config {
+    /// The plan named `name`.
+    pub fn plan(&self, name: &str) -> Option<&PlanConfig> {
+        self.plans.iter().find(|p| p.name == name)
     }
 }
 
@@ -532,6 +635,8 @@ fn resolve(
         sweep_interval: Duration::from_secs(raw.billing.sweep_interval_secs.unwrap_or(30).max(1)),
         allow_unpriced: raw.billing.allow_unpriced.unwrap_or(false),
     };
+    let plans = resolve_plans(raw.plans)?;
+    let limits = resolve_limits(raw.limits)?;
 
     let mut providers = Vec::with_capacity(raw.providers.len());
     for p in raw.providers {
@@ -720,6 +825,83 @@ fn resolve(
         providers,
         models,
         health: resolve_health(raw.health)?,
+        plans,
+        limits,
+    })
+}
+
+fn resolve_plans(raw: Vec<RawPlan>) -> Result<Vec<PlanConfig>, String> {
+    let mut plans: Vec<PlanConfig> = Vec::with_capacity(raw.len());
+    for p in raw {
+        if p.name.is_empty() {
+            return Err("[[plans]] entry without a name".to_string());
+        }
+        if plans.iter().any(|q| q.name == p.name) {
+            return Err(format!("plan {:?} is defined twice", p.name));
+        }
+        let check = |what: &str, v: Option<u64>| -> Result<Option<u64>, String> {
+            match v {
+                Some(0) => Err(format!(
+                    "plan {:?}: {what} = 0 would refuse everything; omit it for no limit",
+                    p.name
+                )),
+                Some(n) if n > 1_000_000_000 => Err(format!(
+                    "plan {:?}: {what} = {n} is larger than the supported 1000000000",
+                    p.name
+                )),
+                v => Ok(v),
+            }
+        };
+        let usd = |what: &str, v: Option<f64>| -> Result<Option<u64>, String> {
+            v.map(|u| usd_to_micros(&format!("plan {:?} {what}", p.name), u))
+                .transpose()
+        };
+        plans.push(PlanConfig {
+            requests_per_minute: check("requests_per_minute", p.requests_per_minute)?,
+            tokens_per_minute: check("tokens_per_minute", p.tokens_per_minute)?,
+            max_concurrent: check("max_concurrent", p.max_concurrent)?,
+            requests_per_day: check("requests_per_day", p.requests_per_day)?,
+            tokens_per_day: check("tokens_per_day", p.tokens_per_day)?,
+            spend_cap_daily_micros: usd("spend_cap_daily_usd", p.spend_cap_daily_usd)?,
+            spend_cap_monthly_micros: usd("spend_cap_monthly_usd", p.spend_cap_monthly_usd)?,
+            name: p.name,
+        });
+    }
+    Ok(plans)
+}
+
+fn resolve_limits(raw: RawLimits) -> Result<LimitsConfig, String> {
+    let d = LimitsConfig::default();
+    let backend = raw.backend.unwrap_or(if raw.redis_url.is_some() {
+        LimitsBackend::Redis
+    } else {
+        LimitsBackend::Memory
+    });
+    if backend == LimitsBackend::Redis && raw.redis_url.is_none() {
+        return Err(
+            "[limits] backend = \"redis\" needs redis_url (or pass --redis-url)".to_string(),
+        );
+    }
+    let timezone = raw.timezone.unwrap_or(d.timezone);
+    crate::limits::calendar::Zone::parse(&timezone)
+        .map_err(|e| format!("[limits] timezone: {e}"))?;
+    Ok(LimitsConfig {
+        backend,
+        redis_url: raw.redis_url,
+        on_redis_down: raw.on_redis_down.unwrap_or(d.on_redis_down),
+        fail_open_local_cap: raw
+            .fail_open_local_cap
+            .unwrap_or(d.fail_open_local_cap)
+            .max(1),
+        timezone,
+        redis_timeout: raw
+            .redis_timeout_ms
+            .map(|ms| Duration::from_millis(ms.max(1)))
+            .unwrap_or(d.redis_timeout),
+        concurrency_lease: raw
+            .concurrency_lease_secs
+            .map(|s| Duration::from_secs(s.max(1)))
+            .unwrap_or(d.concurrency_lease),
     })
 }
 

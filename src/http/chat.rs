@@ -16,6 +16,7 @@ use crate::error::GatewayError;
 use crate::gateway::model::{ChatRequest, ChatResponse};
 use crate::gateway::usage::Metered;
 use crate::gateway::{estimate_prompt_tokens, memory, Answer, Prepared, Served};
+use crate::limits::{Demand, SettleSink};
 use crate::openai::{self, wire::Envelope};
 
 /// Reads a request body, refusing (413) anything over `limit` without reading it all.
@@ -44,6 +45,39 @@ pub async fn read_body(req: Request, limit: u64) -> Result<(HeaderMap, Bytes), G
             format!("could not read the request body: {e}"),
             None,
         )),
+    }
+}
+
+/// The worst case a request may use: prompt estimate + maximum output tokens, and their cost at
+/// the most expensive route (the route is only known after dispatch).
+fn demand(prepared: &Prepared, prompt_estimate: u64, request_id: &str) -> Demand {
+    let max_out = u64::from(
+        prepared
+            .request
+            .max_output_tokens
+            .unwrap_or(prepared.model.max_output_tokens)
+            .min(prepared.model.max_output_tokens),
+    );
+    let cost = prepared
+        .model
+        .routes
+        .iter()
+        .map(|r| {
+            crate::limits::cost_micros(
+                &r.price,
+                &crate::gateway::model::Usage {
+                    prompt_tokens: prompt_estimate,
+                    completion_tokens: max_out,
+                    ..Default::default()
+                },
+            )
+        })
+        .max()
+        .unwrap_or(0);
+    Demand {
+        request_id: request_id.to_string(),
+        tokens: prompt_estimate.saturating_add(max_out),
+        cost_micros: cost,
     }
 }
 
@@ -90,6 +124,8 @@ pub async fn handle<T>(
         .map(|r| r.0.clone())
         .unwrap_or_default();
     let principal = authorize(state, req.headers()).await?;
+    let subject = super::limits::subject(state, principal.as_ref()).await;
+    let rate_slot = super::limits::RateSlot::of(&req);
     let scope = memory::scope_of(presented_key(req.headers()));
     let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
     let (parsed, extra) = parse(&body)?;
@@ -97,19 +133,49 @@ pub async fn handle<T>(
     let mem = state.gateway.memory();
     mem.restore(scope, &mut prepared.request);
     let prompt_estimate = estimate_prompt_tokens(&prepared.request);
+    // Limits are checked before anything is held or sent upstream; a refusal costs nothing.
+    let admitted = match &subject {
+        Some(s) => match state
+            .limiter
+            .admit(s, demand(&prepared, prompt_estimate, &request_id))
+            .await
+        {
+            Ok(a) => Some(a),
+            Err((e, h)) => {
+                rate_slot.set(h);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    if let Some(a) = &admitted {
+        rate_slot.set(a.headers);
+    }
     // Hold the worst case before any upstream call (402 insufficient_credits otherwise).
-    let ticket = billing::hold(
+    let ticket = match billing::hold(
         state,
         principal.as_ref(),
         &prepared,
         &request_id,
         prompt_estimate,
     )
-    .await?;
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(a) = admitted {
+                a.settle(0, 0);
+            }
+            return Err(e);
+        }
+    };
     let (answer, served) = match state.gateway.dispatch(&prepared, &request_id).await {
         Ok(x) => x,
         Err(e) => {
-            // nothing was delivered: charge 0
+            // Nothing was delivered: charge 0, and the limiter reservation is returned in full.
+            if let Some(a) = admitted {
+                a.settle(0, 0);
+            }
             if let Some(t) = ticket {
                 t.release("upstream_error").await;
             }
@@ -127,6 +193,12 @@ pub async fn handle<T>(
             let usage = state
                 .gateway
                 .record_complete(template, &r, prompt_estimate, started);
+            if let Some(a) = admitted {
+                a.settle(
+                    usage.total_tokens(),
+                    crate::limits::cost_micros(&served.price, &usage),
+                );
+            }
             // Settle before answering, so the cost shown is the cost charged.
             if let Some(t) = ticket {
                 cost_micros = t.settle_complete(&served, &usage, r.usage.is_none()).await;
@@ -141,6 +213,11 @@ pub async fn handle<T>(
                     sink
                 }
                 None => state.gateway.sink(),
+            };
+            // The stream's outcome (also on client disconnect) settles the limiter reservation.
+            let sink: Arc<dyn crate::gateway::usage::OutcomeSink> = match admitted {
+                Some(a) => Arc::new(SettleSink::new(sink, a, served.price)),
+                None => sink,
             };
             Metering::Stream(Metered::new(
                 mem.observe(scope, s),

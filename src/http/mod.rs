@@ -5,6 +5,7 @@ pub mod billing;
 pub mod chat;
 pub mod error;
 mod events;
+pub mod limits;
 pub mod messages;
 pub mod responses;
 mod sse;
@@ -30,6 +31,7 @@ use error::ApiError;
 pub struct AppState {
     pub config: Arc<Config>,
     pub gateway: Gateway,
+    pub limiter: Arc<crate::limits::Limiter>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Accounts, keys and the ledger; None in open mode (nothing is billed then).
     pub billing: Option<Arc<crate::billing::Billing>>,
@@ -52,8 +54,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
+        .route("/admin/v1/keys/{prefix}/limits", get(limits::key_limits))
         .route("/admin/v1/routes/health", get(routes_health))
         .fallback(not_found)
+        .layer(middleware::from_fn(limits::rate_headers))
         .layer(middleware::from_fn(request_id))
         .with_state(state);
     match billing {
@@ -140,6 +144,13 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let limits = state.limiter.health().await;
+    // Not ready only when the limiter refuses everything (Redis down and `fail_closed`).
+    let code = if limits.admitting {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let providers: Vec<_> = state
         .config
         .providers
@@ -163,7 +174,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         })
         .map(|m| m.id.as_str())
         .collect();
-    let status = if degraded.is_empty() {
+    let status = if !limits.admitting {
+        "not_ready"
+    } else if degraded.is_empty() {
         "ready"
     } else {
         "degraded"
@@ -173,9 +186,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .map(|r| json!({"route": r.route, "state": r.state}))
         .collect();
     (
-        StatusCode::OK,
+        code,
         Json(
-            json!({"status": status, "auth_required": state.config.auth.required, "providers": providers, "routes": routes, "models_without_healthy_route": degraded}),
+            json!({"status": status, "auth_required": state.config.auth.required, "providers": providers, "routes": routes, "models_without_healthy_route": degraded, "limits": limits}),
         ),
     )
 }
