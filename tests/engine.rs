@@ -1,4 +1,7 @@
 //! Integration tests for the embedded llama.cpp engine against the real SmolLM2-135M GGUF (fetch it with scripts/fetch-model.sh).
+// `serial()` holds a std mutex across awaits on purpose: it serialises whole tests (each on its own
+// runtime) so two model-heavy tests never share the 2 cores; no task in a test contends for it.
+#![allow(clippy::await_holding_lock)]
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};

@@ -94,7 +94,7 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| TemplateError::Render(e.to_string()))?;
-        let tools_value = tools.map(|t| Value::from_serialize(t));
+        let tools_value = tools.map(Value::from_serialize);
         tmpl.render(context! {
             messages => Value::from_serialize(&msgs),
             tools => tools_value,
