@@ -18,7 +18,7 @@ fn python() -> Option<PathBuf> {
     ];
     for p in candidates.into_iter().flatten() {
         let ok = Command::new(&p)
-            .args(["-c", "import openai, pytest, httpx"])
+            .args(["-c", "import openai, pytest"])
             .status()
             .map(|s| s.success())
             .unwrap_or(false);

@@ -6,7 +6,10 @@ back-off (0.5 s, then 1 s) would give up before that; only `retry-after-ms` gets
 import os
 import time
 
-import httpx
+try:  # openai 3.x ships its HTTP client as httpx2
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 import openai
 
 
