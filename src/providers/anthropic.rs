@@ -5,12 +5,11 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use serde_json::Value;
 use tokio::time::{timeout, Instant};
 
 use super::openai_compat::{error_chain, read_capped};
-use super::sse::{SseEvent, SseParser};
+use super::sse::{decode_body, ChunkDecoder, SseEvent};
 use super::{Provider, UpstreamCall};
 use crate::anthropic::upstream::{parse_response, write_request_for, StreamDecoder};
 use crate::config::ProviderConfig;
@@ -181,59 +180,24 @@ impl Provider for Anthropic {
         let provider = self.cfg.name.clone();
         let idle = self.cfg.timeouts.idle;
         let deadline = start + self.cfg.timeouts.total;
-        let mut body = resp.bytes_stream();
-        let s = async_stream::stream! {
-            let mut parser = SseParser::new();
-            let mut dec = StreamDecoder::default();
-            let mut events: Vec<SseEvent> = Vec::new();
-            let fail = |message: String| GatewayError::UpstreamFailed { provider: provider.clone(), message };
-            loop {
-                let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
-                let next = match timeout(wait, body.next()).await {
-                    Err(_) => {
-                        yield Err(GatewayError::UpstreamTimeout { provider: provider.clone(), message: "the upstream stream stalled or passed its deadline".into() });
-                        return;
-                    }
-                    Ok(n) => n,
-                };
-                let finished = match next {
-                    Some(Ok(bytes)) => {
-                        if parser.feed(&bytes, &mut events).is_err() {
-                            yield Err(fail("an SSE event from the upstream was too large".into()));
-                            return;
-                        }
-                        false
-                    }
-                    Some(Err(e)) => {
-                        yield Err(fail(format!("the upstream stream broke: {}", error_chain(&e))));
-                        return;
-                    }
-                    None => {
-                        parser.finish(&mut events);
-                        true
-                    }
-                };
-                for ev in events.drain(..) {
-                    match dec.event(&ev.data) {
-                        Ok(Some(chunk)) => yield Ok(chunk),
-                        Ok(None) => {}
-                        Err(msg) => {
-                            yield Err(fail(msg));
-                            return;
-                        }
-                    }
-                    if dec.done {
-                        return;
-                    }
-                }
-                if finished {
-                    if !dec.saw_finish {
-                        yield Err(fail("the upstream stream ended before the answer was complete".into()));
-                    }
-                    return;
-                }
-            }
-        };
-        Ok(Box::pin(s))
+        Ok(decode_body(
+            resp,
+            provider,
+            idle,
+            deadline,
+            StreamDecoder::default(),
+        ))
+    }
+}
+
+impl ChunkDecoder for StreamDecoder {
+    fn event(&mut self, ev: &SseEvent) -> Result<Option<crate::gateway::model::ChatChunk>, String> {
+        StreamDecoder::event(self, &ev.data)
+    }
+    fn done(&self) -> bool {
+        self.done
+    }
+    fn saw_finish(&self) -> bool {
+        self.saw_finish
     }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::time::{timeout, Instant};
 
-use super::sse::{SseEvent, SseParser};
+use super::sse::{decode_body, SseEvent};
 use super::{kimi_k2, media, moonshot, openrouter, Provider, UpstreamCall};
 use crate::config::{Dialect, ProviderConfig};
 use crate::error::{GatewayError, UpstreamRejection};
@@ -214,60 +214,13 @@ impl Provider for OpenAiCompat {
         let provider = self.cfg.name.clone();
         let idle = self.cfg.timeouts.idle;
         let deadline = start + self.cfg.timeouts.total;
-        let mut body = resp.bytes_stream();
-        let s = async_stream::stream! {
-            let mut parser = SseParser::new();
-            let mut norm = StreamNormaliser::default();
-            let mut events: Vec<SseEvent> = Vec::new();
-            let fail = |message: String| GatewayError::UpstreamFailed { provider: provider.clone(), message };
-            loop {
-                let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
-                let next = match timeout(wait, body.next()).await {
-                    Err(_) => {
-                        yield Err(GatewayError::UpstreamTimeout { provider: provider.clone(), message: "the upstream stream stalled or passed its deadline".into() });
-                        return;
-                    }
-                    Ok(n) => n,
-                };
-                let finished = match next {
-                    Some(Ok(bytes)) => {
-                        if parser.feed(&bytes, &mut events).is_err() {
-                            yield Err(fail("an SSE event from the upstream was too large".into()));
-                            return;
-                        }
-                        false
-                    }
-                    Some(Err(e)) => {
-                        yield Err(fail(format!("the upstream stream broke: {}", error_chain(&e))));
-                        return;
-                    }
-                    None => {
-                        parser.finish(&mut events);
-                        true
-                    }
-                };
-                for ev in events.drain(..) {
-                    match norm.event(&ev) {
-                        Ok(Some(chunk)) => yield Ok(chunk),
-                        Ok(None) => {}
-                        Err(msg) => {
-                            yield Err(fail(msg));
-                            return;
-                        }
-                    }
-                    if norm.done {
-                        return;
-                    }
-                }
-                if finished {
-                    if !norm.saw_finish {
-                        yield Err(fail("the upstream stream ended before the answer was complete".into()));
-                    }
-                    return;
-                }
-            }
-        };
-        Ok(Box::pin(s))
+        Ok(decode_body(
+            resp,
+            provider,
+            idle,
+            deadline,
+            StreamNormaliser::default(),
+        ))
     }
 }
 
@@ -762,6 +715,18 @@ fn parse_error_body(body: &[u8]) -> ParsedError {
         }),
         code: s("code"),
         param: s("param"),
+    }
+}
+
+impl super::sse::ChunkDecoder for StreamNormaliser {
+    fn event(&mut self, ev: &SseEvent) -> Result<Option<ChatChunk>, String> {
+        StreamNormaliser::event(self, ev)
+    }
+    fn done(&self) -> bool {
+        self.done
+    }
+    fn saw_finish(&self) -> bool {
+        self.saw_finish
     }
 }
 

@@ -3,7 +3,14 @@
 //! Lines end in `\n`, `\r\n` or `\r`; `data:` lines of one event are joined with `\n`; comment lines
 //! (starting with `:`) are counted but produce no event; a blank line dispatches the event.
 
+use std::time::Duration;
+
 use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use tokio::time::{timeout, Instant};
+
+use crate::error::GatewayError;
+use crate::gateway::model::{ChatChunk, ChunkStream};
 
 /// One parsed event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +126,79 @@ impl SseParser {
         self.event = None;
         self.has_data = false;
     }
+}
+
+/// A dialect's per-stream decoder: turns upstream SSE events into internal chunks.
+pub trait ChunkDecoder: Send + 'static {
+    /// One event; `Err` ends the stream as an upstream failure.
+    fn event(&mut self, ev: &SseEvent) -> Result<Option<ChatChunk>, String>;
+    /// The upstream said the stream is over (e.g. `[DONE]`, `message_stop`).
+    fn done(&self) -> bool;
+    /// The answer reached its end (a finish reason was seen), so a closed body is complete.
+    fn saw_finish(&self) -> bool;
+}
+
+/// Reads an upstream SSE body with the idle and overall timeouts and decodes it into chunks. A body
+/// that breaks, stalls or closes before the answer is complete ends with an error item.
+pub fn decode_body<D: ChunkDecoder>(
+    resp: reqwest::Response,
+    provider: String,
+    idle: Duration,
+    deadline: Instant,
+    mut dec: D,
+) -> ChunkStream {
+    let mut body = resp.bytes_stream();
+    Box::pin(async_stream::stream! {
+        let mut parser = SseParser::new();
+        let mut events: Vec<SseEvent> = Vec::new();
+        let fail = |message: String| GatewayError::UpstreamFailed { provider: provider.clone(), message };
+        loop {
+            let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
+            let next = match timeout(wait, body.next()).await {
+                Err(_) => {
+                    yield Err(GatewayError::UpstreamTimeout { provider: provider.clone(), message: "the upstream stream stalled or passed its deadline".into() });
+                    return;
+                }
+                Ok(n) => n,
+            };
+            let finished = match next {
+                Some(Ok(bytes)) => {
+                    if parser.feed(&bytes, &mut events).is_err() {
+                        yield Err(fail("an SSE event from the upstream was too large".into()));
+                        return;
+                    }
+                    false
+                }
+                Some(Err(e)) => {
+                    yield Err(fail(format!("the upstream stream broke: {}", super::openai_compat::error_chain(&e))));
+                    return;
+                }
+                None => {
+                    parser.finish(&mut events);
+                    true
+                }
+            };
+            for ev in events.drain(..) {
+                match dec.event(&ev) {
+                    Ok(Some(chunk)) => yield Ok(chunk),
+                    Ok(None) => {}
+                    Err(msg) => {
+                        yield Err(fail(msg));
+                        return;
+                    }
+                }
+                if dec.done() {
+                    return;
+                }
+            }
+            if finished {
+                if !dec.saw_finish() {
+                    yield Err(fail("the upstream stream ended before the answer was complete".into()));
+                }
+                return;
+            }
+        }
+    })
 }
 
 #[cfg(test)]
