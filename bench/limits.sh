@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Added latency of the rate-limit check, at a fixed 1,000 req/s (open loop, oha -q), through a
-# loopback fake upstream (bench-floor's `gwbench mock`, zero delay):
-#   none    a key without a plan (the limiter is skipped)           -> baseline
-#   memory  a key whose plan sets rpm, tpm, max_concurrent, rpd, tpd and spend caps, in process
-#   redis   the same plan, every check one Lua EVALSHA on a local redis-server
-# Limits are far above the offered load, so every request is admitted and the difference to the
-# baseline is the cost of the check and its settlement. Billing (SQLite) is on in all three cases
-# (keys are database keys), so its cost is in the baseline too.
+# Added latency of the rate-limit check at a fixed 1,000 req/s (open loop, oha -q, latency
+# correction), through a loopback fake upstream (bench-floor's `gwbench mock`, zero delay).
 #
-#   bench/limits.sh                 # RATE=1000 SECS=20 CONNS=32
-# Prints one line per case (p50/p90/p99 in ms, achieved req/s, non-200 count) and writes them to
+# Three tollgate servers (release build) run side by side on one SQLite store:
+#   mem     in-process limiter            plan and overrides read from the database per request
+#   redis   limiter in a local redis-server (one Lua EVALSHA per check, one per settlement)
+#   cached  in-process, `[limits] subject_cache_ms = 60000` (plan/overrides read once a minute)
+# and each round measures, in a rotating order, these cases:
+#   off          mem,    a key whose account has no plan (the limiter is skipped)  -> baseline
+#   memory       mem,    a key whose plan sets rpm, tpm, max_concurrent, rpd, tpd and spend caps
+#   redis_off    redis,  the no-plan key                                           -> baseline
+#   redis        redis,  the limited key
+#   cached_off   cached, the no-plan key: the same as `off` minus the per-request database read
+# Limits are far above the offered load, so every request is admitted; "added" is limited minus
+# off on the same server in the same round (median over rounds). Billing (SQLite) is on in every
+# case (keys are database keys), so its cost is in the baselines too.
+#
+#   flock /work/notes/bench.lock bench/limits.sh      # RATE=1000 SECS=10 ROUNDS=3 CONNS=32
+# Prints one line per measurement and a summary table; writes both to
 # bench/results/limits-<time>.txt. Tools: oha (.tools/bin/oha or $OHA; `cargo install oha` once),
 # gwbench ($GWBENCH, or built from /work/shared/bench-floor), redis-server (Debian package).
 # Everything runs on 127.0.0.1 and is stopped by PID on exit.
@@ -17,7 +25,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RATE=${RATE:-1000}
-SECS=${SECS:-20}
+SECS=${SECS:-10}
+ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-32}
 TOOLS=${TOOLS:-$ROOT/.tools}
 OHA=${OHA:-$TOOLS/bin/oha}
@@ -40,7 +49,7 @@ trap cleanup EXIT
 
 log() { printf '[limits-bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+wait_port() { for _ in $(seq 1 400); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 
 if [ ! -x "$OHA" ]; then
     log "installing oha into $TOOLS (once)"
@@ -65,7 +74,8 @@ PIDS+=($!)
 wait_port "$UP_PORT"
 wait_port "$REDIS_PORT"
 
-cat >"$WORK/tollgate.toml" <<EOF
+config() { # config CACHE_MS
+    cat <<EOF
 [server]
 listen = "127.0.0.1:0"
 metrics = false
@@ -73,6 +83,8 @@ metrics = false
 required = true
 [database]
 url = "sqlite://$WORK/tollgate.db"
+[limits]
+subject_cache_ms = $1
 [[providers]]
 name = "mock"
 dialect = "openai"
@@ -94,6 +106,9 @@ tokens_per_day = 1000000000
 spend_cap_daily_usd = 1000000.0
 spend_cap_monthly_usd = 1000000.0
 EOF
+}
+config 0 >"$WORK/tollgate.toml"
+config 60000 >"$WORK/cached.toml"
 export TOLLGATE_SECRET=limits-bench-secret-0123456789abcdef
 tg() { "$TOLLGATE" --config "$WORK/tollgate.toml" "$@"; }
 tg accounts create none >/dev/null
@@ -103,37 +118,75 @@ KEY_NONE=$(tg keys create --account none)
 KEY_LIMITED=$(tg keys create --account limited)
 BODY='{"model":"m","messages":[{"role":"user","content":"Say something short."}],"max_tokens":32}'
 
-# run NAME KEY [ARGS...]: start tollgate with ARGS, warm up, measure at RATE for SECS.
-run() {
-    local name=$1 key=$2; shift 2
+declare -A PORT
+serve() { # serve NAME CONFIG [ARGS...]
+    local name=$1 cfg=$2; shift 2
     local port; port=$(free_port)
-    RUST_LOG=warn "$TOLLGATE" --config "$WORK/tollgate.toml" serve --listen "127.0.0.1:$port" "$@" >"$WORK/tg-$name.log" 2>&1 &
-    local pid=$!
-    PIDS+=("$pid")
+    RUST_LOG=warn "$TOLLGATE" --config "$cfg" serve --listen "127.0.0.1:$port" "$@" >"$WORK/tg-$name.log" 2>&1 &
+    PIDS+=($!)
     wait_port "$port"
-    local url="http://127.0.0.1:$port/v1/chat/completions"
-    "$OHA" --no-tui -q "$RATE" -z 3s -c "$CONNS" -m POST -H "authorization: Bearer $key" \
-        -H 'content-type: application/json' -d "$BODY" "$url" >/dev/null 2>&1 || true
-    "$OHA" --no-tui --latency-correction --output-format json -q "$RATE" -z "${SECS}s" -c "$CONNS" -m POST \
-        -H "authorization: Bearer $key" -H 'content-type: application/json' -d "$BODY" "$url" \
-        >"$WORK/$name.json"
-    kill "$pid" 2>/dev/null || true
-    python3 - "$name" "$WORK/$name.json" <<'PY'
+    PORT[$name]=$port
+}
+serve mem "$WORK/tollgate.toml"
+serve redis "$WORK/tollgate.toml" --redis-url "redis://127.0.0.1:$REDIS_PORT/"
+serve cached "$WORK/cached.toml"
+
+declare -A SERVER=([off]=mem [memory]=mem [redis_off]=redis [redis]=redis [cached_off]=cached)
+declare -A KEY=([off]=$KEY_NONE [memory]=$KEY_LIMITED [redis_off]=$KEY_NONE [redis]=$KEY_LIMITED [cached_off]=$KEY_NONE)
+CASES=(off memory redis_off redis cached_off)
+
+oha_run() { # oha_run CASE SECONDS OUTFILE
+    local url="http://127.0.0.1:${PORT[${SERVER[$1]}]}/v1/chat/completions"
+    "$OHA" --no-tui --latency-correction --output-format json -q "$RATE" -z "$2" -c "$CONNS" -m POST \
+        -H "authorization: Bearer ${KEY[$1]}" -H 'content-type: application/json' -d "$BODY" "$url" >"$3"
+}
+
+{
+    echo "# tollgate limiter overhead, $(date -u +%FT%TZ), git $(cd "$ROOT" && git rev-parse --short HEAD), RATE=$RATE/s SECS=$SECS ROUNDS=$ROUNDS CONNS=$CONNS, $(nproc) CPUs, load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    for c in "${CASES[@]}"; do oha_run "$c" 2s /dev/null || true; done   # warm-up
+    for r in $(seq 1 "$ROUNDS"); do
+        # rotate the order every round
+        n=${#CASES[@]}
+        for i in $(seq 0 $((n - 1))); do
+            c=${CASES[$(( (i + r - 1) % n ))]}
+            oha_run "$c" "${SECS}s" "$WORK/$c-$r.json"
+            python3 - "$c" "$r" "$WORK/$c-$r.json" <<'PY'
 import json, sys
-name, path = sys.argv[1], sys.argv[2]
+name, rnd, path = sys.argv[1], sys.argv[2], sys.argv[3]
 d = json.load(open(path))
 p = d["latencyPercentiles"]
 codes = d.get("statusCodeDistribution", {})
 bad = sum(v for k, v in codes.items() if k != "200")
-print(f"{name:7s} p50 {p['p50']*1000:7.3f} ms  p90 {p['p90']*1000:7.3f} ms  p99 {p['p99']*1000:7.3f} ms  "
-      f"rps {d['summary']['requestsPerSec']:8.1f}  non-200 {bad}")
+print(f"round {rnd} {name:10s} p50 {p['p50']*1000:7.3f} ms  p90 {p['p90']*1000:7.3f} ms  p99 {p['p99']*1000:7.3f} ms  "
+      f"rps {d['summary']['requestsPerSec']:8.1f}  non-200 {bad}", flush=True)
 PY
-}
-
-{
-    echo "# tollgate limiter overhead, $(date -u +%FT%TZ), RATE=$RATE/s SECS=$SECS CONNS=$CONNS, $(nproc) CPUs"
-    run none "$KEY_NONE"
-    run memory "$KEY_LIMITED"
-    run redis "$KEY_LIMITED" --redis-url "redis://127.0.0.1:$REDIS_PORT/"
+        done
+        echo "round $r load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+    done
+    python3 - "$WORK" "$ROUNDS" <<'PY'
+import json, statistics, sys
+work, rounds = sys.argv[1], int(sys.argv[2])
+cases = ["off", "memory", "redis_off", "redis", "cached_off"]
+d = {(c, r): json.load(open(f"{work}/{c}-{r}.json")) for c in cases for r in range(1, rounds + 1)}
+def pct(c, r, q): return d[(c, r)]["latencyPercentiles"][q] * 1000
+med = statistics.median
+print()
+print("| case | p50 ms | p90 ms | p99 ms | req/s | non-200 |")
+print("|---|---|---|---|---|---|")
+for c in cases:
+    bad = sum(v for r in range(1, rounds + 1) for k, v in d[(c, r)].get("statusCodeDistribution", {}).items() if k != "200")
+    print(f"| {c} | {med(pct(c, r, 'p50') for r in range(1, rounds + 1)):.3f} | "
+          f"{med(pct(c, r, 'p90') for r in range(1, rounds + 1)):.3f} | "
+          f"{med(pct(c, r, 'p99') for r in range(1, rounds + 1)):.3f} | "
+          f"{med(d[(c, r)]['summary']['requestsPerSec'] for r in range(1, rounds + 1)):.0f} | {bad} |")
+print()
+print("| added (median of per-round differences) | p50 ms | p90 ms | p99 ms |")
+print("|---|---|---|---|")
+for label, a, b in [("limiter, in process (memory − off)", "memory", "off"),
+                    ("limiter, Redis (redis − redis_off)", "redis", "redis_off"),
+                    ("plan + overrides read per request (off − cached_off)", "off", "cached_off")]:
+    row = [med(pct(a, r, q) - pct(b, r, q) for r in range(1, rounds + 1)) for q in ("p50", "p90", "p99")]
+    print(f"| {label} | " + " | ".join(f"{x:+.3f}" for x in row) + " |")
+PY
 } | tee "$REPORT"
 log "written to $REPORT"
