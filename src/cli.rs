@@ -105,6 +105,10 @@ pub fn main() -> ExitCode {
             if let Some(u) = cli.database_url {
                 cfg.database_url = u;
             }
+            if let Err(e) = check_plan(&cfg, &cmd) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
             let settings = crate::billing::BillingSettings::from_config(&cfg);
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -125,6 +129,40 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// A plan given to `accounts set-plan` must be one of `[[plans]]` in the config; one given to
+/// `accounts create --plan` only gets a warning when it is not (it applies once it is defined).
+fn check_plan(cfg: &Config, cmd: &crate::billing::cli::BillingCommand) -> Result<(), String> {
+    use crate::billing::cli::{AccountsCmd, BillingCommand};
+    let known = || {
+        let names: Vec<&str> = cfg.plans.iter().map(|p| p.name.as_str()).collect();
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    match cmd {
+        BillingCommand::Accounts(AccountsCmd::SetPlan { plan, .. })
+            if plan != "none" && cfg.plan(plan).is_none() =>
+        {
+            Err(format!(
+                "there is no plan {plan:?} in the config (known: {}); use `none` for no plan",
+                known()
+            ))
+        }
+        BillingCommand::Accounts(AccountsCmd::Create {
+            plan: Some(plan), ..
+        }) if cfg.plan(plan).is_none() => {
+            eprintln!(
+                "warning: there is no plan {plan:?} in the config (known: {}); the account has no limits until it is defined",
+                known()
+            );
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 

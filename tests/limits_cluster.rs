@@ -343,3 +343,97 @@ tokens_per_minute = 100
     let s = burst(&c, &nodes, &trial, 12).await;
     assert_eq!(count(&s, 200), 4, "{s:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn override_set_on_one_instance_applies_on_all_at_the_next_request() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = FakeUpstream::start(0).await;
+    let cl = three(&up, &redis, "").await;
+    let nodes = &cl.nodes;
+    let c = reqwest::Client::new();
+    let base = |i: usize| format!("http://{}", nodes[i].addr);
+    // `free` may do 12 a day; 2 used through node 0.
+    for _ in 0..2 {
+        assert_eq!(chat(&c, &base(0), &cl.free, false).await.0, 200);
+    }
+    // Node 1 lowers the account's daily quota to 3; nodes 2 and 0 enforce it at once.
+    let r = c
+        .patch(nodes[1].url("/admin/v1/accounts/free/limits"))
+        .bearer_auth(&cl.admin)
+        .json(&serde_json::json!({"requests_per_day": 3}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(chat(&c, &base(2), &cl.free, false).await.0, 200);
+    let (status, _, body) = chat(&c, &base(0), &cl.free, false).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "daily_quota_exceeded");
+    // Node 2 moves the account to the 10-per-minute plan and drops the override: node 0 admits.
+    let r = c
+        .patch(nodes[2].url("/admin/v1/accounts/free"))
+        .bearer_auth(&cl.admin)
+        .json(&serde_json::json!({"plan": "ten_rpm", "limits": {"requests_per_day": null}}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status().as_u16(), 200);
+    let (status, h, _) = chat(&c, &base(0), &cl.free, false).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("x-ratelimit-limit-requests")
+            .and_then(|v| v.to_str().ok()),
+        Some("10")
+    );
+    // A key override on node 0 applies on node 1: one request per minute for this key.
+    let r = c
+        .patch(nodes[0].url(&format!("/admin/v1/keys/{}/limits", &cl.free[..11])))
+        .bearer_auth(&cl.admin)
+        .json(&serde_json::json!({"requests_per_minute": 1}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status().as_u16(), 200);
+    let (status, _, body) = chat(&c, &base(1), &cl.free, false).await;
+    assert_eq!(status, 429, "the bucket already holds one request: {body}");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_fail_open_keeps_daily_quota_from_last_shared_usage() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let up = FakeUpstream::start(0).await;
+    let mut cl = three(
+        &up,
+        &redis,
+        "[limits]\non_redis_down = \"fail_open\"\nfail_open_local_cap = 100\n",
+    )
+    .await;
+    let free = cl.free.clone();
+    let nodes = &mut cl.nodes;
+    let c = reqwest::Client::new();
+    // 10 of the 12 a day, one at a time, round-robin: node 0 last saw 10 used, node 1 8, node 2 9.
+    for i in 0..10 {
+        let base = format!("http://{}", nodes[i % 3].addr);
+        assert_eq!(chat(&c, &base, &free, false).await.0, 200);
+    }
+    redis.kill();
+    // Each instance alone now admits what was left when it last saw the shared count.
+    for (i, left) in [(0, 2), (1, 4), (2, 3)] {
+        let s = burst(&c, std::slice::from_ref(&nodes[i]), &free, 6).await;
+        assert_eq!(count(&s, 200), left, "node {i}: {s:?}");
+        let base = format!("http://{}", nodes[i].addr);
+        let (status, _, body) = chat(&c, &base, &free, false).await;
+        assert_eq!(status, 429);
+        assert_eq!(body["error"]["code"], "daily_quota_exceeded", "{body}");
+    }
+    for n in nodes.iter_mut() {
+        assert!(n.alive());
+    }
+}

@@ -301,3 +301,214 @@ async fn admin_limits_endpoint_needs_admin_and_reports_usage() {
         .expect("json");
     assert_eq!(ready["limits"]["backend"], "memory");
 }
+
+async fn admin_call(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    admin: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut r = c.request(method, url).bearer_auth(admin);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.expect("admin request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+/// Plan changes and overrides, made through the CLI and the admin API while the server runs, are
+/// enforced from the very next request.
+async fn changes_apply_on_next_request(stack: Stack, up: &FakeUpstream) {
+    let key = stack.account("acme", None);
+    let admin = stack.admin();
+    let tg = stack.start(&[]);
+    let c = reqwest::Client::new();
+    let base = format!("http://{}", tg.addr);
+    let patch = reqwest::Method::PATCH;
+
+    // No plan: unlimited, no rate headers.
+    for _ in 0..4 {
+        let (status, h, _) = chat(&c, &base, &key, false).await;
+        assert_eq!(status, 200);
+        assert!(header(&h, "x-ratelimit-limit-requests").is_none());
+    }
+    // The plan is changed by the CLI: 3 per minute from the next request on.
+    assert!(stack
+        .cli(&["accounts", "set-plan", "acme", "three_rpm"])
+        .contains("plan=three_rpm"));
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(chat(&c, &base, &key, false).await.0);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 429]);
+
+    // An unknown plan is refused; `null` removes the plan: unlimited again at once.
+    let url = format!("{base}/admin/v1/accounts/acme");
+    let (status, v) = admin_call(
+        &c,
+        patch.clone(),
+        url.clone(),
+        &admin,
+        Some(serde_json::json!({"plan": "nope"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = admin_call(
+        &c,
+        patch.clone(),
+        url.clone(),
+        &admin,
+        Some(serde_json::json!({"plan": null})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["plan"].is_null(), "{v}");
+    let (status, h, _) = chat(&c, &base, &key, false).await;
+    assert_eq!(status, 200);
+    assert!(header(&h, "x-ratelimit-limit-requests").is_none());
+
+    // The admin API assigns a daily plan: 2 more today, then a refusal SDKs must not retry now.
+    let (status, v) = admin_call(
+        &c,
+        patch.clone(),
+        url.clone(),
+        &admin,
+        Some(serde_json::json!({"plan": "two_a_day"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["plan"], "two_a_day");
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let (status, h, body) = chat(&c, &base, &key, false).await;
+        statuses.push(status);
+        if status == 429 {
+            assert_eq!(body["error"]["code"], "daily_quota_exceeded", "{body}");
+            assert_eq!(header(&h, "x-should-retry").as_deref(), Some("false"));
+            assert!(header(&h, "retry-after").is_some());
+        }
+    }
+    assert_eq!(statuses, vec![200, 200, 429]);
+
+    // An account override (CLI) raises the daily quota to 3: one more, then refused.
+    let out = stack.cli(&["accounts", "limits", "acme", "--requests-per-day", "3"]);
+    assert!(out.contains("requests_per_day\t3"), "{out}");
+    let (status, h, _) = chat(&c, &base, &key, false).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&h, "x-ratelimit-limit-requests").as_deref(),
+        Some("3")
+    );
+    assert_eq!(chat(&c, &base, &key, false).await.0, 429);
+
+    // A key override that the request can never fit: 429 without Retry-After, not retryable.
+    let key_url = format!("{base}/admin/v1/keys/{}/limits", prefix(&key));
+    let (status, v) = admin_call(
+        &c,
+        patch.clone(),
+        key_url.clone(),
+        &admin,
+        Some(serde_json::json!({"tokens_per_minute": 10})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["overrides"]["key"]["tokens_per_minute"], 10, "{v}");
+    assert_eq!(v["effective"]["key"]["tokens_per_minute"], 10, "{v}");
+    assert_eq!(v["effective"]["account"]["requests_per_day"], 3, "{v}");
+    let (status, h, body) = chat(&c, &base, &key, false).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Request too large"),
+        "{body}"
+    );
+    assert_eq!(header(&h, "x-should-retry").as_deref(), Some("false"));
+    assert!(header(&h, "retry-after").is_none());
+    assert!(header(&h, "retry-after-ms").is_none());
+
+    // Clear the key's overrides (DELETE) and raise the account's (PATCH): admitted again.
+    let (status, v) = admin_call(&c, reqwest::Method::DELETE, key_url.clone(), &admin, None).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["overrides"]["key"]["tokens_per_minute"].is_null(), "{v}");
+    let acct_url = format!("{base}/admin/v1/accounts/acme/limits");
+    let (status, v) = admin_call(
+        &c,
+        patch.clone(),
+        acct_url.clone(),
+        &admin,
+        Some(serde_json::json!({"requests_per_day": 10, "spend_cap_daily_usd": "5"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["overrides"]["requests_per_day"], 10, "{v}");
+    assert_eq!(v["overrides"]["spend_cap_daily_usd"], 5.0, "{v}");
+    let (status, h, _) = chat(&c, &base, &key, false).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&h, "x-ratelimit-limit-requests").as_deref(),
+        Some("10")
+    );
+    let (status, v) = admin_call(&c, reqwest::Method::GET, acct_url.clone(), &admin, None).await;
+    assert_eq!(status, 200, "{v}");
+    let rpd = v["limits"]
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["limit"] == "requests_per_day").cloned())
+        .expect("requests_per_day usage");
+    assert_eq!(rpd["used"], 4, "{v}");
+    assert_eq!(rpd["max"], 10, "{v}");
+    // Bad input is refused with 400; a customer key may not change limits.
+    let (status, _) = admin_call(
+        &c,
+        patch.clone(),
+        acct_url.clone(),
+        &admin,
+        Some(serde_json::json!({"requests_per_minute": 0})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = admin_call(
+        &c,
+        patch.clone(),
+        acct_url.clone(),
+        &key,
+        Some(serde_json::json!({"requests_per_day": 100})),
+    )
+    .await;
+    assert_eq!(status, 403);
+    // The CLI clears the account's overrides: back to the plan's 2 a day (already used up).
+    let out = stack.cli(&["accounts", "limits", "acme", "--clear"]);
+    assert!(out.contains("requests_per_day\t-"), "{out}");
+    let (status, _, body) = chat(&c, &base, &key, false).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["code"], "daily_quota_exceeded");
+    // An unknown plan is refused by the CLI too.
+    let out = std::process::Command::new(limits_support::BIN)
+        .arg("--config")
+        .arg(&stack.config)
+        .args(["accounts", "set-plan", "acme", "nope"])
+        .env("TOLLGATE_SECRET", limits_support::SECRET)
+        .output()
+        .expect("cli");
+    assert!(!out.status.success());
+    assert!(up.hits() > 0);
+}
+
+#[tokio::test]
+async fn plan_and_override_changes_apply_on_next_request_sqlite() {
+    let up = FakeUpstream::start(0).await;
+    let stack = Stack::sqlite(&up.base_url(), &plans(""));
+    changes_apply_on_next_request(stack, &up).await;
+}
+
+/// The same on PostgreSQL (`TOLLGATE_TEST_PG_URL`, as `make test` sets it; SQLite without it).
+#[tokio::test]
+async fn plan_and_override_changes_apply_on_next_request_postgres() {
+    let up = FakeUpstream::start(0).await;
+    let stack = Stack::shared(&up.base_url(), &plans("")).await;
+    changes_apply_on_next_request(stack, &up).await;
+}

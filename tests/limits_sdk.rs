@@ -1,5 +1,6 @@
 //! Runs tests/contract/limits/test_sdk_retry.py: the official `openai` Python SDK, with default
-//! retries, recovers from a tollgate 429 using only `retry-after-ms` / `Retry-After`.
+//! retries, recovers from a tollgate 429 using only `retry-after-ms` / `Retry-After`, and does not
+//! retry a request that can never fit (`x-should-retry: false`).
 //! Needs the venv made by scripts/contract-deps.sh (`.venv/` with `openai` and `pytest`), or a
 //! Python named by `TOLLGATE_TEST_PYTHON`; skipped without one unless `CI` is set.
 
@@ -39,9 +40,10 @@ async fn openai_sdk_default_retries_recover_from_429() {
     let up = FakeUpstream::start(0).await;
     let stack = Stack::sqlite(
         &up.base_url(),
-        "[[plans]]\nname = \"twelve\"\nrequests_per_minute = 12\n",
+        "[[plans]]\nname = \"twelve\"\nrequests_per_minute = 12\n[[plans]]\nname = \"small\"\ntokens_per_minute = 40\n",
     );
     let key = stack.account("acme", Some("twelve"));
+    let small = stack.account("tiny", Some("small"));
     let tg = stack.start(&[]);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/contract/limits");
     let base = format!("http://{}", tg.addr);
@@ -51,6 +53,7 @@ async fn openai_sdk_default_retries_recover_from_429() {
             .arg(&script)
             .env("TOLLGATE_BASE_URL", base)
             .env("TOLLGATE_KEY", key)
+            .env("TOLLGATE_SMALL_KEY", small)
             .output()
     })
     .await
@@ -62,7 +65,8 @@ async fn openai_sdk_default_retries_recover_from_429() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pytest failed:\n{text}");
-    assert!(text.contains("1 passed"), "{text}");
-    // 12 in the burst + 1 after the retry; the refused attempts never reached the upstream.
+    assert!(text.contains("2 passed"), "{text}");
+    // 12 in the burst + 1 after the retry; the refused attempts (and the request too large for
+    // its key's tokens per minute) never reached the upstream.
     assert_eq!(up.hits(), 13);
 }

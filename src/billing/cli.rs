@@ -1,4 +1,5 @@
-//! CLI commands for billing: `accounts`, `credits`, `keys`, `prices`, `usage`, `ledger`.
+//! CLI commands for billing: `accounts`, `credits`, `keys`, `prices`, `usage`, `ledger` (and the
+//! limits parts of `accounts` / `keys`: plans and limit overrides).
 //!
 //! The top-level `src/cli.rs` embeds [`BillingCommand`] and calls [`run`] with the same
 //! `--config` / `--database-url` resolution as `serve`, so the CLI acts on the server's store.
@@ -24,6 +25,15 @@ pub enum AccountsCmd {
     List,
     /// Show one account.
     Show { name: String },
+    /// Change an account's plan (a `[[plans]]` name, or `none`); applies to its next request.
+    SetPlan { name: String, plan: String },
+    /// Show, set (`--requests-per-minute 5`) or clear (`none`, `--clear`) the account's limit
+    /// overrides; each set value replaces the plan's.
+    Limits {
+        name: String,
+        #[command(flatten)]
+        limits: crate::limits::overrides::LimitArgs,
+    },
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -72,6 +82,12 @@ pub enum KeysCmd {
     Revoke { prefix: String },
     /// Set (USD) or clear (`none`) a key's spend cap.
     SetCap { prefix: String, usd: String },
+    /// Show, set or clear the key's own limit overrides (they replace the account's values).
+    Limits {
+        prefix: String,
+        #[command(flatten)]
+        limits: crate::limits::overrides::LimitArgs,
+    },
 }
 
 /// Arguments of `prices set`.
@@ -155,6 +171,24 @@ fn usd_arg(s: &str) -> Result<i64, BillingError> {
     parse_usd(s).map_err(|e| BillingError::Invalid(e.to_string()))
 }
 
+/// Applies `args` to the overrides of `target` (if any are given) and prints the result.
+async fn limit_overrides(
+    billing: &Billing,
+    target: crate::limits::overrides::Target<'_>,
+    args: &crate::limits::overrides::LimitArgs,
+    out: &mut dyn Write,
+) -> Result<(), BillingError> {
+    use crate::limits::overrides;
+    let patch = args.patch().map_err(BillingError::Invalid)?;
+    let now = if patch.is_empty() {
+        overrides::read(billing.store(), target).await?
+    } else {
+        overrides::apply(billing.store(), target, &patch).await?
+    };
+    write!(out, "{}", overrides::to_lines(&now))
+        .map_err(|e| BillingError::Invalid(format!("write failed: {e}")))
+}
+
 /// Opens the store described by `settings` and runs one command, writing results to `out`
 /// (machine-usable lines) and notes to stderr.
 pub async fn run(
@@ -207,6 +241,23 @@ pub async fn run_with(
                 format_usd(a.held_micros)
             )
             .map_err(io)?;
+        }
+        BillingCommand::Accounts(AccountsCmd::SetPlan { name, plan }) => {
+            let plan = (plan != "none").then_some(plan);
+            if !crate::limits::overrides::set_plan(billing.store(), &name, plan.as_deref()).await? {
+                return Err(BillingError::NotFound(format!("account {name}")));
+            }
+            writeln!(out, "{name}\tplan={}", plan.as_deref().unwrap_or("none")).map_err(io)?;
+        }
+        BillingCommand::Accounts(AccountsCmd::Limits { name, limits }) => {
+            let a = billing.account(&name).await?;
+            let target = crate::limits::overrides::Target::Account(&a.id);
+            limit_overrides(billing, target, &limits, out).await?;
+        }
+        BillingCommand::Keys(KeysCmd::Limits { prefix, limits }) => {
+            let k = billing.key(&prefix).await?;
+            let target = crate::limits::overrides::Target::Key(&k.id);
+            limit_overrides(billing, target, &limits, out).await?;
         }
         BillingCommand::Credits(CreditsCmd::Add {
             account,

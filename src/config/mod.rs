@@ -142,6 +142,7 @@ struct RawLimits {
     timezone: Option<String>,
     redis_timeout_ms: Option<u64>,
     concurrency_lease_secs: Option<u64>,
+    subject_cache_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +316,9 @@ pub struct LimitsConfig {
     pub redis_timeout: Duration,
     /// A concurrency slot whose holder vanished (crash) is freed after this long.
     pub concurrency_lease: Duration,
+    /// How long an instance may reuse a key's plan and overrides read from the database; 0 (the
+    /// default) reads them on every request, so changes apply to the next request everywhere.
+    pub subject_cache: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -327,6 +331,7 @@ impl Default for LimitsConfig {
             timezone: "UTC".to_string(),
             redis_timeout: Duration::from_millis(250),
             concurrency_lease: Duration::from_secs(900),
+            subject_cache: Duration::ZERO,
         }
     }
 }
@@ -902,6 +907,9 @@ fn resolve_limits(raw: RawLimits) -> Result<LimitsConfig, String> {
             .concurrency_lease_secs
             .map(|s| Duration::from_secs(s.max(1)))
             .unwrap_or(d.concurrency_lease),
+        subject_cache: raw
+            .subject_cache_ms
+            .map_or(d.subject_cache, Duration::from_millis),
     })
 }
 

@@ -129,7 +129,7 @@ async fn admin(b: &Billing, headers: &HeaderMap) -> Result<Principal, ApiError> 
     Ok(p)
 }
 
-fn account_json(a: &AccountRow) -> Value {
+pub(crate) fn account_json(a: &AccountRow) -> Value {
     json!({
         "object": "account",
         "id": a.id,

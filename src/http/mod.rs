@@ -18,7 +18,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde_json::json;
 
@@ -54,7 +54,20 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .route("/admin/v1/keys/{prefix}/limits", get(limits::key_limits))
+        .route(
+            "/admin/v1/keys/{prefix}/limits",
+            get(limits::key_limits)
+                .patch(limits::patch_key_limits)
+                .delete(limits::clear_key_limits),
+        )
+        .route(
+            "/admin/v1/accounts/{name}/limits",
+            get(limits::account_limits)
+                .patch(limits::patch_account_limits)
+                .delete(limits::clear_account_limits),
+        )
+        // GET of the same path is billing's (admin router, merged below)
+        .route("/admin/v1/accounts/{name}", patch(limits::patch_account))
         .route("/admin/v1/routes/health", get(routes_health))
         .fallback(not_found)
         .layer(middleware::from_fn(limits::rate_headers))

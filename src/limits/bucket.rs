@@ -1,4 +1,4 @@
-//! GCRA arithmetic for per-minute limits, in exact integers (mirrored line by line in `lua/admit.lua`).
+//! GCRA arithmetic for per-minute limits, in exact integers (mirrored line by line in `lua/limits.lua`).
 //!
 //! A limit of `L` units per period `P` ms is a bucket whose `level` is the GCRA "theoretical
 //! arrival time minus now", scaled by `L` so every quantity is an integer: one unit costs `P`,
@@ -8,6 +8,8 @@
 //! of `d` ms at most `L + floor(d * L / P)` units are admitted.
 //!
 //! Values stay below 2^53 (limits ≤ 1e9, P = 60 000), so Lua's doubles compute the same numbers.
+//! A correction upwards (a request used more than it reserved) may leave the level above `P * L`;
+//! it then drains for longer than a period, like any GCRA debt.
 
 /// The period of per-minute limits.
 pub const MINUTE_MS: i64 = 60_000;
@@ -22,8 +24,23 @@ pub struct Bucket {
 impl Bucket {
     /// The level at `now`, after draining since `last_ms` (a clock that went backwards drains nothing).
     pub fn level_at(&self, now: i64, limit: i64) -> i64 {
-        let elapsed = (now - self.last_ms).clamp(0, MINUTE_MS + 1);
-        (self.level - elapsed * limit).max(0)
+        let elapsed = (now - self.last_ms).max(0);
+        // Compared before multiplying, so a long idle time cannot overflow.
+        if elapsed >= self.drain_ms(limit) {
+            0
+        } else {
+            self.level - elapsed * limit
+        }
+    }
+
+    /// Milliseconds the stored level needs to drain completely.
+    fn drain_ms(&self, limit: i64) -> i64 {
+        ceil_div(self.level.max(0), limit)
+    }
+
+    /// The instant (ms) from which the bucket is empty.
+    pub fn drained_at(&self, limit: i64) -> i64 {
+        self.last_ms.saturating_add(self.drain_ms(limit))
     }
 
     /// Milliseconds until `cost` more units fit, or `None` when `cost` exceeds the whole limit.
@@ -131,6 +148,22 @@ mod tests {
         // Correction never drives the level below empty.
         b.add(0, lim, -10_000);
         assert_eq!(b.level, 0);
+    }
+
+    #[test]
+    fn debt_from_an_upward_correction_drains_fully() {
+        // 10 tokens/min, 10 reserved, 25 actually used: 15 more than a full bucket.
+        let mut b = Bucket::default();
+        b.add(0, 10, 10);
+        b.add(0, 10, 15);
+        assert_eq!(b.level, 25 * MINUTE_MS);
+        // Full again only after 2.5 minutes, not after one (no clamp at one period).
+        assert_eq!(b.reset_ms(60_001, 10), 89_999);
+        assert_eq!(b.wait_ms(60_001, 10, 1), Some(95_999 - 60_001 + 1));
+        assert_eq!(b.wait_ms(96_000, 10, 1), Some(0));
+        assert_eq!(b.drained_at(10), 150_000);
+        assert_eq!(b.level_at(150_000, 10), 0);
+        assert_eq!(b.level_at(i64::MAX, 10), 0);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The in-process backend: every limit's state in one mutex-guarded map, on the instance's clock.
-//! Same algorithm and numbers as the Redis script; one instance only.
+//! Same algorithm and numbers as the Redis script; one instance only. Entries that hold nothing
+//! any more (buckets drained, no lease, counters of a past day and month) are evicted by a sweep at
+//! most once per [`SWEEP_EVERY_MS`], as Redis expires the same state.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,6 +10,9 @@ use std::time::Duration;
 use super::bucket::Bucket;
 use super::calendar::{Window, Zone};
 use super::{Clock, Decision, Demand, LimitKind, LimitStatus, Refusal, Scope, Settlement};
+
+/// How often (instance clock) idle entries are swept out.
+pub const SWEEP_EVERY_MS: i64 = 60_000;
 
 #[derive(Debug, Default)]
 struct ScopeState {
@@ -21,9 +26,25 @@ struct ScopeState {
     day_spend: u64,
     month: i64,
     month_spend: u64,
+    /// From this instant (ms) both buckets are empty.
+    busy_until: i64,
 }
 
 impl ScopeState {
+    /// Records that a bucket changed, so the entry is kept until it has drained.
+    fn touch(&mut self, b: Bucket, limit: i64) {
+        self.busy_until = self.busy_until.max(b.drained_at(limit));
+    }
+
+    /// Whether the entry holds nothing that a later request could need (`leases` already pruned).
+    fn idle(&self, now: i64, w: &Window) -> bool {
+        self.busy_until <= now
+            && self.leases.is_empty()
+            && (self.day != w.day
+                || (self.day_requests == 0 && self.day_tokens == 0 && self.day_spend == 0))
+            && (self.month != w.month || self.month_spend == 0)
+    }
+
     /// Rolls the calendar counters over to `w` (a new day/month starts at zero).
     fn roll(&mut self, w: &Window) {
         if self.day != w.day {
@@ -44,7 +65,27 @@ pub struct MemoryBackend {
     zone: Zone,
     clock: Arc<dyn Clock>,
     lease_ms: i64,
-    state: Mutex<HashMap<String, ScopeState>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    map: HashMap<String, ScopeState>,
+    swept_at: i64,
+}
+
+impl State {
+    /// Drops idle entries, at most once per `SWEEP_EVERY_MS`.
+    fn sweep(&mut self, now: i64, w: &Window) {
+        if now - self.swept_at < SWEEP_EVERY_MS && now >= self.swept_at {
+            return;
+        }
+        self.swept_at = now;
+        self.map.retain(|_, st| {
+            st.leases.retain(|_, exp| *exp > now);
+            !st.idle(now, w)
+        });
+    }
 }
 
 fn i(v: u64) -> i64 {
@@ -61,21 +102,75 @@ impl MemoryBackend {
             zone,
             clock,
             lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4),
-            state: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ScopeState>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         match self.state.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
     }
 
+    /// How many subjects have state (tests and diagnostics).
+    pub fn entries(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Sets the day and month counters of `scopes` to the shared usage another backend reported
+    /// (`status` of an admission by Redis, for calendar windows `day` / `month`), so that this
+    /// backend, used as the fail-open fallback, starts from what was already used.
+    pub(crate) fn observe(&self, scopes: &[Scope], status: &[LimitStatus], day: i64, month: i64) {
+        let now = self.clock.now_ms();
+        let w = self.zone.window(now);
+        if w.day != day && w.month != month {
+            return;
+        }
+        let mut state = self.lock();
+        for s in scopes {
+            let mine = |k: LimitKind| {
+                status
+                    .iter()
+                    .find(|x| x.scope == s.kind && x.limit == k)
+                    .map(|x| x.used)
+            };
+            let calendar = [
+                LimitKind::RequestsPerDay,
+                LimitKind::TokensPerDay,
+                LimitKind::SpendCapDaily,
+                LimitKind::SpendCapMonthly,
+            ];
+            if calendar.iter().all(|k| mine(*k).is_none()) {
+                continue;
+            }
+            let st = state.map.entry(s.state_key()).or_default();
+            st.roll(&w);
+            if w.day == day {
+                if let Some(u) = mine(LimitKind::RequestsPerDay) {
+                    st.day_requests = u;
+                }
+                if let Some(u) = mine(LimitKind::TokensPerDay) {
+                    st.day_tokens = u;
+                }
+                if let Some(u) = mine(LimitKind::SpendCapDaily) {
+                    st.day_spend = u;
+                }
+            }
+            if w.month == month {
+                if let Some(u) = mine(LimitKind::SpendCapMonthly) {
+                    st.month_spend = u;
+                }
+            }
+        }
+    }
+
     pub(crate) fn admit(&self, scopes: &[Scope], d: &Demand) -> Decision {
         let now = self.clock.now_ms();
         let w = self.zone.window(now);
-        let mut map = self.lock();
+        let mut state = self.lock();
+        state.sweep(now, &w);
+        let map = &mut state.map;
         let tokens = i(d.tokens);
         let mut refusal: Option<Refusal> = None;
         for s in scopes {
@@ -155,9 +250,11 @@ impl MemoryBackend {
                 let p = &s.plan;
                 if let Some(l) = p.requests_per_minute {
                     st.rpm.add(now, i(l), 1);
+                    st.touch(st.rpm, i(l));
                 }
                 if let Some(l) = p.tokens_per_minute {
                     st.tpm.add(now, i(l), tokens);
+                    st.touch(st.tpm, i(l));
                 }
                 if p.max_concurrent.is_some() {
                     st.leases
@@ -169,7 +266,7 @@ impl MemoryBackend {
                 st.month_spend += d.cost_micros;
             }
         }
-        let status = status_of(&map, scopes, now, &w);
+        let status = status_of(map, scopes, now, &w);
         Decision {
             refusal,
             status,
@@ -180,15 +277,16 @@ impl MemoryBackend {
 
     pub(crate) fn settle(&self, scopes: &[Scope], s: &Settlement) {
         let now = self.clock.now_ms();
-        let mut map = self.lock();
+        let mut state = self.lock();
         for sc in scopes {
-            let Some(st) = map.get_mut(&sc.state_key()) else {
+            let Some(st) = state.map.get_mut(&sc.state_key()) else {
                 continue;
             };
             st.leases.remove(&s.request_id);
             if let Some(l) = sc.plan.tokens_per_minute {
                 if s.tokens_delta != 0 {
                     st.tpm.add(now, i(l), s.tokens_delta);
+                    st.touch(st.tpm, i(l));
                 }
             }
             if st.day == s.day {
@@ -204,13 +302,15 @@ impl MemoryBackend {
     pub(crate) fn peek(&self, scopes: &[Scope]) -> Vec<LimitStatus> {
         let now = self.clock.now_ms();
         let w = self.zone.window(now);
-        let mut map = self.lock();
+        let mut state = self.lock();
+        let map = &mut state.map;
         for s in scopes {
-            let st = map.entry(s.state_key()).or_default();
-            st.roll(&w);
-            st.leases.retain(|_, exp| *exp > now);
+            if let Some(st) = map.get_mut(&s.state_key()) {
+                st.roll(&w);
+                st.leases.retain(|_, exp| *exp > now);
+            }
         }
-        status_of(&map, scopes, now, &w)
+        status_of(map, scopes, now, &w)
     }
 }
 
@@ -520,5 +620,121 @@ mod tests {
         assert_eq!(admitted(&b, &both, 20, 1, 0), 5);
         let st = b.peek(std::slice::from_ref(&key));
         assert_eq!(st[0].used, 5);
+    }
+
+    fn key_scope(id: &str, plan: &PlanConfig) -> Vec<Scope> {
+        vec![Scope {
+            kind: ScopeKind::Key,
+            id: id.into(),
+            plan: Arc::new(plan.clone()),
+        }]
+    }
+
+    #[test]
+    fn idle_entries_are_evicted_and_busy_ones_kept() {
+        let minute = PlanConfig {
+            requests_per_minute: Some(10),
+            tokens_per_minute: Some(1_000),
+            ..Default::default()
+        };
+        let (clock, b, _) = setup("UTC", "2026-11-22T23:50:00Z", PlanConfig::default());
+        // 500 subjects seen once each, and one with a request in flight (lease of 15 min).
+        for n in 0..500 {
+            let sc = key_scope(&format!("k{n}"), &minute);
+            assert!(b.admit(&sc, &demand(n, 100, 0)).refusal.is_none());
+        }
+        let conc = PlanConfig {
+            max_concurrent: Some(1),
+            ..Default::default()
+        };
+        let held = key_scope("held", &conc);
+        assert!(b.admit(&held, &demand(9_999, 1, 0)).refusal.is_none());
+        assert_eq!(b.entries(), 501);
+        // Two minutes later the buckets are empty, but today's counters still matter.
+        clock.0.fetch_add(120_000, Ordering::SeqCst);
+        assert!(b
+            .admit(&key_scope("x", &minute), &demand(1, 1, 0))
+            .refusal
+            .is_none());
+        assert_eq!(b.entries(), 502);
+        // After midnight only the lease holder (and the subject admitted now) is left.
+        clock.0.store(ms("2026-11-23T00:01:00Z"), Ordering::SeqCst);
+        assert!(b
+            .admit(&key_scope("y", &minute), &demand(2, 1, 0))
+            .refusal
+            .is_none());
+        assert_eq!(b.entries(), 2);
+        // The lease is still enforced after the sweep.
+        assert!(b.admit(&held, &demand(10_000, 1, 0)).refusal.is_some());
+        // A sweep runs at most once a minute.
+        clock.0.fetch_add(30_000, Ordering::SeqCst);
+        assert!(b
+            .admit(&key_scope("z", &minute), &demand(3, 1, 0))
+            .refusal
+            .is_none());
+        assert_eq!(b.entries(), 3);
+        // Once the lease has expired (15 min) the holder's entry goes too; today's do not.
+        clock.0.store(ms("2026-11-23T00:20:00Z"), Ordering::SeqCst);
+        assert!(b
+            .admit(&key_scope("w", &minute), &demand(4, 1, 0))
+            .refusal
+            .is_none());
+        assert_eq!(b.entries(), 3, "y, z and w stay for today; held is gone");
+        assert!(b.admit(&held, &demand(10_001, 1, 0)).refusal.is_none());
+    }
+
+    #[test]
+    fn monthly_spend_survives_the_sweep_until_the_month_ends() {
+        let plan = PlanConfig {
+            spend_cap_monthly_micros: Some(100),
+            ..Default::default()
+        };
+        let (clock, b, scopes) = setup("UTC", "2026-11-10T12:00:00Z", plan);
+        assert_eq!(admitted(&b, &scopes, 5, 1, 60), 1);
+        clock.0.store(ms("2026-11-20T12:00:00Z"), Ordering::SeqCst);
+        assert_eq!(
+            admitted(&b, &scopes, 5, 1, 60),
+            0,
+            "spent 60 of 100 this month"
+        );
+        assert_eq!(b.entries(), 1);
+        clock.0.store(ms("2026-12-01T00:01:00Z"), Ordering::SeqCst);
+        assert_eq!(admitted(&b, &scopes, 5, 1, 60), 1);
+    }
+
+    #[test]
+    fn observed_shared_usage_seeds_the_local_counters() {
+        let plan = PlanConfig {
+            requests_per_day: Some(10),
+            spend_cap_monthly_micros: Some(1_000),
+            ..Default::default()
+        };
+        let (_clock, b, scopes) = setup("UTC", "2026-11-22T12:00:00Z", plan);
+        let w = Zone::Fixed(0).window(ms("2026-11-22T12:00:00Z"));
+        let status = vec![
+            LimitStatus {
+                scope: ScopeKind::Key,
+                limit: LimitKind::RequestsPerDay,
+                max: 10,
+                used: 7,
+                remaining: 3,
+                reset_ms: 1,
+            },
+            LimitStatus {
+                scope: ScopeKind::Key,
+                limit: LimitKind::SpendCapMonthly,
+                max: 1_000,
+                used: 900,
+                remaining: 100,
+                reset_ms: 1,
+            },
+        ];
+        b.observe(&scopes, &status, w.day, w.month);
+        // 3 requests left today, and $0.0001 of monthly spend: 2 at 50 micro-USD.
+        assert_eq!(admitted(&b, &scopes, 10, 1, 50), 2);
+        assert_eq!(admitted(&b, &scopes, 10, 1, 0), 1);
+        // Usage reported for another day is ignored.
+        b.observe(&scopes, &status, w.day - 1, w.month - 1);
+        assert_eq!(admitted(&b, &scopes, 10, 1, 0), 0);
     }
 }

@@ -13,6 +13,7 @@
 pub mod bucket;
 pub mod calendar;
 mod memory;
+pub mod overrides;
 mod redis;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -131,28 +132,48 @@ impl LimitSubject {
         account_id: String,
         plan: Option<Arc<PlanConfig>>,
     ) -> LimitSubject {
-        let Some(plan) = plan else {
-            return LimitSubject {
-                key_id,
-                account_id: Some(account_id),
-                scopes: Vec::new(),
-            };
+        let none = PlanConfig::default();
+        LimitSubject::effective(key_id, account_id, plan.as_deref(), &none, &none)
+    }
+
+    /// The subject for a key of an account under `plan`, with the account's and the key's
+    /// overrides (each field that is set replaces the plan's value):
+    /// - the account's effective plan is its overrides over `plan`;
+    /// - the key is limited by its per-minute and concurrency limits (key override, else the
+    ///   account's effective value) and, only if the key has such overrides, by its own daily
+    ///   quotas and spend caps;
+    /// - the account as a whole is limited by the effective daily quotas and spend caps.
+    pub fn effective(
+        key_id: String,
+        account_id: String,
+        plan: Option<&PlanConfig>,
+        account_overrides: &PlanConfig,
+        key_overrides: &PlanConfig,
+    ) -> LimitSubject {
+        let none = PlanConfig::default();
+        let base = plan.unwrap_or(&none);
+        let overridden = [account_overrides, key_overrides]
+            .iter()
+            .any(|o| LimitKind::ALL.iter().any(|k| k.of(o).is_some()));
+        let name = match (plan, overridden) {
+            (Some(p), false) => p.name.clone(),
+            (Some(p), true) => format!("{} + overrides", p.name),
+            (None, _) => "overrides".to_string(),
         };
-        let per_key = PlanConfig {
-            name: plan.name.clone(),
-            requests_per_minute: plan.requests_per_minute,
-            tokens_per_minute: plan.tokens_per_minute,
-            max_concurrent: plan.max_concurrent,
+        let mut per_key = PlanConfig {
+            name: name.clone(),
             ..PlanConfig::default()
         };
-        let per_account = PlanConfig {
-            name: plan.name.clone(),
-            requests_per_day: plan.requests_per_day,
-            tokens_per_day: plan.tokens_per_day,
-            spend_cap_daily_micros: plan.spend_cap_daily_micros,
-            spend_cap_monthly_micros: plan.spend_cap_monthly_micros,
-            ..PlanConfig::default()
-        };
+        let mut per_account = per_key.clone();
+        for k in LimitKind::ALL {
+            let account_value = k.of(account_overrides).or(k.of(base));
+            if k.per_key() {
+                k.set(&mut per_key, k.of(key_overrides).or(account_value));
+            } else {
+                k.set(&mut per_key, k.of(key_overrides));
+                k.set(&mut per_account, account_value);
+            }
+        }
         let has = |p: &PlanConfig| LimitKind::ALL.iter().any(|k| k.of(p).is_some());
         let key_plan = has(&per_key).then(|| Arc::new(per_key));
         let account_plan = has(&per_account).then(|| Arc::new(per_account));
@@ -229,6 +250,34 @@ impl LimitKind {
             LimitKind::SpendCapDaily => "spend_cap_daily",
             LimitKind::SpendCapMonthly => "spend_cap_monthly",
         }
+    }
+
+    /// Whether a plan's value of this limit applies to each key (per-minute limits, concurrency)
+    /// rather than to the account as a whole (daily quotas, spend caps).
+    pub fn per_key(self) -> bool {
+        matches!(
+            self,
+            LimitKind::RequestsPerMinute | LimitKind::TokensPerMinute | LimitKind::MaxConcurrent
+        )
+    }
+
+    /// Whether the limit is money (micro-USD) rather than a count.
+    pub fn is_money(self) -> bool {
+        matches!(self, LimitKind::SpendCapDaily | LimitKind::SpendCapMonthly)
+    }
+
+    /// Sets the plan's value for this limit.
+    pub fn set(self, p: &mut PlanConfig, v: Option<u64>) {
+        let field = match self {
+            LimitKind::RequestsPerMinute => &mut p.requests_per_minute,
+            LimitKind::TokensPerMinute => &mut p.tokens_per_minute,
+            LimitKind::MaxConcurrent => &mut p.max_concurrent,
+            LimitKind::RequestsPerDay => &mut p.requests_per_day,
+            LimitKind::TokensPerDay => &mut p.tokens_per_day,
+            LimitKind::SpendCapDaily => &mut p.spend_cap_daily_micros,
+            LimitKind::SpendCapMonthly => &mut p.spend_cap_monthly_micros,
+        };
+        *field = v;
     }
 
     /// The plan's value for this limit.
@@ -340,13 +389,17 @@ pub struct Limiter {
     /// While Redis is down, requests skip it until this instant (ms) instead of each waiting for
     /// a timeout; then one request probes it again (and `/readyz` pings it every time).
     redis_retry_at: AtomicI64,
-    /// Account id -> (when read, plan name): the account's plan, re-read after `PLAN_CACHE`.
-    plans:
-        std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<String>)>>,
+    /// Key id -> (when read, what was read): the key's plan and overrides, kept for
+    /// `subject_cache` (`[limits] subject_cache_ms`; 0, the default, reads them on every request).
+    subjects: std::sync::Mutex<
+        std::collections::HashMap<String, (std::time::Instant, Arc<overrides::SubjectRow>)>,
+    >,
+    subject_cache: Duration,
 }
 
-/// How long an account's plan is cached before it is read from the store again.
-const PLAN_CACHE: Duration = Duration::from_secs(5);
+/// Waits longer than this are not slept by the OpenAI SDKs (they fall back to their own short
+/// back-off), so such refusals say `x-should-retry: false`.
+pub const SDK_MAX_RETRY_AFTER_MS: u64 = 60_000;
 
 /// How long a failed Redis call makes requests skip Redis before probing again.
 const REDIS_PROBE_INTERVAL_MS: i64 = 1_000;
@@ -396,10 +449,14 @@ impl Limiter {
             local_cap: l.fail_open_local_cap,
             redis_down: AtomicBool::new(false),
             redis_retry_at: AtomicI64::new(0),
-            plans: std::sync::Mutex::new(std::collections::HashMap::new()),
+            subjects: std::sync::Mutex::new(std::collections::HashMap::new()),
+            subject_cache: l.subject_cache,
         })
     }
 
+    /// The scopes the fail-open fallback enforces in this instance: the whole plan, with
+    /// requests/min capped at `fail_open_local_cap`. Daily quotas and spend caps start from the
+    /// shared usage this instance last saw from Redis (see [`MemoryBackend::observe`]).
     fn local_scopes(&self, scopes: &[Scope]) -> Vec<Scope> {
         scopes
             .iter()
@@ -414,8 +471,7 @@ impl Limiter {
                     plan: Arc::new(PlanConfig {
                         name: format!("{} (local fail-open cap)", s.plan.name),
                         requests_per_minute: Some(cap),
-                        max_concurrent: s.plan.max_concurrent,
-                        ..PlanConfig::default()
+                        ..(*s.plan).clone()
                     }),
                 }
             })
@@ -443,6 +499,10 @@ impl Limiter {
                 Ok(d) => {
                     if self.redis_down.swap(false, Ordering::Relaxed) {
                         tracing::info!("redis is reachable again; limits are shared again");
+                    }
+                    if self.on_redis_down == OnRedisDown::FailOpen {
+                        self.local
+                            .observe(&subject.scopes, &d.status, d.day, d.month);
                     }
                     (d, Charged::Redis(r.clone()), subject.scopes.clone())
                 }
@@ -477,9 +537,17 @@ impl Limiter {
                 }
             },
         };
-        let headers = RateHeaders::from_status(&decision.status);
+        let mut headers = RateHeaders::from_status(&decision.status);
         match decision.refusal {
-            Some(r) => Err((refusal_error(&r), headers)),
+            Some(r) => {
+                // Never fits, or a wait SDKs would not sleep: tell them not to retry now.
+                if r.retry_after_ms
+                    .is_none_or(|ms| ms > SDK_MAX_RETRY_AFTER_MS)
+                {
+                    headers.should_retry = Some(false);
+                }
+                Err((refusal_error(&r), headers))
+            }
             None => Ok(Admitted {
                 inner: Some(Charge {
                     backend: charged,
@@ -560,28 +628,35 @@ impl Limiter {
         }
     }
 
-    /// The cached plan name of an account (`Some(None)`: cached, no plan), if fresh.
-    pub fn cached_plan(&self, account_id: &str) -> Option<Option<String>> {
-        let g = self.plans.lock().ok()?;
-        g.get(account_id)
-            .filter(|(at, _)| at.elapsed() < PLAN_CACHE)
-            .map(|(_, p)| p.clone())
+    /// A key's plan and overrides as read within `subject_cache` (never, when that is 0).
+    pub fn cached_subject(&self, key_id: &str) -> Option<Arc<overrides::SubjectRow>> {
+        if self.subject_cache.is_zero() {
+            return None;
+        }
+        let g = self.subjects.lock().ok()?;
+        g.get(key_id)
+            .filter(|(at, _)| at.elapsed() < self.subject_cache)
+            .map(|(_, r)| r.clone())
     }
 
-    /// Caches an account's plan name.
-    pub fn store_plan(&self, account_id: &str, plan: Option<String>) {
-        if let Ok(mut g) = self.plans.lock() {
+    /// Keeps what was read for a key (when `subject_cache` is not 0).
+    pub fn store_subject(&self, key_id: &str, row: Arc<overrides::SubjectRow>) {
+        if self.subject_cache.is_zero() {
+            return;
+        }
+        if let Ok(mut g) = self.subjects.lock() {
             if g.len() > 100_000 {
-                g.retain(|_, (at, _)| at.elapsed() < PLAN_CACHE);
+                let ttl = self.subject_cache;
+                g.retain(|_, (at, _)| at.elapsed() < ttl);
             }
-            g.insert(account_id.to_string(), (std::time::Instant::now(), plan));
+            g.insert(key_id.to_string(), (std::time::Instant::now(), row));
         }
     }
 
-    /// Drops an account's cached plan (after it was changed).
-    pub fn forget_plan(&self, account_id: &str) {
-        if let Ok(mut g) = self.plans.lock() {
-            g.remove(account_id);
+    /// Drops this instance's cached plans and overrides (after an admin changed them here).
+    pub fn forget_subjects(&self) {
+        if let Ok(mut g) = self.subjects.lock() {
+            g.clear();
         }
     }
 
@@ -625,7 +700,9 @@ pub fn refusal_error(r: &Refusal) -> GatewayError {
             "Rate limit reached: {what}. Try again in {}.",
             human_wait(ms)
         ),
-        None => format!("This request alone exceeds the {what}; reduce max_tokens or the prompt."),
+        None => format!(
+            "Request too large: this request alone exceeds the {what}; reduce max_tokens or the prompt. Retrying cannot help."
+        ),
     };
     GatewayError::RateLimited {
         message,
@@ -643,11 +720,13 @@ pub struct Trio {
 }
 
 /// The `x-ratelimit-*` values of a response: requests (per minute, else per day) and tokens (per
-/// minute, else per day), of the scope with the least remaining.
+/// minute, else per day), of the scope with the least remaining; and `x-should-retry: false` on a
+/// refusal that retrying soon cannot cure.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RateHeaders {
     pub requests: Option<Trio>,
     pub tokens: Option<Trio>,
+    pub should_retry: Option<bool>,
 }
 
 impl RateHeaders {
@@ -669,6 +748,7 @@ impl RateHeaders {
         RateHeaders {
             requests: pick(LimitKind::RequestsPerMinute, LimitKind::RequestsPerDay),
             tokens: pick(LimitKind::TokensPerMinute, LimitKind::TokensPerDay),
+            should_retry: None,
         }
     }
 
@@ -685,6 +765,9 @@ impl RateHeaders {
             out.push(("x-ratelimit-limit-tokens", t.limit.to_string()));
             out.push(("x-ratelimit-remaining-tokens", t.remaining.to_string()));
             out.push(("x-ratelimit-reset-tokens", duration_text(t.reset_ms)));
+        }
+        if let Some(retry) = self.should_retry {
+            out.push(("x-should-retry", retry.to_string()));
         }
         out
     }
@@ -895,5 +978,129 @@ mod tests {
         };
         // 1000*0.6 + 1*0.1 + 1*3 = 603.1 micro-USD -> 603
         assert_eq!(cost_micros(&price, &u), 603);
+    }
+
+    fn plan_of(s: &LimitSubject, kind: ScopeKind) -> Option<PlanConfig> {
+        s.scopes
+            .iter()
+            .find(|x| x.kind == kind)
+            .map(|x| (*x.plan).clone())
+    }
+
+    #[test]
+    fn effective_limits_override_field_by_field() {
+        let pro = PlanConfig {
+            name: "pro".into(),
+            requests_per_minute: Some(600),
+            max_concurrent: Some(20),
+            requests_per_day: Some(1_000),
+            ..Default::default()
+        };
+        let none = PlanConfig::default();
+        // Plan only: per-minute and concurrency on the key, the daily quota on the account.
+        let s = LimitSubject::effective("k".into(), "a".into(), Some(&pro), &none, &none);
+        let key = plan_of(&s, ScopeKind::Key).expect("key scope");
+        let acct = plan_of(&s, ScopeKind::Account).expect("account scope");
+        assert_eq!(
+            (key.requests_per_minute, key.max_concurrent),
+            (Some(600), Some(20))
+        );
+        assert_eq!(key.requests_per_day, None);
+        assert_eq!(acct.requests_per_day, Some(1_000));
+        assert_eq!(acct.requests_per_minute, None);
+        assert_eq!(key.name, "pro");
+        // Account overrides replace the plan's fields (per-minute ones for every key).
+        let a_over = PlanConfig {
+            requests_per_minute: Some(60),
+            spend_cap_daily_micros: Some(5),
+            ..Default::default()
+        };
+        // A key override replaces the account's per-key value and adds its own daily quota.
+        let k_over = PlanConfig {
+            max_concurrent: Some(2),
+            requests_per_day: Some(10),
+            ..Default::default()
+        };
+        let s = LimitSubject::effective("k".into(), "a".into(), Some(&pro), &a_over, &k_over);
+        let key = plan_of(&s, ScopeKind::Key).expect("key scope");
+        let acct = plan_of(&s, ScopeKind::Account).expect("account scope");
+        assert_eq!(key.requests_per_minute, Some(60));
+        assert_eq!(key.max_concurrent, Some(2));
+        assert_eq!(key.requests_per_day, Some(10));
+        assert_eq!(acct.requests_per_day, Some(1_000));
+        assert_eq!(acct.spend_cap_daily_micros, Some(5));
+        assert_eq!(key.name, "pro + overrides");
+        // Overrides without a plan limit too; nothing at all means unlimited.
+        let s = LimitSubject::effective("k".into(), "a".into(), None, &a_over, &none);
+        assert!(s.is_limited());
+        assert_eq!(
+            plan_of(&s, ScopeKind::Key).and_then(|p| p.requests_per_minute),
+            Some(60)
+        );
+        let s = LimitSubject::effective("k".into(), "a".into(), None, &none, &none);
+        assert!(!s.is_limited());
+    }
+
+    #[tokio::test]
+    async fn refusals_that_retrying_cannot_cure_say_so() {
+        let config = crate::config::Config::builtin_default().expect("config");
+        let limiter = Limiter::new(&config).expect("limiter");
+        let plan = PlanConfig {
+            name: "p".into(),
+            requests_per_minute: Some(1),
+            tokens_per_minute: Some(100),
+            requests_per_day: Some(2),
+            ..Default::default()
+        };
+        let subject = LimitSubject::key("k".into(), Some(Arc::new(plan)));
+        let demand = |n: u32, tokens: u64| Demand {
+            request_id: format!("r{n}"),
+            tokens,
+            cost_micros: 0,
+        };
+        // Never fits: no Retry-After, x-should-retry: false.
+        let (e, h) = limiter
+            .admit(&subject, demand(0, 101))
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(
+                e,
+                GatewayError::RateLimited {
+                    retry_after: None,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("Request too large"), "{e}");
+        assert!(h.pairs().contains(&("x-should-retry", "false".to_string())));
+        // A short wait (the next request in 60 s): retryable, no x-should-retry.
+        let a = limiter
+            .admit(&subject, demand(1, 1))
+            .await
+            .expect("admitted");
+        assert!(!a
+            .headers
+            .pairs()
+            .iter()
+            .any(|(n, _)| *n == "x-should-retry"));
+        let (e, h) = limiter
+            .admit(&subject, demand(2, 1))
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(
+                e,
+                GatewayError::RateLimited {
+                    retry_after: Some(_),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(!h.pairs().iter().any(|(n, _)| *n == "x-should-retry"));
     }
 }

@@ -80,15 +80,18 @@ local day_reset = local_to_utc((day + 1) * DAY)
 local month_reset = local_to_utc(days_from_civil(ny, nm, 1) * DAY)
 
 -- GCRA bucket (see bucket.rs)
+local function ceil_div(x, b) return idiv(x + b - 1, b) end
 local function level_at(level, last, limit)
   local e = now - last
   if e < 0 then e = 0 end
-  if e > P + 1 then e = P + 1 end
-  local l = level - e * limit
-  if l < 0 then l = 0 end
-  return l
+  if level < 0 then level = 0 end
+  if e >= ceil_div(level, limit) then return 0 end
+  return level - e * limit
 end
-local function ceil_div(x, b) return idiv(x + b - 1, b) end
+-- How long the bucket state must live: until it has drained, and at least two periods.
+local function ttl(level, limit)
+  return math.max(P * 2, ceil_div(level, limit) + P)
+end
 local function wait_ms(level, last, limit, c)
   if c > limit then return -1 end
   local need = level_at(level, last, limit) + c * P - P * limit
@@ -120,7 +123,7 @@ if mode == 'settle' then
       local l = level_at(tonumber(h[1]) or 0, last, tpm) + d_tokens * P
       if l < 0 then l = 0 end
       redis.call('HSET', sc.key, 'tl', S(l), 'tt', S(math.max(now, last)))
-      redis.call('PEXPIRE', sc.key, P * 2)
+      if redis.call('PTTL', sc.key) < ttl(l, tpm) then redis.call('PEXPIRE', sc.key, S(ttl(l, tpm))) end
     end
     local dk = sc.key .. ':d:' .. S(s_day)
     if redis.call('EXISTS', dk) == 1 then
@@ -184,7 +187,9 @@ if mode == 'admit' then
       end
       if L[1] >= 0 or L[2] >= 0 then
         redis.call('HSET', sc.key, 'rl', S(st.rl), 'rt', S(st.rt), 'tl', S(st.tl), 'tt', S(st.tt))
-        redis.call('PEXPIRE', sc.key, P * 2)
+        local keep = P * 2
+        if L[2] >= 0 then keep = ttl(st.tl, L[2]) end
+        redis.call('PEXPIRE', sc.key, S(keep))
       end
       if L[3] >= 0 then
         redis.call('ZADD', sc.key .. ':cc', S(now + lease), rid)

@@ -60,3 +60,29 @@ def test_default_retries_recover_from_429_using_headers():
     # The SDK slept the server-directed delay, not its own shorter back-off.
     assert elapsed >= wait_ms / 1000 - 0.05, (elapsed, wait_ms)
     assert len(seen) == 2, statuses
+
+
+def test_request_that_can_never_fit_is_not_retried():
+    """A request whose reserved tokens exceed the whole tokens-per-minute limit gets a 429 with
+    `x-should-retry: false` and no Retry-After: the SDK raises at once instead of retrying."""
+    seen = []
+    client = openai.OpenAI(
+        base_url=os.environ["TOLLGATE_BASE_URL"] + "/v1",
+        api_key=os.environ["TOLLGATE_SMALL_KEY"],
+        max_retries=openai.DEFAULT_MAX_RETRIES,
+        http_client=httpx.Client(
+            event_hooks={"response": [lambda r: seen.append((r.status_code, dict(r.headers)))]}
+        ),
+    )
+    try:
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=50
+        )
+        raise AssertionError("expected a RateLimitError")
+    except openai.RateLimitError as e:
+        assert e.code == "rate_limit_exceeded", e.body
+        assert "Request too large" in str(e), str(e)
+    assert len(seen) == 1, [s for s, _ in seen]
+    headers = seen[0][1]
+    assert headers["x-should-retry"] == "false", headers
+    assert "retry-after" not in headers and "retry-after-ms" not in headers, headers
