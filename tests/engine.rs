@@ -189,7 +189,7 @@ async fn json_schema_output_validates_20_of_20() {
             messages: vec![user(
                 "Invent a person. Reply in JSON with name, age and city.",
             )],
-            max_tokens: Some(96),
+            max_tokens: Some(160),
             sampling: SamplingParams {
                 temperature: 1.0,
                 seed: Some(i),
@@ -572,7 +572,7 @@ async fn required_tool_call_with_a_tool_template_parses() {
         messages: vec![user("What is the weather in Paris?")],
         tools: Some(tools.clone()),
         tool_choice: choice,
-        max_tokens: Some(96),
+        max_tokens: Some(160),
         sampling: SamplingParams {
             temperature: 0.0,
             ..Default::default()

@@ -65,8 +65,12 @@ pub fn parse(text: &str, known: &[&str]) -> Option<ParsedOutput> {
     None
 }
 
-/// GBNF forcing one Hermes-style call to one of `names`, with any JSON object as arguments (the
-/// form [`parse`] reads back). Names are limited to OpenAI's `[A-Za-z0-9_-]{1,64}` plus `.`.
+/// Top-level keys a forced call's arguments may have: a small model can otherwise keep inventing
+/// keys until `max_tokens` cuts the call off.
+const MAX_ARGUMENTS: usize = 6;
+
+/// GBNF forcing one Hermes-style call to one of `names`, with a JSON object of at most
+/// [`MAX_ARGUMENTS`] top-level keys as arguments (the form [`parse`] reads back). Names are limited to OpenAI's `[A-Za-z0-9_-]{1,64}` plus `.`.
 pub fn required_call_gbnf(names: &[String]) -> Result<String, String> {
     if names.is_empty() {
         return Err("tool_choice requires a tool call but no tool is available".into());
@@ -88,8 +92,9 @@ pub fn required_call_gbnf(names: &[String]) -> Result<String, String> {
         .split_once('\n')
         .map_or("", |(_, rest)| rest);
     Ok(format!(
-        "root ::= \"<tool_call>\\n{{\\\"name\\\": \" call-name \", \\\"arguments\\\": \" object \"}}\\n</tool_call>\"\ncall-name ::= {}\n{json_rules}",
-        alts.join(" | ")
+        "root ::= \"<tool_call>\\n{{\\\"name\\\": \" call-name \", \\\"arguments\\\": \" call-args \"}}\\n</tool_call>\"\ncall-name ::= {}\ncall-args ::= \"{{\" ws ( string \":\" ws value ( \",\" ws string \":\" ws value ){{0,{}}} )? \"}}\" ws\n{json_rules}",
+        alts.join(" | "),
+        MAX_ARGUMENTS - 1
     ))
 }
 
@@ -242,6 +247,7 @@ mod tests {
             "{g}"
         );
         assert!(g.contains("object ::="));
+        assert!(g.contains("call-args ::= \"{\" ws ( string \":\" ws value ( \",\" ws string \":\" ws value ){0,5} )? \"}\" ws\n"), "{g}");
         assert!(!g.contains("root ::= object"));
         assert!(required_call_gbnf(&[]).is_err());
         assert!(required_call_gbnf(&["bad\"name".into()]).is_err());
