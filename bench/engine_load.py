@@ -55,9 +55,13 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--label", default="server")
+    ap.add_argument("--round", type=int, default=1)
     a = ap.parse_args()
     story = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and a storm."}]
-    out = {}
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    out = {"label": a.label, "round": a.round, "loadavg": float(load)}
     stream_once(a.base, a.model, story, 8)  # warm-up
     # Single-stream decode rate (tokens after the first / time after the first token).
     rates = []
@@ -83,7 +87,7 @@ def main():
     # TTFT with a ~1,000-token prompt: cold (unique prefix) vs. warm (prefix seen before).
     cold, warm, cached = [], [], []
     for r in range(a.repeats):
-        prefix = long_prompt(48, uuid.uuid4().hex[:8])
+        prefix = long_prompt(34, uuid.uuid4().hex[:8])
         q1 = [{"role": "system", "content": prefix}, {"role": "user", "content": "How many boxes on shelf 3?"}]
         q2 = [{"role": "system", "content": prefix}, {"role": "user", "content": "What is on shelf 12?"}]
         x = stream_once(a.base, a.model, q1, 4)

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tollgate::engine::{
-    ChatMessage, Engine, EngineError, EngineEvent, EngineOptions, FinishReason, GenerateRequest,
-    ResponseFormat, SamplingParams, TokenLogprob, Usage,
+    tools, ChatMessage, Engine, EngineError, EngineEvent, EngineOptions, FinishReason,
+    GenerateRequest, ResponseFormat, SamplingParams, TokenLogprob, ToolChoice, Usage,
 };
 
 fn model_path() -> PathBuf {
@@ -189,7 +189,7 @@ async fn json_schema_output_validates_20_of_20() {
             messages: vec![user(
                 "Invent a person. Reply in JSON with name, age and city.",
             )],
-            max_tokens: Some(96),
+            max_tokens: Some(160),
             sampling: SamplingParams {
                 temperature: 1.0,
                 seed: Some(i),
@@ -453,4 +453,168 @@ async fn queue_overflow_is_overloaded_and_disconnect_frees_slot() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(out.usage.completion_tokens >= 1);
+}
+
+/// The gateway in-process with the built-in default config (the embedded model), on port 0.
+async fn start_default_gateway() -> String {
+    let mut cfg = tollgate::config::Config::builtin_default().unwrap_or_else(|e| panic!("{e}"));
+    for m in &mut cfg.models {
+        for r in &mut m.routes {
+            if r.model_path.is_some() {
+                r.model_path = Some(model_path());
+            }
+        }
+    }
+    let state = tollgate::build_state_with(cfg, None).unwrap_or_else(|e| panic!("{e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(tollgate::http::serve(
+        state,
+        listener,
+        std::future::pending::<()>(),
+    ));
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thinking_request_on_local_model_is_served_with_warning() {
+    let _g = serial();
+    let base = start_default_gateway().await;
+    let client = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .timeout(Duration::from_secs(60))
+            .json(&body)
+            .send()
+    };
+    let warning = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-tollgate-warning")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let msgs = json!([{"role": "user", "content": "Say hi."}]);
+
+    // Non-streamed, OpenAI spelling.
+    let r = post(
+        json!({"model": "smollm2-135m-instruct", "messages": msgs, "max_tokens": 4,
+                        "reasoning_effort": "high"}),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 200);
+    let w = warning(&r).unwrap_or_default();
+    assert!(
+        w.contains("does not support reasoning") && w.contains("ignored"),
+        "warning: {w:?}"
+    );
+    let body: serde_json::Value = r.json().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(body["choices"][0]["message"]["content"].is_string());
+    assert!(body["choices"][0]["message"]
+        .get("reasoning_content")
+        .is_none());
+    assert_eq!(
+        body["usage"]["completion_tokens_details"]["reasoning_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+        0
+    );
+
+    // Streamed, Moonshot/Anthropic-style `thinking` spelling.
+    let r = post(
+        json!({"model": "smollm2-135m-instruct", "messages": msgs, "max_tokens": 4,
+                        "stream": true, "thinking": {"type": "enabled"}}),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 200);
+    assert!(warning(&r).is_some_and(|w| w.contains("does not support reasoning")));
+    let text = r.text().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(text.contains("[DONE]"), "{text}");
+
+    // No thinking asked for, or thinking turned off: no warning.
+    for extra in [json!({}), json!({"thinking": {"type": "disabled"}})] {
+        let mut body = json!({"model": "smollm2-135m-instruct", "messages": msgs, "max_tokens": 2});
+        if let (Some(b), Some(x)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(x.clone());
+        }
+        let r = post(body).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status(), 200);
+        assert_eq!(warning(&r), None, "{extra}");
+    }
+}
+
+/// A tiny tool-capable chat template (Hermes-style calls), standing in for a real one.
+const TOOL_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if loop.first and tools %}Tools: {% for t in tools %}{{ t.function.name }} ({{ t.function.description }}); {% endfor %}call one as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>\n{% endif %}{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[tokio::test]
+async fn required_tool_call_with_a_tool_template_parses() {
+    let _g = serial();
+    let e = Engine::load(
+        &model_path(),
+        EngineOptions {
+            slots: 1,
+            queue: 1,
+            ctx_per_slot: 1024,
+            chat_template: Some(TOOL_TEMPLATE.into()),
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(e.info().supports_tools);
+    let tools = vec![json!({"type": "function", "function": {
+        "name": "get_weather", "description": "current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})];
+    let ask = |choice: ToolChoice| GenerateRequest {
+        messages: vec![user("What is the weather in Paris?")],
+        tools: Some(tools.clone()),
+        tool_choice: choice,
+        max_tokens: Some(160),
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let rx = e
+        .submit(ask(ToolChoice::Required(vec!["get_weather".into()])))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = collect(rx, Instant::now())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.finish, FinishReason::Stop, "{:?}", out.text);
+    let parsed = tools::parse(&out.text, &["get_weather"])
+        .unwrap_or_else(|| panic!("not a tool call: {:?}", out.text));
+    assert_eq!(parsed.calls.len(), 1);
+    assert_eq!(parsed.calls[0].name, "get_weather");
+    let args: serde_json::Value =
+        serde_json::from_str(&parsed.calls[0].arguments).unwrap_or_else(|e| panic!("{e}"));
+    assert!(args.is_object());
+    // The conversation with the call and its result renders back through the template.
+    let history = vec![
+        user("What is the weather in Paris?"),
+        ChatMessage {
+            role: "assistant".into(),
+            tool_calls: Some(vec![json!({"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": parsed.calls[0].arguments}})]),
+            ..Default::default()
+        },
+        ChatMessage {
+            role: "tool".into(),
+            content: Some("18 C, sunny".into()),
+            tool_call_id: Some("call_1".into()),
+            ..Default::default()
+        },
+    ];
+    assert!(e.tokenize_chat(&history, Some(&tools)).unwrap_or(0) > 20);
+    // A named tool that is not offered cannot be forced.
+    let mut bad = ask(ToolChoice::Required(vec!["rm -rf".into()]));
+    bad.tools = Some(tools.clone());
+    assert!(matches!(
+        e.submit(bad),
+        Err(EngineError::InvalidRequest { .. })
+    ));
 }

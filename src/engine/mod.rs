@@ -10,6 +10,7 @@ mod sampler;
 mod scheduler;
 mod template;
 mod text;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +48,8 @@ pub struct EngineOptions {
     pub ctx_per_slot: u32,
     /// Maximum tokens submitted to one llama_decode call.
     pub batch: u32,
+    /// Jinja chat template to use instead of the GGUF's own `tokenizer.chat_template`.
+    pub chat_template: Option<String>,
 }
 
 impl Default for EngineOptions {
@@ -57,6 +60,7 @@ impl Default for EngineOptions {
             queue: 32,
             ctx_per_slot: 4096,
             batch: 512,
+            chat_template: None,
         }
     }
 }
@@ -115,6 +119,19 @@ pub enum ResponseFormat {
     JsonSchema(Json),
 }
 
+/// Whether and how the model must call a tool (OpenAI `tool_choice`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides (tool calls in its output are recognised).
+    #[default]
+    Auto,
+    /// The model must answer in text; its output is never read as a tool call.
+    None,
+    /// The model must call one of these functions: sampling is grammar-constrained to a
+    /// Hermes-style `<tool_call>{"name": .., "arguments": {..}}</tool_call>`.
+    Required(Vec<String>),
+}
+
 /// A generation request.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerateRequest {
@@ -130,6 +147,8 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Output constraint.
     pub response_format: ResponseFormat,
+    /// Tool use (only meaningful with `tools`).
+    pub tool_choice: ToolChoice,
 }
 
 /// Why generation ended.
@@ -377,7 +396,10 @@ impl Engine {
         let bos_text = piece(bos);
         let eos_text = piece(vocab.eos());
         let add_bos = vocab.should_add_bos() && bos.0 >= 0;
-        let template_src = model.meta_val_str("tokenizer.chat_template").ok();
+        let template_src = options
+            .chat_template
+            .clone()
+            .or_else(|| model.meta_val_str("tokenizer.chat_template").ok());
         let template = ChatTemplate::new(template_src, bos_text.clone(), eos_text);
 
         let info = ModelInfo {
@@ -484,8 +506,26 @@ impl Engine {
         }
         let room_left = u32::try_from(room - prompt.len()).unwrap_or(u32::MAX);
         let max_tokens = req.max_tokens.unwrap_or(room_left).min(room_left).max(1);
+        let forced_call = match (&req.tool_choice, &req.tools) {
+            (ToolChoice::Required(names), Some(t)) if !t.is_empty() => {
+                if req.response_format != ResponseFormat::Text {
+                    return Err(EngineError::InvalidRequest {
+                        message: "a required tool call cannot be combined with response_format"
+                            .into(),
+                        param: Some("tool_choice".into()),
+                    });
+                }
+                Some(tools::required_call_gbnf(names).map_err(|message| {
+                    EngineError::InvalidRequest {
+                        message,
+                        param: Some("tool_choice".into()),
+                    }
+                })?)
+            }
+            _ => None,
+        };
         let grammar = match &req.response_format {
-            ResponseFormat::Text => None,
+            ResponseFormat::Text => forced_call,
             ResponseFormat::JsonObject => Some(JSON_OBJECT_GBNF.to_owned()),
             ResponseFormat::JsonSchema(schema) => Some(grammar::schema_to_gbnf(schema).map_err(
                 |e| EngineError::InvalidRequest {

@@ -10,14 +10,15 @@ use tokio::sync::mpsc;
 
 use super::{Provider, UpstreamCall};
 use crate::config::{Config, ProviderConfig};
+use crate::engine::tools::{self as tool_parse, ParsedOutput};
 use crate::engine::{
     self, ChatMessage, Engine, EngineError, EngineEvent, EngineOptions, GenerateRequest,
-    ResponseFormat, SamplingParams, TokenLogprob,
+    ResponseFormat, SamplingParams, TokenLogprob, ToolChoice,
 };
 use crate::error::GatewayError;
 use crate::gateway::model::{
-    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, ChunkStream, Content, Message, Role,
-    Usage,
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, ChunkStream, Content, FunctionCall,
+    FunctionDelta, Message, Role, ToolCall, ToolCallDelta, Usage,
 };
 
 /// Longest a non-streamed local request may take before it is abandoned.
@@ -52,6 +53,7 @@ pub fn engine_options_from_env() -> EngineOptions {
             .and_then(|c| u32::try_from(c).ok())
             .unwrap_or(d.ctx_per_slot),
         batch: d.batch,
+        chat_template: d.chat_template,
     }
 }
 
@@ -239,7 +241,147 @@ pub fn to_engine_request(r: &ChatRequest) -> Result<GenerateRequest, GatewayErro
         max_tokens: r.max_output_tokens,
         stop: r.stop.clone(),
         response_format: response_format(r.response_format.as_ref())?,
+        tool_choice: tool_choice(r)?,
     })
+}
+
+/// Names of the request's function tools.
+fn tool_names(r: &ChatRequest) -> Vec<String> {
+    r.tools
+        .iter()
+        .filter_map(|t| t.function.as_ref().map(|f| f.name.clone()))
+        .collect()
+}
+
+/// OpenAI `tool_choice`: "auto" (default), "none", "required", or one named function.
+fn tool_choice(r: &ChatRequest) -> Result<ToolChoice, GatewayError> {
+    let bad = |msg: String| GatewayError::invalid(msg, Some("tool_choice".into()));
+    let names = tool_names(r);
+    match &r.tool_choice {
+        None => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "none" => Ok(ToolChoice::None),
+            "required" => Ok(ToolChoice::Required(names)),
+            other => Err(bad(format!(
+                "tool_choice must be \"auto\", \"none\", \"required\" or a named function, got {other:?}"
+            ))),
+        },
+        Some(v) => {
+            let name = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("tool_choice object must name a function".into()))?;
+            if !names.iter().any(|n| n == name) {
+                return Err(bad(format!("tool_choice names {name:?}, which is not in tools")));
+            }
+            Ok(ToolChoice::Required(vec![name.to_owned()]))
+        }
+    }
+}
+
+/// Whether the output of `r` should be read for tool calls.
+fn parses_tool_calls(r: &ChatRequest) -> bool {
+    !r.tools.is_empty() && r.tool_choice.as_ref().and_then(Value::as_str) != Some("none")
+}
+
+fn call_id() -> String {
+    format!("call_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The OpenAI message for a finished answer: tool calls when the text is one, else the text.
+fn answer_message(text: String, parsed: Option<ParsedOutput>) -> (Message, bool) {
+    match parsed {
+        Some(p) => {
+            let content = (!p.content.is_empty()).then(|| Content::Text(p.content));
+            let mut m = Message::new(Role::Assistant, content);
+            m.tool_calls = Some(
+                p.calls
+                    .into_iter()
+                    .map(|c| ToolCall {
+                        id: call_id(),
+                        kind: "function".into(),
+                        function: FunctionCall {
+                            name: c.name,
+                            arguments: c.arguments,
+                        },
+                    })
+                    .collect(),
+            );
+            (m, true)
+        }
+        None => (
+            Message::new(Role::Assistant, Some(Content::Text(text))),
+            false,
+        ),
+    }
+}
+
+/// Streams text while holding back whatever might be the start of a tool call, so a call is sent
+/// as `tool_calls` deltas instead of leaking out as content. Without tools it passes text through.
+#[derive(Debug, Default)]
+struct ToolCallStream {
+    names: Vec<String>,
+    active: bool,
+    /// Text not yet shown.
+    held: String,
+    /// Held text contains a call marker (or is a bare JSON answer): keep it until the end.
+    in_call: bool,
+    emitted_any: bool,
+}
+
+impl ToolCallStream {
+    fn new(r: &ChatRequest) -> Self {
+        Self {
+            names: tool_names(r),
+            active: parses_tool_calls(r),
+            ..Default::default()
+        }
+    }
+
+    /// Adds new text; returns what can be shown now.
+    fn push(&mut self, text: &str) -> String {
+        if !self.active {
+            return text.to_owned();
+        }
+        self.held.push_str(text);
+        if self.in_call {
+            return String::new();
+        }
+        if !self.emitted_any && tool_parse::may_become_call(&self.held) {
+            let t = self.held.trim_start();
+            if t.starts_with('{') || t.starts_with('[') || tool_parse::marker_at(t).is_some() {
+                self.in_call = true;
+            }
+            if self.in_call || t.len() < 16 {
+                return String::new();
+            }
+        }
+        let cut = match tool_parse::marker_at(&self.held) {
+            Some(pos) => {
+                self.in_call = true;
+                pos
+            }
+            None => self.held.len() - tool_parse::partial_marker_len(&self.held),
+        };
+        let out: String = self.held.drain(..cut).collect();
+        self.emitted_any |= !out.is_empty();
+        out
+    }
+
+    /// The end of the answer: the remaining text, and the calls if it was one.
+    fn finish(&mut self) -> (String, Option<ParsedOutput>) {
+        let held = std::mem::take(&mut self.held);
+        if !self.active {
+            return (held, None);
+        }
+        let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        match tool_parse::parse(&held, &names) {
+            Some(p) => (String::new(), Some(p)),
+            None => (held, None),
+        }
+    }
 }
 
 fn response_format(v: Option<&Value>) -> Result<ResponseFormat, GatewayError> {
@@ -301,6 +443,7 @@ impl Provider for LocalProvider {
     async fn complete(&self, call: &UpstreamCall<'_>) -> Result<ChatResponse, GatewayError> {
         let mut rx = self.submit(call)?;
         let want_logprobs = call.request.logprobs;
+        let names = tool_names(call.request);
         let collect = async {
             let mut text = String::new();
             let mut lps = Vec::new();
@@ -314,12 +457,23 @@ impl Provider for LocalProvider {
                         finish_reason,
                         usage,
                     } => {
-                        let message = Message::new(Role::Assistant, Some(Content::Text(text)));
+                        let parsed = if parses_tool_calls(call.request) {
+                            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                            tool_parse::parse(&text, &names)
+                        } else {
+                            None
+                        };
+                        let (message, called) = answer_message(text, parsed);
+                        let finish = if called {
+                            "tool_calls"
+                        } else {
+                            finish_reason.as_str()
+                        };
                         return Ok(ChatResponse {
                             choices: vec![Choice {
                                 index: 0,
                                 message,
-                                finish_reason: Some(finish_reason.as_str().to_string()),
+                                finish_reason: Some(finish.to_string()),
                                 logprobs: want_logprobs.then(|| logprobs_json(&lps)),
                             }],
                             usage: Some(usage_of(usage)),
@@ -344,6 +498,8 @@ impl Provider for LocalProvider {
         let mut rx = self.submit(call)?;
         let want_logprobs = call.request.logprobs;
         let provider = self.name.clone();
+        let mut calls = ToolCallStream::new(call.request);
+        let mut held_lps: Vec<TokenLogprob> = Vec::new();
         let s = async_stream::stream! {
             yield Ok(ChatChunk {
                 choices: vec![ChunkChoice { index: 0, role: true, content: Some(String::new()), ..Default::default() }],
@@ -366,6 +522,12 @@ impl Provider for LocalProvider {
                 };
                 match ev {
                     EngineEvent::Delta { text, logprobs } => {
+                        held_lps.extend(logprobs);
+                        let text = calls.push(&text);
+                        if text.is_empty() && calls.active {
+                            continue;
+                        }
+                        let logprobs = std::mem::take(&mut held_lps);
                         let logprobs = (want_logprobs && !logprobs.is_empty()).then(|| logprobs_json(&logprobs));
                         yield Ok(ChatChunk {
                             choices: vec![ChunkChoice {
@@ -378,10 +540,32 @@ impl Provider for LocalProvider {
                         });
                     }
                     EngineEvent::Done { finish_reason, usage } => {
+                        let (rest, parsed) = calls.finish();
+                        let logprobs = std::mem::take(&mut held_lps);
+                        let logprobs = (want_logprobs && !logprobs.is_empty()).then(|| logprobs_json(&logprobs));
+                        let mut finish = finish_reason.as_str();
+                        let mut tool_calls = Vec::new();
+                        let mut content = (!rest.is_empty()).then_some(rest);
+                        if let Some(p) = parsed {
+                            finish = "tool_calls";
+                            content = (!p.content.is_empty()).then_some(p.content);
+                            tool_calls = p.calls.into_iter().enumerate().map(|(i, c)| ToolCallDelta {
+                                index: u32::try_from(i).unwrap_or(u32::MAX),
+                                id: Some(call_id()),
+                                kind: Some("function".into()),
+                                function: Some(FunctionDelta { name: Some(c.name), arguments: Some(c.arguments) }),
+                            }).collect();
+                        }
+                        if content.is_some() || !tool_calls.is_empty() || logprobs.is_some() {
+                            yield Ok(ChatChunk {
+                                choices: vec![ChunkChoice { index: 0, content, tool_calls, logprobs, ..Default::default() }],
+                                ..Default::default()
+                            });
+                        }
                         yield Ok(ChatChunk {
                             choices: vec![ChunkChoice {
                                 index: 0,
-                                finish_reason: Some(finish_reason.as_str().to_string()),
+                                finish_reason: Some(finish.to_string()),
                                 ..Default::default()
                             }],
                             usage: Some(usage_of(usage)),
@@ -488,5 +672,100 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn with_tools(choice: Option<Value>) -> ChatRequest {
+        let mut r = base();
+        r.tools = vec![serde_json::from_value(
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {}}}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))];
+        r.tool_choice = choice;
+        r
+    }
+
+    fn feed(s: &mut ToolCallStream, pieces: &[&str]) -> String {
+        pieces.iter().map(|p| s.push(p)).collect()
+    }
+
+    #[test]
+    fn tool_choice_maps_to_engine() {
+        let g = |c: Option<Value>| to_engine_request(&with_tools(c)).map(|r| r.tool_choice);
+        assert_eq!(g(None).ok(), Some(ToolChoice::Auto));
+        assert_eq!(g(Some(json!("none"))).ok(), Some(ToolChoice::None));
+        assert_eq!(
+            g(Some(json!("required"))).ok(),
+            Some(ToolChoice::Required(vec!["get_weather".into()]))
+        );
+        assert_eq!(
+            g(Some(
+                json!({"type": "function", "function": {"name": "get_weather"}})
+            ))
+            .ok(),
+            Some(ToolChoice::Required(vec!["get_weather".into()]))
+        );
+        assert!(g(Some(
+            json!({"type": "function", "function": {"name": "nope"}})
+        ))
+        .is_err());
+        assert!(g(Some(json!("sometimes"))).is_err());
+    }
+
+    #[test]
+    fn streamed_tool_call_is_held_back_and_parsed() {
+        let mut s = ToolCallStream::new(&with_tools(None));
+        let shown = feed(
+            &mut s,
+            &[
+                "<tool",
+                "_call>\n{\"name\": \"get_weather\", ",
+                "\"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>",
+            ],
+        );
+        assert_eq!(shown, "");
+        let (rest, parsed) = s.finish();
+        assert_eq!(rest, "");
+        let p = parsed.unwrap_or_else(|| panic!("no call parsed"));
+        assert_eq!(p.calls[0].name, "get_weather");
+        assert_eq!(p.calls[0].arguments, "{\"city\":\"Oslo\"}");
+        let (m, called) = answer_message(String::new(), Some(p));
+        assert!(called);
+        assert!(m.content.is_none());
+        let calls = m.tool_calls.unwrap_or_default();
+        assert!(calls[0].id.starts_with("call_"));
+        assert_eq!(calls[0].function.name, "get_weather");
+    }
+
+    #[test]
+    fn streamed_text_passes_through_with_tools() {
+        let mut s = ToolCallStream::new(&with_tools(None));
+        let shown = feed(
+            &mut s,
+            &["The weather", " in Oslo is mild", " today. [", "1]"],
+        );
+        let (rest, parsed) = s.finish();
+        assert_eq!(shown + &rest, "The weather in Oslo is mild today. [1]");
+        assert!(parsed.is_none());
+        // Text, then a call: the text streams, the call does not.
+        let mut s = ToolCallStream::new(&with_tools(None));
+        let shown = feed(
+            &mut s,
+            &[
+                "Let me look that up for you. ",
+                "<tool_call>{\"name\": \"get_weather\"}</tool_call>",
+            ],
+        );
+        assert_eq!(shown, "Let me look that up for you. ");
+        let (rest, parsed) = s.finish();
+        assert_eq!(rest, "");
+        assert_eq!(parsed.map(|p| p.calls.len()), Some(1));
+        // tool_choice none: never parsed.
+        let mut s = ToolCallStream::new(&with_tools(Some(json!("none"))));
+        let shown = feed(
+            &mut s,
+            &["<tool_call>{\"name\": \"get_weather\"}</tool_call>"],
+        );
+        assert!(shown.starts_with("<tool_call>"));
+        assert!(s.finish().1.is_none());
     }
 }
