@@ -881,7 +881,7 @@ async fn batch_admission(db: &Db) -> Billing {
         let mut batch = vec![
             hold_insert(&format!("{tag}1"), &p, 60, exp),
             hold_insert(&format!("{tag}2"), &p, 50, exp), // 40 left: refused
-            hold_insert(&format!("{tag}1"), &p, 1, exp),  // same id again in the batch
+            hold_insert(&format!("{tag}1"), &p, 0, exp),  // same id again in the batch
             hold_insert(&format!("{tag}3"), &q, 20, exp), // capped key: fits (20 ≤ 30)
             hold_insert(&format!("{tag}4"), &q, 20, exp), // 40 > 30: refused by the cap
             hold_insert(&format!("{tag}5"), &p, 40, exp), // exactly what is left
