@@ -4,6 +4,7 @@
 //! one HTTP client in `openai_compat.rs`; each dialect's quirks live in its own file.
 
 pub mod anthropic;
+pub mod client;
 pub mod kimi_k2;
 pub mod local;
 pub mod media;

@@ -3,19 +3,19 @@
 //! (complete or streamed) into the internal model.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures::StreamExt;
+use http::Response;
+use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::time::{timeout, Instant};
 
+use super::client::UpstreamClient;
 use super::sse::{decode_body, SseEvent};
 use super::{kimi_k2, media, moonshot, openrouter, Provider, UpstreamCall};
 use crate::config::{Dialect, ProviderConfig};
-use crate::error::{GatewayError, UpstreamRejection};
+use crate::error::GatewayError;
 use crate::gateway::model::{
     ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, ChunkStream, Content, Message, Role,
     ToolCall, ToolCallDelta, Usage,
@@ -27,45 +27,17 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// An OpenAI-compatible upstream.
 pub struct OpenAiCompat {
     cfg: ProviderConfig,
-    client: reqwest::Client,
-    /// Parsed once: parsing the URL on every request showed up at ~4% of the request path's CPU.
-    url: reqwest::Url,
+    http: UpstreamClient,
 }
 
 impl OpenAiCompat {
     pub fn new(cfg: ProviderConfig) -> Result<OpenAiCompat, String> {
-        let mut headers = reqwest::header::HeaderMap::new();
-        for (k, v) in &cfg.headers {
-            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
-                .map_err(|e| format!("provider {:?}: header {k:?}: {e}", cfg.name))?;
-            let value = reqwest::header::HeaderValue::from_str(v)
-                .map_err(|e| format!("provider {:?}: header {k:?}: {e}", cfg.name))?;
-            headers.insert(name, value);
-        }
-        if let Some(key) = &cfg.api_key {
-            let mut v =
-                reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                    format!(
-                        "provider {:?}: the API key contains characters not allowed in a header",
-                        cfg.name
-                    )
-                })?;
-            v.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, v);
-        }
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(cfg.timeouts.connect)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("provider {:?}: cannot build HTTP client: {e}", cfg.name))?;
-        let url = reqwest::Url::parse(&format!("{}/chat/completions", cfg.base_url))
-            .map_err(|e| format!("provider {:?}: base_url {:?}: {e}", cfg.name, cfg.base_url))?;
-        Ok(OpenAiCompat { cfg, client, url })
+        let auth = cfg
+            .api_key
+            .as_ref()
+            .map(|key| (http::header::AUTHORIZATION, format!("Bearer {key}")));
+        let http = UpstreamClient::new(&cfg, "/chat/completions", auth, &[])?;
+        Ok(OpenAiCompat { cfg, http })
     }
 
     /// Writes the upstream request body in this dialect's spelling.
@@ -82,7 +54,7 @@ impl OpenAiCompat {
         &self,
         call: &UpstreamCall<'_>,
         stream: bool,
-    ) -> Result<reqwest::Response, GatewayError> {
+    ) -> Result<Response<Incoming>, GatewayError> {
         if self.cfg.dialect == Dialect::Moonshot {
             moonshot::check(call.request, &call.route.upstream_model)?;
         }
@@ -96,85 +68,7 @@ impl OpenAiCompat {
             Some(req) => write_body(self.cfg.dialect, req, &call.route.upstream_model, stream),
             None => self.body(call, stream),
         };
-        let fut = self
-            .client
-            .post(self.url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(
-                reqwest::header::ACCEPT,
-                if stream {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                },
-            )
-            .header("x-request-id", call.request_id)
-            .body(body)
-            .send();
-        let resp = match timeout(self.cfg.timeouts.first_byte, fut).await {
-            Err(_) => return Err(self.timeout_error("no response headers")),
-            Ok(Err(e)) if e.is_timeout() => return Err(self.timeout_error("connect timed out")),
-            Ok(Err(e)) => {
-                return Err(GatewayError::UpstreamFailed {
-                    provider: self.cfg.name.clone(),
-                    message: format!("cannot reach the upstream: {}", error_chain(&e)),
-                })
-            }
-            Ok(Ok(r)) => r,
-        };
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        Err(self.upstream_error(resp).await)
-    }
-
-    fn timeout_error(&self, what: &str) -> GatewayError {
-        GatewayError::UpstreamTimeout {
-            provider: self.cfg.name.clone(),
-            message: format!("the upstream timed out ({what})"),
-        }
-    }
-
-    /// Turns a non-2xx upstream answer into an error that keeps its status and message.
-    async fn upstream_error(&self, resp: reqwest::Response) -> GatewayError {
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
-        let body = match timeout(self.cfg.timeouts.idle, read_capped(resp, 1024 * 1024)).await {
-            Ok(Ok(b)) => b,
-            _ => Bytes::new(),
-        };
-        let parsed = parse_error_body(&body);
-        let message = parsed.message.unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(&body);
-            let text = text.trim();
-            if text.is_empty() {
-                format!("upstream returned HTTP {status}")
-            } else {
-                text.chars().take(500).collect()
-            }
-        });
-        if (400..500).contains(&status) {
-            GatewayError::UpstreamRejected(Box::new(UpstreamRejection {
-                provider: self.cfg.name.clone(),
-                status,
-                message,
-                kind: parsed.kind,
-                code: parsed.code,
-                param: parsed.param,
-                retry_after,
-            }))
-        } else {
-            GatewayError::UpstreamFailed {
-                provider: self.cfg.name.clone(),
-                message: format!("upstream returned HTTP {status}: {message}"),
-            }
-        }
+        self.http.post(body, stream, call.request_id).await
     }
 }
 
@@ -185,68 +79,27 @@ impl Provider for OpenAiCompat {
     }
 
     async fn complete(&self, call: &UpstreamCall<'_>) -> Result<ChatResponse, GatewayError> {
-        let deadline = self.cfg.timeouts.total;
         let work = async {
             let resp = self.send(call, false).await?;
-            let body = timeout(
-                self.cfg.timeouts.idle,
-                read_capped(resp, MAX_RESPONSE_BYTES),
-            )
-            .await
-            .map_err(|_| self.timeout_error("response body stalled"))?
-            .map_err(|e| GatewayError::UpstreamFailed {
-                provider: self.cfg.name.clone(),
-                message: e,
-            })?;
-            parse_completion(&body).map_err(|e| GatewayError::UpstreamFailed {
-                provider: self.cfg.name.clone(),
-                message: e,
-            })
+            let body = self.http.read_body(resp, MAX_RESPONSE_BYTES).await?;
+            parse_completion(&body).map_err(|e| self.http.failed(e))
         };
-        timeout(deadline, work)
+        timeout(self.cfg.timeouts.total, work)
             .await
-            .map_err(|_| self.timeout_error("overall deadline"))?
+            .map_err(|_| self.http.timeout_error("overall deadline"))?
     }
 
     async fn stream(&self, call: &UpstreamCall<'_>) -> Result<ChunkStream, GatewayError> {
         let start = Instant::now();
         let resp = self.send(call, true).await?;
-        let provider = self.cfg.name.clone();
-        let idle = self.cfg.timeouts.idle;
-        let deadline = start + self.cfg.timeouts.total;
         Ok(decode_body(
-            resp,
-            provider,
-            idle,
-            deadline,
+            resp.into_body(),
+            self.cfg.name.clone(),
+            self.cfg.timeouts.idle,
+            start + self.cfg.timeouts.total,
             StreamNormaliser::default(),
         ))
     }
-}
-
-pub(crate) async fn read_capped(resp: reqwest::Response, cap: usize) -> Result<Bytes, String> {
-    let mut out = bytes::BytesMut::new();
-    let mut s = resp.bytes_stream();
-    while let Some(part) = s.next().await {
-        let part =
-            part.map_err(|e| format!("reading the upstream answer failed: {}", error_chain(&e)))?;
-        if out.len() + part.len() > cap {
-            return Err(format!("the upstream answer exceeded {cap} bytes"));
-        }
-        out.extend_from_slice(&part);
-    }
-    Ok(out.freeze())
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -687,37 +540,6 @@ fn error_message(err: &Value) -> String {
         .unwrap_or_else(|| err.to_string())
 }
 
-/// The fields of an upstream error body, whichever dialect wrote it.
-#[derive(Default)]
-struct ParsedError {
-    message: Option<String>,
-    kind: Option<String>,
-    code: Option<String>,
-    param: Option<String>,
-}
-
-fn parse_error_body(body: &[u8]) -> ParsedError {
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return ParsedError::default();
-    };
-    let e = v.get("error").unwrap_or(&v);
-    let s = |k: &str| match e.get(k) {
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        _ => None,
-    };
-    ParsedError {
-        message: s("message").or_else(|| e.as_str().map(str::to_string)),
-        kind: s("type").or_else(|| {
-            e.pointer("/metadata/error_type")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        }),
-        code: s("code"),
-        param: s("param"),
-    }
-}
-
 impl super::sse::ChunkDecoder for StreamNormaliser {
     fn event(&mut self, ev: &SseEvent) -> Result<Option<ChatChunk>, String> {
         StreamNormaliser::event(self, ev)
@@ -840,16 +662,5 @@ mod tests {
         assert_eq!(v["max_tokens"], 100);
         assert_eq!(v["reasoning"], json!({"enabled": true}));
         assert!(v.get("stream").is_none());
-    }
-
-    #[test]
-    fn error_bodies_of_each_dialect() {
-        let e = parse_error_body(br#"{"error":{"code":402,"message":"Insufficient credits","metadata":{"error_type":"x"}}}"#);
-        assert_eq!(
-            (e.message.as_deref(), e.code.as_deref(), e.kind.as_deref()),
-            (Some("Insufficient credits"), Some("402"), Some("x"))
-        );
-        let e = parse_error_body(br#"{"error":{"type":"content_filter","message":"high risk"}}"#);
-        assert_eq!(e.kind.as_deref(), Some("content_filter"));
     }
 }

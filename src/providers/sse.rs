@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures::StreamExt;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use tokio::time::{timeout, Instant};
 
 use crate::error::GatewayError;
@@ -141,20 +142,19 @@ pub trait ChunkDecoder: Send + 'static {
 /// Reads an upstream SSE body with the idle and overall timeouts and decodes it into chunks. A body
 /// that breaks, stalls or closes before the answer is complete ends with an error item.
 pub fn decode_body<D: ChunkDecoder>(
-    resp: reqwest::Response,
+    mut body: Incoming,
     provider: String,
     idle: Duration,
     deadline: Instant,
     mut dec: D,
 ) -> ChunkStream {
-    let mut body = resp.bytes_stream();
     Box::pin(async_stream::stream! {
         let mut parser = SseParser::new();
         let mut events: Vec<SseEvent> = Vec::new();
         let fail = |message: String| GatewayError::UpstreamFailed { provider: provider.clone(), message };
         loop {
             let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
-            let next = match timeout(wait, body.next()).await {
+            let next = match timeout(wait, body.frame()).await {
                 Err(_) => {
                     yield Err(GatewayError::UpstreamTimeout { provider: provider.clone(), message: "the upstream stream stalled or passed its deadline".into() });
                     return;
@@ -162,7 +162,8 @@ pub fn decode_body<D: ChunkDecoder>(
                 Ok(n) => n,
             };
             let finished = match next {
-                Some(Ok(bytes)) => {
+                Some(Ok(frame)) => {
+                    let Ok(bytes) = frame.into_data() else { continue };
                     if parser.feed(&bytes, &mut events).is_err() {
                         yield Err(fail("an SSE event from the upstream was too large".into()));
                         return;
@@ -170,7 +171,7 @@ pub fn decode_body<D: ChunkDecoder>(
                     false
                 }
                 Some(Err(e)) => {
-                    yield Err(fail(format!("the upstream stream broke: {}", super::openai_compat::error_chain(&e))));
+                    yield Err(fail(format!("the upstream stream broke: {}", super::client::error_chain(&e))));
                     return;
                 }
                 None => {
