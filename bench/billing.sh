@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Requests/s with billing on versus off, non-streamed, through a fake upstream, on SQLite and
-# PostgreSQL. Usage: bench/billing.sh [seconds] [concurrency]   (PROFILE=dev for a debug build)
+# PostgreSQL, from ONE release binary. Three gateways run side by side (billing off; on over a
+# SQLite file; on over a throwaway PostgreSQL from scripts/pg-test.sh, as the tests use) and are
+# measured in turn, round after round; prints a table of medians and the cost of billing.
+#
+#   bench/billing.sh [seconds-per-slot] [rounds] [concurrency]      # defaults: 5 3 32
+#   PROFILE=dev bench/billing.sh ...                                # a debug build instead
+# Wrapped in `flock /work/notes/bench.lock` when /work/notes exists (shared machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs="${1:-10}"
-conc="${2:-32}"
+secs="${1:-5}"
+rounds="${2:-3}"
+conc="${3:-32}"
 profile="${PROFILE:-release}"
 if [ "$profile" = "release" ]; then
     cargo build --release --bin tollgate --example billing_bench
@@ -16,7 +23,10 @@ fi
 tmp=$(mktemp -d)
 eval "$(scripts/pg-test.sh start)"
 trap 'scripts/pg-test.sh stop "$TOLLGATE_TEST_PG_DIR"; rm -rf "$tmp"' EXIT
-echo "== SQLite"
-"$dir/examples/billing_bench" --bin "$dir/tollgate" --secs "$secs" --concurrency "$conc" --db "sqlite://$tmp/bench.db"
-echo "== PostgreSQL"
-"$dir/examples/billing_bench" --bin "$dir/tollgate" --secs "$secs" --concurrency "$conc" --db "$TOLLGATE_TEST_PG_URL"
+echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), profile $profile, $(nproc) CPUs, $(date -u +%FT%TZ)"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+lock=()
+if [ -d /work/notes ]; then lock=(flock /work/notes/bench.lock); fi
+"${lock[@]}" "$dir/examples/billing_bench" --bin "$dir/tollgate" --secs "$secs" --rounds "$rounds" \
+    --concurrency "$conc" --sqlite "sqlite://$tmp/bench.db" --pg "$TOLLGATE_TEST_PG_URL"
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

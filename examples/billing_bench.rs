@@ -1,6 +1,10 @@
 //! Benchmark: requests/s through tollgate with billing on versus off (non-streamed, fake upstream).
 //!
-//! Usage: `billing_bench --bin PATH [--db URL] [--secs N] [--concurrency N]` (see bench/billing.sh).
+//! Usage: `billing_bench --bin PATH [--sqlite URL] [--pg URL] [--secs N] [--rounds N]
+//! [--concurrency N]` (see bench/billing.sh). One gateway process per mode (billing off, billing on
+//! over SQLite, billing on over PostgreSQL) runs from the same binary for the whole run; the modes
+//! are measured in turn, round after round, so slow drift of the shared machine hits them alike.
+//! Each mode's figure is the median of its rounds; the cost of billing is `1 - on / off`.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -32,21 +36,29 @@ fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-struct Gw(Child);
+struct Gw {
+    child: Child,
+    _dir: tempfile::TempDir,
+    label: String,
+    url: String,
+    key: String,
+}
+
 impl Drop for Gw {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-async fn run_mode(
+/// Starts one gateway: billing off (`db` None, open mode) or on over `db`, with a funded key.
+async fn start(
     bin: &str,
     up: SocketAddr,
+    label: &str,
     db: Option<&str>,
-    secs: u64,
-    conc: usize,
-) -> Result<f64, String> {
+    client: &reqwest::Client,
+) -> Result<Gw, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -85,7 +97,7 @@ async fn run_mode(
             .0;
         b.store().close().await;
     }
-    let _gw = Gw(Command::new(bin)
+    let child = Command::new(bin)
         .args(["serve", "--config"])
         .arg(&cfg_path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -94,40 +106,53 @@ async fn run_mode(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| e.to_string())?);
-    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(conc)
-        .timeout(Duration::from_secs(10))
-        .build()
         .map_err(|e| e.to_string())?;
-    let body =
-        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]});
-    // wait until it answers
+    let gw = Gw {
+        child,
+        _dir: dir,
+        label: label.to_string(),
+        url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        key,
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = client.post(&url).bearer_auth(&key).json(&body).send().await;
+        let r = client
+            .post(&gw.url)
+            .bearer_auth(&gw.key)
+            .json(&body())
+            .send()
+            .await;
         if matches!(&r, Ok(r) if r.status().is_success()) {
-            break;
+            return Ok(gw);
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "gateway did not answer: {:?}",
+                "{label}: gateway did not answer: {:?}",
                 r.map(|r| r.status())
             ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+fn body() -> Value {
+    json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+/// Closed-loop load on one gateway: `conc` clients, 1 s warm-up, then `secs` measured.
+/// Returns (ok req/s, failed requests).
+async fn measure(client: &reqwest::Client, gw: &Gw, secs: f64, conc: usize) -> (f64, u64) {
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..conc {
-        let (client, url, key, body) = (client.clone(), url.clone(), key.clone(), body.clone());
+        let (client, url, key) = (client.clone(), gw.url.clone(), gw.key.clone());
         let (ok, errors, measuring, stop) =
             (ok.clone(), errors.clone(), measuring.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
+            let body = body();
             while !stop.load(Ordering::Relaxed) {
                 let r = client.post(&url).bearer_auth(&key).json(&body).send().await;
                 let good = match r {
@@ -147,28 +172,37 @@ async fn run_mode(
     tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
     }
-    let errs = errors.load(Ordering::Relaxed);
-    if errs > 0 {
-        eprintln!("  {errs} failed requests");
+    (
+        ok.load(Ordering::Relaxed) as f64 / elapsed,
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
     }
-    Ok(ok.load(Ordering::Relaxed) as f64 / elapsed)
 }
 
 #[tokio::main]
 async fn main() {
     let bin = arg("--bin").unwrap_or_else(|| "target/release/tollgate".to_string());
-    let secs: u64 = arg("--secs").and_then(|s| s.parse().ok()).unwrap_or(10);
+    let secs: f64 = arg("--secs").and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let rounds: usize = arg("--rounds").and_then(|s| s.parse().ok()).unwrap_or(3);
     let conc: usize = arg("--concurrency")
         .and_then(|s| s.parse().ok())
         .unwrap_or(32);
-    let db = arg("--db");
     let l = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
         Ok(l) => l,
         Err(e) => {
@@ -186,26 +220,67 @@ async fn main() {
         )
         .await;
     });
-    let dbs: Vec<String> = match db {
-        Some(d) => vec![d],
-        None => vec![],
-    };
-    let off = match run_mode(&bin, up, None, secs, conc).await {
-        Ok(v) => v,
+    let client = match reqwest::Client::builder()
+        .pool_max_idle_per_host(conc)
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
         Err(e) => {
-            eprintln!("billing off: {e}");
+            eprintln!("client: {e}");
             std::process::exit(1);
         }
     };
-    println!("billing off                : {off:8.0} req/s (concurrency {conc}, {secs} s)");
-    for d in dbs {
-        match run_mode(&bin, up, Some(&d), secs, conc).await {
-            Ok(on) => println!(
-                "billing on  ({:<14}): {on:8.0} req/s  → overhead {:.1}%",
-                d.split(':').next().unwrap_or("?"),
-                (1.0 - on / off) * 100.0
-            ),
-            Err(e) => eprintln!("billing on ({d}): {e}"),
+    let mut modes: Vec<(&str, Option<String>)> = vec![("off", None)];
+    if let Some(u) = arg("--sqlite") {
+        modes.push(("sqlite", Some(u)));
+    }
+    if let Some(u) = arg("--pg") {
+        modes.push(("postgres", Some(u)));
+    }
+    let mut gws = Vec::new();
+    for (label, db) in &modes {
+        match start(&bin, up, label, db.as_deref(), &client).await {
+            Ok(g) => gws.push(g),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
         }
+    }
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); gws.len()];
+    let mut failed = vec![0u64; gws.len()];
+    for round in 1..=rounds {
+        let mut line = format!("round {round}:");
+        for (i, gw) in gws.iter().enumerate() {
+            let (rps, errs) = measure(&client, gw, secs, conc).await;
+            results[i].push(rps);
+            failed[i] += errs;
+            line.push_str(&format!("  {} {rps:.0}", gw.label));
+        }
+        println!("{line}");
+    }
+    let off = median(&results[0]);
+    println!();
+    println!("| mode | req/s (median of {rounds} × {secs} s, concurrency {conc}) | rounds | failed | cost of billing |");
+    println!("|---|---|---|---|---|");
+    for (i, gw) in gws.iter().enumerate() {
+        let m = median(&results[i]);
+        let rounds: Vec<String> = results[i].iter().map(|r| format!("{r:.0}")).collect();
+        let cost = if i == 0 {
+            "—".to_string()
+        } else {
+            format!("{:.1}%", (1.0 - m / off) * 100.0)
+        };
+        println!(
+            "| billing {} | {m:.0} | {} | {} | {cost} |",
+            if i == 0 {
+                "off".to_string()
+            } else {
+                format!("on ({})", gw.label)
+            },
+            rounds.join(" / "),
+            failed[i]
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tollgate::billing::{
     compute_cost, Billing, BillingError, HoldParams, Principal, SettleInput, Usage,
 };
-use tollgate::store::ledger::FinalState;
+use tollgate::store::ledger::{FinalState, HoldInsert, HoldOutcome, SettleWrite};
 use tollgate::store::{now_ms, PriceRow, UsageGroup, UsageQuery};
 
 use billing_support::Db;
@@ -833,6 +833,191 @@ async fn append_only(db: &Db) -> Billing {
     b
 }
 both_backends!(ledger_is_append_only, append_only);
+
+fn hold_insert(id: &str, p: &Principal, micros: i64, expires_at: i64) -> HoldInsert {
+    HoldInsert {
+        request_id: id.to_string(),
+        account_id: p.account_id.clone(),
+        key_id: Some(p.key_id.clone()),
+        key_capped: p.spend_cap_micros.is_some(),
+        model: "m".to_string(),
+        provider: None,
+        price_id: None,
+        hold_micros: micros,
+        expires_at,
+    }
+}
+
+// Group commit: holds decided together in one transaction are admitted one after the other in
+// order; a hold refused for balance, for a key's cap, or as a duplicate id does not fail the others.
+async fn batch_admission(db: &Db) -> Billing {
+    let b = db.billing().await;
+    let (p, _) = funded(&b, "acme", 100).await;
+    let (_, capped_raw) = funded(&b, "capco", 1_000).await;
+    let capped = b
+        .key(&tollgate::billing::keys::visible_prefix(&capped_raw).unwrap_or_default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.set_key_cap(&capped.prefix, Some(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let q = b
+        .authenticate(&capped_raw)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(q.spend_cap_micros, Some(30));
+    // an id already held before the batch: the batch transaction fails on it and every operation
+    // is re-run alone; the outcomes must be the same as if it had not been there
+    let exp = now_ms() + 600_000;
+    assert_eq!(
+        b.store()
+            .place_hold(&hold_insert("old", &p, 0, exp))
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        HoldOutcome::Held
+    );
+    for with_old in [false, true] {
+        let tag = if with_old { "b" } else { "a" };
+        let mut batch = vec![
+            hold_insert(&format!("{tag}1"), &p, 60, exp),
+            hold_insert(&format!("{tag}2"), &p, 50, exp), // 40 left: refused
+            hold_insert(&format!("{tag}1"), &p, 0, exp),  // same id again in the batch
+            hold_insert(&format!("{tag}3"), &q, 20, exp), // capped key: fits (20 ≤ 30)
+            hold_insert(&format!("{tag}4"), &q, 20, exp), // 40 > 30: refused by the cap
+            hold_insert(&format!("{tag}5"), &p, 40, exp), // exactly what is left
+            hold_insert(&format!("{tag}6"), &p, 1, exp),  // nothing left
+            hold_insert(&format!("{tag}7"), &q, 10, exp), // cap exactly reached
+        ];
+        if with_old {
+            batch.insert(3, hold_insert("old", &p, 0, exp));
+        }
+        let mut got: Vec<HoldOutcome> = b
+            .store()
+            .place_holds(batch)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        if with_old {
+            assert_eq!(got.remove(3), HoldOutcome::DuplicateRequest);
+        }
+        assert_eq!(
+            got,
+            vec![
+                HoldOutcome::Held,
+                HoldOutcome::InsufficientCredits {
+                    available_micros: 40
+                },
+                HoldOutcome::DuplicateRequest,
+                HoldOutcome::Held,
+                HoldOutcome::KeySpendCapReached,
+                HoldOutcome::Held,
+                HoldOutcome::InsufficientCredits {
+                    available_micros: 0
+                },
+                HoldOutcome::Held,
+            ],
+            "batch {tag}"
+        );
+        let a = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((a.balance_micros, a.held_micros), (0, 100));
+        // settle the round in one batch: capture some, release some, one already final
+        let w = |c: i64| SettleWrite {
+            captured_micros: c,
+            network_cost_micros: c,
+            delivered: c > 0,
+            status: Some("ok".into()),
+            ..Default::default()
+        };
+        let fin = b
+            .store()
+            .finalize_many(vec![
+                (format!("{tag}1"), FinalState::Settled, w(55)),
+                (format!("{tag}5"), FinalState::Released, w(0)),
+                (format!("{tag}1"), FinalState::Released, w(0)), // twice in one batch
+                (format!("{tag}3"), FinalState::Settled, w(21)), // above its 20 hold
+                (format!("{tag}7"), FinalState::Settled, w(10)),
+                ("nope".to_string(), FinalState::Released, w(0)),
+            ])
+            .await;
+        assert!(fin[0].as_ref().is_ok_and(|r| r.is_some()), "{tag}1 settled");
+        assert!(
+            fin[1].as_ref().is_ok_and(|r| r.is_some()),
+            "{tag}5 released"
+        );
+        assert!(
+            fin[2].as_ref().is_ok_and(|r| r.is_none()),
+            "{tag}1 only once"
+        );
+        assert!(fin[3].is_err(), "a capture above the hold is refused");
+        assert!(fin[4].as_ref().is_ok_and(|r| r.is_some()), "{tag}7 settled");
+        assert!(fin[5].as_ref().is_ok_and(|r| r.is_none()), "unknown id");
+        let r = b
+            .store()
+            .finalize(&format!("{tag}3"), FinalState::Settled, &w(20), None)
+            .await;
+        assert!(
+            r.is_ok_and(|r| r.is_some()),
+            "{tag}3 settles within its hold"
+        );
+        let a = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((a.balance_micros, a.held_micros), (45, 0));
+        let k = b
+            .key(&capped.prefix)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let c = b.account("capco").await.unwrap_or_else(|e| panic!("{e}"));
+        let spent_before = if with_old { 30 } else { 0 };
+        assert_eq!(k.spent_micros, spent_before + 30);
+        assert_eq!(c.held_micros, 0);
+        // top the account up again for the second round (and lift the key's cap)
+        b.add_credits("acme", 55, "refill", None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        b.set_key_cap(&capped.prefix, Some(60))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    b
+}
+both_backends!(batch_admission_is_per_hold, batch_admission);
+
+// A crash after a batch of holds committed and before anything settled: the holds are durable,
+// and the expiry path releases them after a restart, once.
+async fn batch_crash_recovery(db: &Db) -> Billing {
+    let b = db.billing().await;
+    let (p, _) = funded(&b, "acme", 1_000).await;
+    let expired = now_ms() - 1;
+    let got = b
+        .store()
+        .place_holds(
+            (0..10)
+                .map(|i| hold_insert(&format!("c{i}"), &p, 50, expired))
+                .collect(),
+        )
+        .await;
+    assert!(got.iter().all(|r| matches!(r, Ok(HoldOutcome::Held))));
+    // "kill -9": the process goes away without settling anything
+    b.store().close().await;
+    drop(b);
+    let b = db.billing().await;
+    let a = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (a.balance_micros, a.held_micros),
+        (500, 500),
+        "holds are durable"
+    );
+    let (x, y) = tokio::join!(b.sweep_expired(), b.sweep_expired());
+    assert_eq!(
+        x.unwrap_or_else(|e| panic!("{e}")) + y.unwrap_or_else(|e| panic!("{e}")),
+        10
+    );
+    let a = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((a.balance_micros, a.held_micros), (1_000, 0));
+    billing_support::assert_ledger_ok_no_stale_holds(&b).await;
+    b
+}
+both_backends!(batch_crash_is_recovered_by_expiry, batch_crash_recovery);
 
 #[test]
 fn library_cost_matches_independent_formula() {

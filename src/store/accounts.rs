@@ -1,5 +1,7 @@
 //! Accounts and API-key rows: create, list, look up by key digest, revoke, spend caps.
 
+use std::collections::HashMap;
+
 use sqlx::Row;
 
 use super::{new_id, now_ms, Store, StoreError};
@@ -220,28 +222,63 @@ impl Store {
         Ok(rows.iter().map(key_from).collect::<Result<_, _>>()?)
     }
 
-    /// Looks a key up by its HMAC digest (an indexed equality lookup).
+    /// Looks a key up by its HMAC digest (an indexed equality lookup). Concurrent lookups are
+    /// folded into one query by the store's reader task; each still reads the row as committed
+    /// when its query starts, so a revocation is seen by the next request.
     pub async fn key_by_hash(&self, key_hash: &str) -> Result<Option<KeyAuthRow>, StoreError> {
-        let row = sqlx::query(
+        if let Some(b) = &self.batcher {
+            if let Some(r) = b.lookup(key_hash).await {
+                return r;
+            }
+        }
+        self.key_by_hash_direct(key_hash).await
+    }
+
+    /// [`Self::key_by_hash`] as a query of its own.
+    pub async fn key_by_hash_direct(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<KeyAuthRow>, StoreError> {
+        Ok(self.keys_by_hashes(&[key_hash]).await?.remove(key_hash))
+    }
+
+    /// Looks several keys up by digest in one query.
+    pub async fn keys_by_hashes(
+        &self,
+        hashes: &[&str],
+    ) -> Result<HashMap<String, KeyAuthRow>, StoreError> {
+        let mut out = HashMap::new();
+        if hashes.is_empty() {
+            return Ok(out);
+        }
+        let list = (1..=hashes.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
             "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.key_hash, k.is_admin, \
              k.spend_cap_micros, k.revoked_at, k.last_used_at \
-             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = $1",
-        )
-        .bind(key_hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        Ok(Some(KeyAuthRow {
-            id: row.try_get("id")?,
-            account_id: row.try_get("account_id")?,
-            account_name: row.try_get("account_name")?,
-            prefix: row.try_get("prefix")?,
-            key_hash: row.try_get("key_hash")?,
-            is_admin: row.try_get::<i64, _>("is_admin")? != 0,
-            spend_cap_micros: row.try_get("spend_cap_micros")?,
-            revoked_at: row.try_get("revoked_at")?,
-            last_used_at: row.try_get("last_used_at")?,
-        }))
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash IN ({list})"
+        );
+        let mut q = sqlx::query(&sql);
+        for h in hashes {
+            q = q.bind(*h);
+        }
+        for row in q.fetch_all(&self.pool).await? {
+            let r = KeyAuthRow {
+                id: row.try_get("id")?,
+                account_id: row.try_get("account_id")?,
+                account_name: row.try_get("account_name")?,
+                prefix: row.try_get("prefix")?,
+                key_hash: row.try_get("key_hash")?,
+                is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+                spend_cap_micros: row.try_get("spend_cap_micros")?,
+                revoked_at: row.try_get("revoked_at")?,
+                last_used_at: row.try_get("last_used_at")?,
+            };
+            out.insert(r.key_hash.clone(), r);
+        }
+        Ok(out)
     }
 
     pub async fn touch_key(&self, key_id: &str, now: i64) -> Result<(), StoreError> {

@@ -68,7 +68,7 @@ impl FinalState {
             FinalState::Expired => "expired",
         }
     }
-    fn kind(self) -> &'static str {
+    pub(crate) fn kind(self) -> &'static str {
         match self {
             FinalState::Settled => "capture",
             FinalState::Released => "release",
@@ -133,13 +133,13 @@ pub struct RequestRow {
     pub finished_at: Option<i64>,
 }
 
-const REQUEST_COLS: &str = "id, account_id, key_id, model, provider, upstream_model, price_id, state, \
+pub(crate) const REQUEST_COLS: &str = "id, account_id, key_id, model, provider, upstream_model, price_id, state, \
      hold_micros, hold_expires_at, status, http_status, prompt_tokens, cached_tokens, completion_tokens, \
      reasoning_tokens, cost_micros, computed_cost_micros, input_cost_micros, cached_cost_micros, \
      output_cost_micros, network_cost_micros, platform_fee_micros, estimated, delivered, latency_ms, \
      created_at, finished_at";
 
-fn request_from(row: &AnyRow) -> Result<RequestRow, sqlx::Error> {
+pub(crate) fn request_from(row: &AnyRow) -> Result<RequestRow, sqlx::Error> {
     Ok(RequestRow {
         id: row.try_get("id")?,
         account_id: row.try_get("account_id")?,
@@ -255,8 +255,20 @@ async fn insert_txn(
 
 impl Store {
     /// Atomically reserves `hold_micros` of the account's available balance (and of the key's
-    /// spend cap), records the request as `held`, and books the hold in the ledger.
+    /// spend cap), records the request as `held`, and books the hold in the ledger. Returns after
+    /// the hold is committed. Concurrent holds and settlements share one transaction (group
+    /// commit, see [`batch`](super::batch)); the outcome is the same as [`Self::place_hold_direct`].
     pub async fn place_hold(&self, h: &HoldInsert) -> Result<HoldOutcome, StoreError> {
+        if let Some(b) = &self.batcher {
+            if let Some(r) = b.hold(h).await {
+                return r;
+            }
+        }
+        self.place_hold_direct(h).await
+    }
+
+    /// [`Self::place_hold`] in a transaction of its own.
+    pub async fn place_hold_direct(&self, h: &HoldInsert) -> Result<HoldOutcome, StoreError> {
         let _gate = self.write_gate().await;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
@@ -354,8 +366,31 @@ impl Store {
 
     /// Finalises a held request exactly once: captures `captured_micros` (≤ the hold) and returns
     /// the rest to the available balance. Returns `Ok(None)` when the request is already final (or
-    /// unknown), in which case nothing is written.
+    /// unknown), in which case nothing is written. Settlements of concurrent requests share one
+    /// transaction (group commit); the sweeper's conditional expiry runs alone.
     pub async fn finalize(
+        &self,
+        request_id: &str,
+        state: FinalState,
+        w: &SettleWrite,
+        only_if_expired_before: Option<i64>,
+    ) -> Result<Option<RequestRow>, StoreError> {
+        if let (Some(b), None) = (&self.batcher, only_if_expired_before) {
+            let op = super::batch::FinalizeOp {
+                request_id: request_id.to_string(),
+                state,
+                w: w.clone(),
+            };
+            if let Some(r) = b.finalize(op).await {
+                return r;
+            }
+        }
+        self.finalize_direct(request_id, state, w, only_if_expired_before)
+            .await
+    }
+
+    /// [`Self::finalize`] in a transaction of its own.
+    pub async fn finalize_direct(
         &self,
         request_id: &str,
         state: FinalState,

@@ -5,6 +5,7 @@
 //! migration set under `migrations/sqlite` and `migrations/postgres`, applied on connect.
 
 pub mod accounts;
+mod batch;
 pub mod check;
 pub mod ledger;
 pub mod prices;
@@ -55,6 +56,9 @@ pub struct Store {
     /// SQLite allows one writer at a time; writers queue here instead of spinning in SQLite's busy
     /// handler. (Other processes, e.g. the CLI, still rely on `busy_timeout`.)
     write_gate: Option<Arc<Mutex<()>>>,
+    /// Group commit and batched key lookups (see [`batch`]); `None` on the handle its own tasks
+    /// use, and outside a Tokio runtime.
+    batcher: Option<batch::Batcher>,
 }
 
 static MIGRATE_SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -140,12 +144,15 @@ impl Store {
                     .await?
             }
         };
-        Ok(Store {
+        let mut store = Store {
             pool,
             backend,
             sqlite_path: sqlite_file_of(&url),
             write_gate: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
-        })
+            batcher: None,
+        };
+        store.batcher = batch::spawn(&store);
+        Ok(store)
     }
 
     pub fn pool(&self) -> &AnyPool {

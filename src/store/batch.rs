@@ -1,0 +1,766 @@
+//! Group commit on the request path: one writer task per store folds the holds and settlements
+//! of many concurrent requests into one transaction of multi-row statements and answers each
+//! caller through a oneshot after COMMIT; one reader task batches key lookups the same way.
+//!
+//! The guarantees are those of the single-request path ([`Store::place_hold_direct`],
+//! [`Store::finalize_direct`]), which stays the reference and the fallback:
+//! * a caller is answered only after the transaction holding its write has committed, so a hold
+//!   is durable before the upstream is called;
+//! * admission is decided inside the transaction on rows it has locked (PostgreSQL `FOR UPDATE`,
+//!   SQLite's single writer), one hold after the other in arrival order, so concurrent holds never
+//!   overdraw a balance or a key's spend cap; one hold refused for balance does not affect others;
+//! * a settlement is written only for a request still `held` (the same conditional update as the
+//!   single path, plus the unique `(request_id, phase)` index), so it happens exactly once;
+//! * if the batch fails for any reason (a duplicate request id, a lost connection, a deadlock
+//!   abort, a busy SQLite file), nothing of it is committed and every operation is re-run alone on
+//!   the single path, which returns its exact per-request outcome. Re-running is safe because both
+//!   paths are idempotent per request id.
+//!
+//! A crash between a batch's commit and the answers leaves committed holds open; the sweeper
+//! releases them at expiry, exactly as for the single path.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+
+use super::accounts::KeyAuthRow;
+use super::ledger::{
+    available_of, held_of, request_from, FinalState, HoldInsert, HoldOutcome, RequestRow,
+    SettleWrite, REQUEST_COLS, REVENUE_FEE, REVENUE_NETWORK,
+};
+use super::{new_id, now_ms, Backend, Store, StoreError};
+
+/// Most operations folded into one transaction (keeps every statement far below the backends'
+/// bind-parameter limits: 20 × 128 for the settlement update).
+pub const MAX_BATCH: usize = 128;
+const QUEUE: usize = 4096;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A settlement as queued for the writer.
+pub(crate) struct FinalizeOp {
+    pub request_id: String,
+    pub state: FinalState,
+    pub w: SettleWrite,
+}
+
+pub(crate) enum WriteOp {
+    Hold(HoldInsert, Reply<HoldOutcome>),
+    Finalize(FinalizeOp, Reply<Option<RequestRow>>),
+}
+
+pub(crate) struct LookupOp {
+    key_hash: String,
+    reply: Reply<Option<KeyAuthRow>>,
+}
+
+/// Queues to the store's writer and reader tasks. Dropping every clone ends the tasks.
+#[derive(Clone)]
+pub(crate) struct Batcher {
+    writes: mpsc::Sender<WriteOp>,
+    lookups: mpsc::Sender<LookupOp>,
+}
+
+/// Starts the writer and reader tasks for `store` (which must not carry a batcher itself, so the
+/// tasks end when the last user-facing handle is dropped). `None` outside a Tokio runtime.
+pub(crate) fn spawn(store: &Store) -> Option<Batcher> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let mut inner = store.clone();
+    inner.batcher = None;
+    let (wtx, wrx) = mpsc::channel(QUEUE);
+    let (ltx, lrx) = mpsc::channel(QUEUE);
+    handle.spawn(write_loop(inner.clone(), wrx));
+    handle.spawn(lookup_loop(inner, lrx));
+    Some(Batcher {
+        writes: wtx,
+        lookups: ltx,
+    })
+}
+
+impl Batcher {
+    /// Queues a hold; `None` when the writer is gone (the caller then takes the single path).
+    pub(crate) async fn hold(&self, h: &HoldInsert) -> Option<Result<HoldOutcome, StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        self.writes.send(WriteOp::Hold(h.clone(), tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub(crate) async fn finalize(
+        &self,
+        op: FinalizeOp,
+    ) -> Option<Result<Option<RequestRow>, StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        self.writes.send(WriteOp::Finalize(op, tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub(crate) async fn lookup(
+        &self,
+        key_hash: &str,
+    ) -> Option<Result<Option<KeyAuthRow>, StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        self.lookups
+            .send(LookupOp {
+                key_hash: key_hash.to_string(),
+                reply: tx,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
+async fn write_loop(store: Store, mut rx: mpsc::Receiver<WriteOp>) {
+    let mut ops = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
+        store.run_write_batch(std::mem::take(&mut ops)).await;
+    }
+}
+
+async fn lookup_loop(store: Store, mut rx: mpsc::Receiver<LookupOp>) {
+    let mut ops = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
+        store.run_lookup_batch(std::mem::take(&mut ops)).await;
+    }
+}
+
+/// Bind placeholder `$n`, with an explicit type on PostgreSQL (VALUES lists have no column types
+/// to infer parameter types from).
+fn ph(backend: Backend, n: usize, ty: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("${n}::{ty}"),
+        Backend::Sqlite => format!("${n}"),
+    }
+}
+
+/// `($a, $b, …), (…)` for `rows` rows of `types`, numbering from `first`.
+fn values_rows(backend: Backend, rows: usize, types: &[&str], first: usize) -> String {
+    let mut s = String::new();
+    let mut n = first;
+    for r in 0..rows {
+        if r > 0 {
+            s.push_str(", ");
+        }
+        s.push('(');
+        for (i, ty) in types.iter().enumerate() {
+            if i > 0 {
+                s.push_str(", ");
+            }
+            s.push_str(&ph(backend, n, ty));
+            n += 1;
+        }
+        s.push(')');
+    }
+    s
+}
+
+/// `$first, …` for an IN list of `n` text values.
+fn in_list(backend: Backend, n: usize, first: usize) -> String {
+    (first..first + n)
+        .map(|i| ph(backend, i, "text"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One ledger transaction row to insert.
+struct TxnRow {
+    id: String,
+    kind: &'static str,
+    account_id: String,
+    request_id: String,
+    phase: &'static str,
+    amount: i64,
+}
+
+/// What a batch decided, aligned with its inputs.
+struct BatchOutcome {
+    holds: Vec<HoldOutcome>,
+    finals: Vec<Option<RequestRow>>,
+}
+
+type Conn = sqlx::AnyConnection;
+
+impl Store {
+    /// Places several holds as one batch (one transaction), decided in the given order; each
+    /// result is what [`Store::place_hold`] would have returned for it.
+    pub async fn place_holds(
+        &self,
+        holds: Vec<HoldInsert>,
+    ) -> Vec<Result<HoldOutcome, StoreError>> {
+        let mut rxs = Vec::with_capacity(holds.len());
+        let mut ops = Vec::with_capacity(holds.len());
+        for h in holds {
+            let (tx, rx) = oneshot::channel();
+            ops.push(WriteOp::Hold(h, tx));
+            rxs.push(rx);
+        }
+        self.run_write_batch(ops).await;
+        let mut out = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            out.push(rx.await.unwrap_or_else(|_| {
+                Err(StoreError::Invariant(
+                    "batch dropped an operation".to_string(),
+                ))
+            }));
+        }
+        out
+    }
+
+    /// Finalises several requests as one batch; each result is what [`Store::finalize`] would
+    /// have returned for it.
+    pub async fn finalize_many(
+        &self,
+        finals: Vec<(String, FinalState, SettleWrite)>,
+    ) -> Vec<Result<Option<RequestRow>, StoreError>> {
+        let mut rxs = Vec::with_capacity(finals.len());
+        let mut ops = Vec::with_capacity(finals.len());
+        for (request_id, state, w) in finals {
+            let (tx, rx) = oneshot::channel();
+            ops.push(WriteOp::Finalize(
+                FinalizeOp {
+                    request_id,
+                    state,
+                    w,
+                },
+                tx,
+            ));
+            rxs.push(rx);
+        }
+        self.run_write_batch(ops).await;
+        let mut out = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            out.push(rx.await.unwrap_or_else(|_| {
+                Err(StoreError::Invariant(
+                    "batch dropped an operation".to_string(),
+                ))
+            }));
+        }
+        out
+    }
+
+    async fn run_write_batch(&self, ops: Vec<WriteOp>) {
+        let mut holds: Vec<(HoldInsert, Reply<HoldOutcome>)> = Vec::new();
+        let mut finals: Vec<(FinalizeOp, Reply<Option<RequestRow>>)> = Vec::new();
+        // The same request id twice in one batch: the later ones run alone after the commit.
+        let mut later_holds = Vec::new();
+        let mut later_finals = Vec::new();
+        let (mut seen_h, mut seen_f) = (HashSet::new(), HashSet::new());
+        for op in ops {
+            match op {
+                WriteOp::Hold(h, r) => {
+                    if seen_h.insert(h.request_id.clone()) {
+                        holds.push((h, r));
+                    } else {
+                        later_holds.push((h, r));
+                    }
+                }
+                WriteOp::Finalize(f, r) => {
+                    if seen_f.insert(f.request_id.clone()) {
+                        finals.push((f, r));
+                    } else {
+                        later_finals.push((f, r));
+                    }
+                }
+            }
+        }
+        let hold_ins: Vec<&HoldInsert> = holds.iter().map(|(h, _)| h).collect();
+        let fin_ops: Vec<&FinalizeOp> = finals.iter().map(|(f, _)| f).collect();
+        match self.write_batch(&hold_ins, &fin_ops).await {
+            Ok(out) => {
+                for ((_, reply), o) in holds.into_iter().zip(out.holds) {
+                    let _ = reply.send(Ok(o));
+                }
+                for ((op, reply), row) in finals.into_iter().zip(out.finals) {
+                    match row {
+                        Some(r) => {
+                            let _ = reply.send(Ok(Some(r)));
+                        }
+                        // Not held (already final, unknown) or capture above the hold: the single
+                        // path reports which, writing nothing.
+                        None => later_finals.push((op, reply)),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, holds = holds.len(), settlements = finals.len(),
+                    "batch failed; running its operations one by one");
+                // Settlements first: they return money the holds may need.
+                for (op, reply) in finals {
+                    let r = self
+                        .finalize_direct(&op.request_id, op.state, &op.w, None)
+                        .await;
+                    let _ = reply.send(r);
+                }
+                for (h, reply) in holds {
+                    let _ = reply.send(self.place_hold_direct(&h).await);
+                }
+            }
+        }
+        for (op, reply) in later_finals {
+            let r = self
+                .finalize_direct(&op.request_id, op.state, &op.w, None)
+                .await;
+            let _ = reply.send(r);
+        }
+        for (h, reply) in later_holds {
+            let _ = reply.send(self.place_hold_direct(&h).await);
+        }
+    }
+
+    /// One transaction for the whole batch: settlements first (they free held money), then holds.
+    async fn write_batch(
+        &self,
+        holds: &[&HoldInsert],
+        finals: &[&FinalizeOp],
+    ) -> Result<BatchOutcome, StoreError> {
+        for f in finals {
+            if f.state != FinalState::Settled && f.w.captured_micros != 0 {
+                return Err(StoreError::Invariant(
+                    "release/expire must capture 0".to_string(),
+                ));
+            }
+            if f.w.captured_micros < 0 || f.w.network_cost_micros < 0 {
+                return Err(StoreError::Invariant("negative capture".to_string()));
+            }
+        }
+        let _gate = self.write_gate().await;
+        let now = now_ms();
+        let mut tx = match self.backend {
+            // Take SQLite's write lock up front: a deferred transaction that reads first could
+            // not upgrade if another process wrote in between.
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        let mut txns: Vec<TxnRow> = Vec::new();
+        let mut entries: Vec<(usize, String, i64)> = Vec::new();
+        let finals_out = if finals.is_empty() {
+            Vec::new()
+        } else {
+            self.batch_finalize(&mut tx, finals, now, &mut txns, &mut entries)
+                .await?
+        };
+        let holds_out = if holds.is_empty() {
+            Vec::new()
+        } else {
+            self.batch_hold(&mut tx, holds, now, &mut txns, &mut entries)
+                .await?
+        };
+        self.insert_ledger(&mut tx, &txns, &entries, now).await?;
+        tx.commit().await?;
+        Ok(BatchOutcome {
+            holds: holds_out,
+            finals: finals_out,
+        })
+    }
+
+    async fn batch_finalize(
+        &self,
+        tx: &mut Conn,
+        finals: &[&FinalizeOp],
+        now: i64,
+        txns: &mut Vec<TxnRow>,
+        entries: &mut Vec<(usize, String, i64)>,
+    ) -> Result<Vec<Option<RequestRow>>, StoreError> {
+        const TYPES: [&str; 20] = [
+            "text", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint",
+            "bigint", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "text",
+            "bigint", "bigint",
+        ];
+        let b = self.backend;
+        let sql = format!(
+            "WITH v (v_id, v_state, v_cost, v_computed, v_input, v_cached, v_output, v_network, \
+             v_fee, v_pt, v_ct, v_comp, v_rt, v_est, v_deliv, v_provider, v_upstream, v_status, \
+             v_http, v_latency) AS (VALUES {}) \
+             UPDATE requests SET state = v_state, cost_micros = v_cost, \
+             computed_cost_micros = v_computed, input_cost_micros = v_input, \
+             cached_cost_micros = v_cached, output_cost_micros = v_output, \
+             network_cost_micros = v_network, platform_fee_micros = v_fee, prompt_tokens = v_pt, \
+             cached_tokens = v_ct, completion_tokens = v_comp, reasoning_tokens = v_rt, \
+             estimated = v_est, delivered = v_deliv, provider = COALESCE(v_provider, provider), \
+             upstream_model = v_upstream, status = v_status, http_status = v_http, \
+             latency_ms = v_latency, finished_at = {} \
+             FROM v WHERE id = v_id AND state = 'held' AND hold_micros >= v_cost \
+             RETURNING {REQUEST_COLS}, key_reserved",
+            values_rows(b, finals.len(), &TYPES, 1),
+            ph(b, finals.len() * TYPES.len() + 1, "bigint"),
+        );
+        // (captured, network, fee) per op, as the single path computes them.
+        let split: Vec<(i64, i64, i64)> = finals
+            .iter()
+            .map(|f| {
+                let c = f.w.captured_micros;
+                let fee = c - f.w.network_cost_micros.min(c);
+                (c, c - fee, fee)
+            })
+            .collect();
+        let mut q = sqlx::query(&sql);
+        for (f, (c, network, fee)) in finals.iter().zip(&split) {
+            let w = &f.w;
+            q = q
+                .bind(f.request_id.as_str())
+                .bind(f.state.as_str())
+                .bind(*c)
+                .bind(w.computed_cost_micros)
+                .bind(w.input_cost_micros)
+                .bind(w.cached_cost_micros)
+                .bind(w.output_cost_micros)
+                .bind(*network)
+                .bind(*fee)
+                .bind(w.prompt_tokens)
+                .bind(w.cached_tokens)
+                .bind(w.completion_tokens)
+                .bind(w.reasoning_tokens)
+                .bind(i64::from(w.estimated))
+                .bind(i64::from(w.delivered))
+                .bind(w.provider.as_deref())
+                .bind(w.upstream_model.as_deref())
+                .bind(w.status.as_deref())
+                .bind(w.http_status)
+                .bind(w.latency_ms);
+        }
+        let rows = q.bind(now).fetch_all(&mut *tx).await?;
+        let index: HashMap<&str, usize> = finals
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.request_id.as_str(), i))
+            .collect();
+        let mut out: Vec<Option<RequestRow>> = vec![None; finals.len()];
+        // account → (held released, returned to available); key → (spent, unreserved)
+        let mut accts: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        let mut keys: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for row in &rows {
+            let rec = request_from(row)?;
+            let key_reserved: i64 = row.try_get("key_reserved")?;
+            let Some(&i) = index.get(rec.id.as_str()) else {
+                return Err(StoreError::Invariant(format!(
+                    "batch settlement returned an unknown request {}",
+                    rec.id
+                )));
+            };
+            let (captured, network, fee) = split[i];
+            let hold = rec.hold_micros;
+            let a = accts.entry(rec.account_id.clone()).or_default();
+            a.0 += hold;
+            a.1 += hold - captured;
+            if let Some(k) = &rec.key_id {
+                let e = keys.entry(k.clone()).or_default();
+                e.0 += captured;
+                e.1 += if key_reserved != 0 { hold } else { 0 };
+            }
+            let t = txns.len();
+            txns.push(TxnRow {
+                id: new_id("tx"),
+                kind: finals[i].state.kind(),
+                account_id: rec.account_id.clone(),
+                request_id: rec.id.clone(),
+                phase: "final",
+                amount: captured,
+            });
+            entries.push((t, held_of(&rec.account_id), -hold));
+            entries.push((t, available_of(&rec.account_id), hold - captured));
+            entries.push((t, REVENUE_NETWORK.to_string(), network));
+            entries.push((t, REVENUE_FEE.to_string(), fee));
+            out[i] = Some(rec);
+        }
+        for (id, (held, back)) in &accts {
+            sqlx::query(
+                "UPDATE accounts SET held_micros = held_micros - $1, \
+                 balance_micros = balance_micros + $2 WHERE id = $3",
+            )
+            .bind(*held)
+            .bind(*back)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (id, (spent, unreserved)) in &keys {
+            if *spent == 0 && *unreserved == 0 {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE api_keys SET spent_micros = spent_micros + $1, \
+                 reserved_micros = reserved_micros - $2 WHERE id = $3",
+            )
+            .bind(*spent)
+            .bind(*unreserved)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(out)
+    }
+
+    async fn batch_hold(
+        &self,
+        tx: &mut Conn,
+        holds: &[&HoldInsert],
+        now: i64,
+        txns: &mut Vec<TxnRow>,
+        entries: &mut Vec<(usize, String, i64)>,
+    ) -> Result<Vec<HoldOutcome>, StoreError> {
+        let b = self.backend;
+        let lock = match b {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        // Lock and read the balances (in id order, so two writers never deadlock).
+        let acct_ids: BTreeSet<&str> = holds.iter().map(|h| h.account_id.as_str()).collect();
+        let sql = format!(
+            "SELECT id, balance_micros FROM accounts WHERE id IN ({}) ORDER BY id{lock}",
+            in_list(b, acct_ids.len(), 1)
+        );
+        let mut q = sqlx::query(&sql);
+        for id in &acct_ids {
+            q = q.bind(*id);
+        }
+        let mut balance: HashMap<String, i64> = HashMap::new();
+        for r in q.fetch_all(&mut *tx).await? {
+            balance.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+        // Keys with a spend cap: their spent and reserved amounts.
+        let capped: BTreeSet<&str> = holds
+            .iter()
+            .filter(|h| h.key_capped)
+            .filter_map(|h| h.key_id.as_deref())
+            .collect();
+        // key → (cap, spent + reserved)
+        let mut key_use: HashMap<String, (Option<i64>, i64)> = HashMap::new();
+        if !capped.is_empty() {
+            let sql = format!(
+                "SELECT id, spend_cap_micros, spent_micros, reserved_micros FROM api_keys \
+                 WHERE id IN ({}) ORDER BY id{lock}",
+                in_list(b, capped.len(), 1)
+            );
+            let mut q = sqlx::query(&sql);
+            for id in &capped {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&mut *tx).await? {
+                let spent: i64 = r.try_get(2)?;
+                let reserved: i64 = r.try_get(3)?;
+                key_use.insert(r.try_get(0)?, (r.try_get(1)?, spent + reserved));
+            }
+        }
+        // Admission, one hold after the other, exactly as the single path would decide them in
+        // this order.
+        let mut out = Vec::with_capacity(holds.len());
+        let mut admitted: Vec<&HoldInsert> = Vec::new();
+        let mut debit: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut reserve: BTreeMap<&str, i64> = BTreeMap::new();
+        for h in holds {
+            let avail = balance.get(&h.account_id).copied().unwrap_or(0);
+            if avail < h.hold_micros {
+                out.push(HoldOutcome::InsufficientCredits {
+                    available_micros: avail,
+                });
+                continue;
+            }
+            let capped_key = h.key_id.as_deref().filter(|_| h.key_capped);
+            if let Some(k) = capped_key {
+                let fits = match key_use.get(k) {
+                    None => false,
+                    Some((None, _)) => true,
+                    Some((Some(cap), used)) => used.saturating_add(h.hold_micros) <= *cap,
+                };
+                if !fits {
+                    out.push(HoldOutcome::KeySpendCapReached);
+                    continue;
+                }
+                if let Some(u) = key_use.get_mut(k) {
+                    u.1 += h.hold_micros;
+                }
+                *reserve.entry(k).or_default() += h.hold_micros;
+            }
+            balance.insert(h.account_id.clone(), avail - h.hold_micros);
+            *debit.entry(h.account_id.as_str()).or_default() += h.hold_micros;
+            admitted.push(h);
+            out.push(HoldOutcome::Held);
+        }
+        if admitted.is_empty() {
+            return Ok(out);
+        }
+        for (id, amount) in &debit {
+            let res = sqlx::query(
+                "UPDATE accounts SET balance_micros = balance_micros - $1, \
+                 held_micros = held_micros + $1 WHERE id = $2 AND balance_micros >= $1",
+            )
+            .bind(*amount)
+            .bind(*id)
+            .execute(&mut *tx)
+            .await?;
+            if res.rows_affected() != 1 {
+                return Err(StoreError::Invariant(format!(
+                    "balance of {id} changed under its lock"
+                )));
+            }
+        }
+        for (id, amount) in &reserve {
+            sqlx::query("UPDATE api_keys SET reserved_micros = reserved_micros + $1 WHERE id = $2")
+                .bind(*amount)
+                .bind(*id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        const TYPES: [&str; 10] = [
+            "text", "text", "text", "bigint", "text", "text", "bigint", "bigint", "bigint",
+            "bigint",
+        ];
+        let mut sql = String::from(
+            "INSERT INTO requests (id, account_id, key_id, key_reserved, model, provider, price_id, \
+             hold_micros, hold_expires_at, created_at, state) VALUES ",
+        );
+        for (i, _) in admitted.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let row = values_rows(b, 1, &TYPES, i * TYPES.len() + 1);
+            // `(…)` → `(…, 'held')`
+            sql.push_str(&row[..row.len() - 1]);
+            sql.push_str(", 'held')");
+        }
+        let mut q = sqlx::query(&sql);
+        for h in &admitted {
+            q = q
+                .bind(h.request_id.as_str())
+                .bind(h.account_id.as_str())
+                .bind(h.key_id.as_deref())
+                .bind(i64::from(h.key_capped && h.key_id.is_some()))
+                .bind(h.model.as_str())
+                .bind(h.provider.as_deref())
+                .bind(h.price_id)
+                .bind(h.hold_micros)
+                .bind(h.expires_at)
+                .bind(now);
+        }
+        q.execute(&mut *tx).await?;
+        for h in &admitted {
+            let t = txns.len();
+            txns.push(TxnRow {
+                id: new_id("tx"),
+                kind: "hold",
+                account_id: h.account_id.clone(),
+                request_id: h.request_id.clone(),
+                phase: "hold",
+                amount: h.hold_micros,
+            });
+            entries.push((t, available_of(&h.account_id), -h.hold_micros));
+            entries.push((t, held_of(&h.account_id), h.hold_micros));
+        }
+        Ok(out)
+    }
+
+    /// Inserts the batch's ledger transactions and their non-zero entries.
+    async fn insert_ledger(
+        &self,
+        tx: &mut Conn,
+        txns: &[TxnRow],
+        entries: &[(usize, String, i64)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if txns.is_empty() {
+            return Ok(());
+        }
+        let b = self.backend;
+        let mut sql = String::from(
+            "INSERT INTO ledger_transactions (id, kind, account_id, request_id, phase, \
+             amount_micros, created_at) VALUES ",
+        );
+        let now_p = txns.len() * 6 + 1;
+        for i in 0..txns.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let n = i * 6 + 1;
+            sql.push_str(&format!(
+                "({}, {}, {}, {}, {}, {}, {})",
+                ph(b, n, "text"),
+                ph(b, n + 1, "text"),
+                ph(b, n + 2, "text"),
+                ph(b, n + 3, "text"),
+                ph(b, n + 4, "text"),
+                ph(b, n + 5, "bigint"),
+                ph(b, now_p, "bigint"),
+            ));
+        }
+        let mut q = sqlx::query(&sql);
+        for t in txns {
+            q = q
+                .bind(t.id.as_str())
+                .bind(t.kind)
+                .bind(t.account_id.as_str())
+                .bind(t.request_id.as_str())
+                .bind(t.phase)
+                .bind(t.amount);
+        }
+        q.bind(now).execute(&mut *tx).await?;
+
+        let lines: Vec<&(usize, String, i64)> = entries.iter().filter(|e| e.2 != 0).collect();
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut sql = String::from(
+            "INSERT INTO ledger_entries (txn_id, ledger_account, amount_micros, created_at) VALUES ",
+        );
+        let now_p = lines.len() * 3 + 1;
+        for i in 0..lines.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let n = i * 3 + 1;
+            sql.push_str(&format!(
+                "({}, {}, {}, {})",
+                ph(b, n, "text"),
+                ph(b, n + 1, "text"),
+                ph(b, n + 2, "bigint"),
+                ph(b, now_p, "bigint"),
+            ));
+        }
+        let mut q = sqlx::query(&sql);
+        for (t, acct, amount) in lines {
+            q = q
+                .bind(txns[*t].id.as_str())
+                .bind(acct.as_str())
+                .bind(*amount);
+        }
+        q.bind(now).execute(&mut *tx).await?;
+        Ok(())
+    }
+
+    async fn run_lookup_batch(&self, ops: Vec<LookupOp>) {
+        let hashes: BTreeSet<&str> = ops.iter().map(|o| o.key_hash.as_str()).collect();
+        let hashes: Vec<&str> = hashes.into_iter().collect();
+        match self.keys_by_hashes(&hashes).await {
+            Ok(found) => {
+                for op in ops {
+                    let row = found.get(&op.key_hash).cloned();
+                    let _ = op.reply.send(Ok(row));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "batched key lookup failed; looking up one by one");
+                for op in ops {
+                    let _ = op.reply.send(self.key_by_hash_direct(&op.key_hash).await);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_per_backend() {
+        assert_eq!(
+            values_rows(Backend::Postgres, 2, &["text", "bigint"], 3),
+            "($3::text, $4::bigint), ($5::text, $6::bigint)"
+        );
+        assert_eq!(
+            values_rows(Backend::Sqlite, 1, &["text", "bigint"], 1),
+            "($1, $2)"
+        );
+        assert_eq!(in_list(Backend::Sqlite, 3, 2), "$2, $3, $4");
+    }
+}
