@@ -70,8 +70,13 @@ tollgate_config() { # MODE -> path
 [server]
 listen = "$HOST:$(proxy_port tollgate "$m")"
 
+# Open mode (loopback only): the hop's own cost without key lookup or billing, which have their
+# own benches (bench/billing.sh, bench/limits.sh). The floor checks a static bearer token.
 [auth]
-static_keys = ["sk-bench"]
+required = false
+
+[database]
+url = "sqlite://$OUT_DIR/tollgate-$m.db"
 
 [[providers]]
 name = "bench"

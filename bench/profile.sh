@@ -20,8 +20,13 @@ mock=$LAST_PID
 cat >"$OUT_DIR/tollgate.toml" <<TOML
 [server]
 listen = "$HOST:$tport"
+# Open mode (loopback only): the hop's own cost without key lookup or billing, which have their
+# own benches (bench/billing.sh, bench/limits.sh). The floor checks a static bearer token.
 [auth]
-static_keys = ["sk-bench"]
+required = false
+
+[database]
+url = "sqlite://$OUT_DIR/tollgate.db"
 [[providers]]
 name = "bench"
 base_url = "http://$HOST:$mport/v1"
