@@ -196,15 +196,7 @@ impl Store {
             rxs.push(rx);
         }
         self.run_write_batch(ops).await;
-        let mut out = Vec::with_capacity(rxs.len());
-        for rx in rxs {
-            out.push(rx.await.unwrap_or_else(|_| {
-                Err(StoreError::Invariant(
-                    "batch dropped an operation".to_string(),
-                ))
-            }));
-        }
-        out
+        collect_replies(rxs).await
     }
 
     /// Finalises several requests as one batch; each result is what [`Store::finalize`] would
@@ -228,15 +220,7 @@ impl Store {
             rxs.push(rx);
         }
         self.run_write_batch(ops).await;
-        let mut out = Vec::with_capacity(rxs.len());
-        for rx in rxs {
-            out.push(rx.await.unwrap_or_else(|_| {
-                Err(StoreError::Invariant(
-                    "batch dropped an operation".to_string(),
-                ))
-            }));
-        }
-        out
+        collect_replies(rxs).await
     }
 
     async fn run_write_batch(&self, ops: Vec<WriteOp>) {
@@ -745,6 +729,21 @@ impl Store {
             }
         }
     }
+}
+
+/// Each batched operation's answer, in order (an operation the batch dropped is an invariant error).
+async fn collect_replies<T>(
+    rxs: Vec<oneshot::Receiver<Result<T, StoreError>>>,
+) -> Vec<Result<T, StoreError>> {
+    let mut out = Vec::with_capacity(rxs.len());
+    for rx in rxs {
+        out.push(rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Invariant(
+                "batch dropped an operation".to_string(),
+            ))
+        }));
+    }
+    out
 }
 
 #[cfg(test)]
