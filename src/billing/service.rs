@@ -146,6 +146,9 @@ pub struct Principal {
     pub key_prefix: String,
     pub is_admin: bool,
     pub spend_cap_micros: Option<i64>,
+    /// The account's plan and limit overrides as read with the key on this request (the limiter
+    /// uses them instead of a query of its own).
+    pub limits: Option<std::sync::Arc<crate::limits::overrides::SubjectRow>>,
 }
 
 /// What the gateway knows before the upstream call.
@@ -307,6 +310,7 @@ impl Billing {
             key_prefix: row.prefix,
             is_admin: row.is_admin,
             spend_cap_micros: row.spend_cap_micros,
+            limits: Some(std::sync::Arc::new(row.limits)),
         })
     }
 

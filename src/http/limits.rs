@@ -37,6 +37,10 @@ fn resolve_plan(state: &AppState, account_id: &str, name: Option<&str>) -> Optio
 /// The plan and overrides of a key: read from the database on every request (one indexed query),
 /// unless `[limits] subject_cache_ms` allows reusing a recent read.
 async fn subject_row(state: &AppState, p: &Principal) -> Option<Arc<SubjectRow>> {
+    // Read with the key by authentication, on this request: as fresh as a query of its own.
+    if let Some(row) = &p.limits {
+        return Some(row.clone());
+    }
     if let Some(row) = state.limiter.cached_subject(&p.key_id) {
         return Some(row);
     }

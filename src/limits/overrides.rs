@@ -112,19 +112,36 @@ fn overrides_from(row: &sqlx::any::AnyRow, prefix: &str) -> Result<PlanConfig, s
     Ok(p)
 }
 
-/// The per-request read: plan, account overrides and key overrides in one indexed query.
-static SUBJECT_SQL: LazyLock<String> = LazyLock::new(|| {
+/// The columns of a key's plan and overrides, for a query over `accounts a` with
+/// `account_limit_overrides ao` and `key_limit_overrides ko` joined (`a.plan, ao.… AS a0, ko.… AS
+/// k0, …`); [`subject_from`] reads them back. The key lookup of authentication selects them too,
+/// so a billed request reads its limits in the same batched query as its key.
+pub static SUBJECT_COLS: LazyLock<String> = LazyLock::new(|| {
     let mut cols = vec!["a.plan".to_string()];
     for (i, k) in LimitKind::ALL.iter().enumerate() {
         cols.push(format!("ao.{} AS a{i}", column(*k)));
         cols.push(format!("ko.{} AS k{i}", column(*k)));
     }
+    cols.join(", ")
+});
+
+/// The plan and overrides from a row that selected [`SUBJECT_COLS`].
+pub fn subject_from(row: &sqlx::any::AnyRow) -> Result<SubjectRow, sqlx::Error> {
+    Ok(SubjectRow {
+        plan: row.try_get("plan")?,
+        account: overrides_from(row, "a")?,
+        key: overrides_from(row, "k")?,
+    })
+}
+
+/// The per-request read: plan, account overrides and key overrides in one indexed query.
+static SUBJECT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {} FROM accounts a \
          LEFT JOIN account_limit_overrides ao ON ao.account_id = a.id \
          LEFT JOIN key_limit_overrides ko ON ko.key_id = $2 \
          WHERE a.id = $1",
-        cols.join(", ")
+        *SUBJECT_COLS
     )
 });
 
@@ -140,11 +157,7 @@ pub async fn read_subject(
         .fetch_optional(store.pool())
         .await?;
     let Some(row) = row else { return Ok(None) };
-    Ok(Some(SubjectRow {
-        plan: row.try_get("plan")?,
-        account: overrides_from(&row, "a")?,
-        key: overrides_from(&row, "k")?,
-    }))
+    Ok(Some(subject_from(&row)?))
 }
 
 /// The overrides of an account or key (all `None` when it has none).

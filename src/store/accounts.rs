@@ -45,6 +45,9 @@ pub struct KeyAuthRow {
     pub spend_cap_micros: Option<i64>,
     pub revoked_at: Option<i64>,
     pub last_used_at: Option<i64>,
+    /// The account's plan and the limit overrides of the account and the key, read in the same
+    /// query (so the limiter needs no query of its own).
+    pub limits: crate::limits::overrides::SubjectRow,
 }
 
 fn account_from(row: &sqlx::any::AnyRow) -> Result<AccountRow, sqlx::Error> {
@@ -247,6 +250,16 @@ impl Store {
         &self,
         hashes: &[&str],
     ) -> Result<HashMap<String, KeyAuthRow>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        self.keys_by_hashes_on(&mut conn, hashes).await
+    }
+
+    /// [`Self::keys_by_hashes`] on a given connection.
+    pub(crate) async fn keys_by_hashes_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        hashes: &[&str],
+    ) -> Result<HashMap<String, KeyAuthRow>, StoreError> {
         let mut out = HashMap::new();
         if hashes.is_empty() {
             return Ok(out);
@@ -257,14 +270,18 @@ impl Store {
             .join(", ");
         let sql = format!(
             "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.key_hash, k.is_admin, \
-             k.spend_cap_micros, k.revoked_at, k.last_used_at \
-             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash IN ({list})"
+             k.spend_cap_micros, k.revoked_at, k.last_used_at, {} \
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             LEFT JOIN account_limit_overrides ao ON ao.account_id = a.id \
+             LEFT JOIN key_limit_overrides ko ON ko.key_id = k.id \
+             WHERE k.key_hash IN ({list})",
+            *crate::limits::overrides::SUBJECT_COLS
         );
         let mut q = sqlx::query(&sql);
         for h in hashes {
             q = q.bind(*h);
         }
-        for row in q.fetch_all(&self.pool).await? {
+        for row in q.fetch_all(&mut *conn).await? {
             let r = KeyAuthRow {
                 id: row.try_get("id")?,
                 account_id: row.try_get("account_id")?,
@@ -275,6 +292,7 @@ impl Store {
                 spend_cap_micros: row.try_get("spend_cap_micros")?,
                 revoked_at: row.try_get("revoked_at")?,
                 last_used_at: row.try_get("last_used_at")?,
+                limits: crate::limits::overrides::subject_from(&row)?,
             };
             out.insert(r.key_hash.clone(), r);
         }

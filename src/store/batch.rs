@@ -21,7 +21,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use sqlx::Row;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::accounts::KeyAuthRow;
@@ -111,17 +112,50 @@ impl Batcher {
     }
 }
 
+/// A pool connection a batching task keeps between batches, so a batch does not pay the pool's
+/// acquire (and its liveness ping, one more database turn). After any error it is closed, and
+/// the next batch takes a fresh, tested one from the pool.
+pub(crate) struct Held(Option<PoolConnection<Any>>);
+
+impl Held {
+    pub(crate) fn none() -> Held {
+        Held(None)
+    }
+
+    async fn get(&mut self, store: &Store) -> Result<&mut PoolConnection<Any>, StoreError> {
+        if self.0.is_none() {
+            self.0 = Some(store.pool.acquire().await?);
+        }
+        self.0
+            .as_mut()
+            .ok_or_else(|| StoreError::Invariant("no connection".to_string()))
+    }
+
+    /// Drops the connection after an error (it may be broken).
+    fn discard(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            c.close_on_drop();
+        }
+    }
+}
+
 async fn write_loop(store: Store, mut rx: mpsc::Receiver<WriteOp>) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
+    let mut conn = Held::none();
     while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
-        store.run_write_batch(std::mem::take(&mut ops)).await;
+        store
+            .run_write_batch(&mut conn, std::mem::take(&mut ops))
+            .await;
     }
 }
 
 async fn lookup_loop(store: Store, mut rx: mpsc::Receiver<LookupOp>) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
+    let mut conn = Held::none();
     while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
-        store.run_lookup_batch(std::mem::take(&mut ops)).await;
+        store
+            .run_lookup_batch(&mut conn, std::mem::take(&mut ops))
+            .await;
     }
 }
 
@@ -195,7 +229,7 @@ impl Store {
             ops.push(WriteOp::Hold(h, tx));
             rxs.push(rx);
         }
-        self.run_write_batch(ops).await;
+        self.run_write_batch(&mut Held::none(), ops).await;
         collect_replies(rxs).await
     }
 
@@ -219,11 +253,11 @@ impl Store {
             ));
             rxs.push(rx);
         }
-        self.run_write_batch(ops).await;
+        self.run_write_batch(&mut Held::none(), ops).await;
         collect_replies(rxs).await
     }
 
-    async fn run_write_batch(&self, ops: Vec<WriteOp>) {
+    async fn run_write_batch(&self, conn: &mut Held, ops: Vec<WriteOp>) {
         let mut holds: Vec<(HoldInsert, Reply<HoldOutcome>)> = Vec::new();
         let mut finals: Vec<(FinalizeOp, Reply<Option<RequestRow>>)> = Vec::new();
         // The same request id twice in one batch: the later ones run alone after the commit.
@@ -250,7 +284,7 @@ impl Store {
         }
         let hold_ins: Vec<&HoldInsert> = holds.iter().map(|(h, _)| h).collect();
         let fin_ops: Vec<&FinalizeOp> = finals.iter().map(|(f, _)| f).collect();
-        match self.write_batch(&hold_ins, &fin_ops).await {
+        match self.write_batch(conn, &hold_ins, &fin_ops).await {
             Ok(out) => {
                 for ((_, reply), o) in holds.into_iter().zip(out.holds) {
                     let _ = reply.send(Ok(o));
@@ -267,6 +301,7 @@ impl Store {
                 }
             }
             Err(e) => {
+                conn.discard();
                 tracing::debug!(error = %e, holds = holds.len(), settlements = finals.len(),
                     "batch failed; running its operations one by one");
                 // Settlements first: they return money the holds may need.
@@ -295,6 +330,7 @@ impl Store {
     /// One transaction for the whole batch: settlements first (they free held money), then holds.
     async fn write_batch(
         &self,
+        conn: &mut Held,
         holds: &[&HoldInsert],
         finals: &[&FinalizeOp],
     ) -> Result<BatchOutcome, StoreError> {
@@ -310,11 +346,12 @@ impl Store {
         }
         let _gate = self.write_gate().await;
         let now = now_ms();
+        let c = conn.get(self).await?;
         let mut tx = match self.backend {
             // Take SQLite's write lock up front: a deferred transaction that reads first could
             // not upgrade if another process wrote in between.
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+            Backend::Sqlite => c.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => c.begin().await?,
         };
         let mut txns: Vec<TxnRow> = Vec::new();
         let mut entries: Vec<(usize, String, i64)> = Vec::new();
@@ -711,10 +748,14 @@ impl Store {
         Ok(())
     }
 
-    async fn run_lookup_batch(&self, ops: Vec<LookupOp>) {
+    async fn run_lookup_batch(&self, conn: &mut Held, ops: Vec<LookupOp>) {
         let hashes: BTreeSet<&str> = ops.iter().map(|o| o.key_hash.as_str()).collect();
         let hashes: Vec<&str> = hashes.into_iter().collect();
-        match self.keys_by_hashes(&hashes).await {
+        let found = match conn.get(self).await {
+            Ok(c) => self.keys_by_hashes_on(&mut **c, &hashes).await,
+            Err(e) => Err(e),
+        };
+        match found {
             Ok(found) => {
                 for op in ops {
                     let row = found.get(&op.key_hash).cloned();
@@ -722,6 +763,7 @@ impl Store {
                 }
             }
             Err(e) => {
+                conn.discard();
                 tracing::debug!(error = %e, "batched key lookup failed; looking up one by one");
                 for op in ops {
                     let _ = op.reply.send(self.key_by_hash_direct(&op.key_hash).await);
