@@ -264,10 +264,8 @@ impl Store {
         if hashes.is_empty() {
             return Ok(out);
         }
-        let list = (1..=hashes.len())
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        // One JSON parameter whatever the number of keys: one statement text to prepare.
+        let list = super::batch::json_in(self.backend, 1);
         let sql = format!(
             "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.key_hash, k.is_admin, \
              k.spend_cap_micros, k.revoked_at, k.last_used_at, {} \
@@ -277,10 +275,7 @@ impl Store {
              WHERE k.key_hash IN ({list})",
             *crate::limits::overrides::SUBJECT_COLS
         );
-        let mut q = sqlx::query(&sql);
-        for h in hashes {
-            q = q.bind(*h);
-        }
+        let q = sqlx::query(&sql).bind(super::batch::json_strs(hashes.iter().copied()));
         for row in q.fetch_all(&mut *conn).await? {
             let r = KeyAuthRow {
                 id: row.try_get("id")?,

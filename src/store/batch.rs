@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, Connection, Row};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::accounts::KeyAuthRow;
 use super::ledger::{
@@ -61,6 +61,9 @@ pub(crate) struct LookupOp {
 pub(crate) struct Batcher {
     writes: mpsc::Sender<WriteOp>,
     lookups: mpsc::Sender<LookupOp>,
+    /// Set by [`Store::close`]: the tasks give their kept connections back to the pool (which
+    /// waits for every connection) and stop keeping one.
+    closing: std::sync::Arc<watch::Sender<bool>>,
 }
 
 /// Starts the writer and reader tasks for `store` (which must not carry a batcher itself, so the
@@ -71,15 +74,22 @@ pub(crate) fn spawn(store: &Store) -> Option<Batcher> {
     inner.batcher = None;
     let (wtx, wrx) = mpsc::channel(QUEUE);
     let (ltx, lrx) = mpsc::channel(QUEUE);
-    handle.spawn(write_loop(inner.clone(), wrx));
-    handle.spawn(lookup_loop(inner, lrx));
+    let (ctx, crx) = watch::channel(false);
+    handle.spawn(write_loop(inner.clone(), wrx, crx.clone()));
+    handle.spawn(lookup_loop(inner, lrx, crx));
     Some(Batcher {
         writes: wtx,
         lookups: ltx,
+        closing: std::sync::Arc::new(ctx),
     })
 }
 
 impl Batcher {
+    /// Tells the tasks the pool is closing (see [`Batcher::closing`]).
+    pub(crate) fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
     /// Queues a hold; `None` when the writer is gone (the caller then takes the single path).
     pub(crate) async fn hold(&self, h: &HoldInsert) -> Option<Result<HoldOutcome, StoreError>> {
         let (tx, rx) = oneshot::channel();
@@ -139,62 +149,105 @@ impl Held {
     }
 }
 
-async fn write_loop(store: Store, mut rx: mpsc::Receiver<WriteOp>) {
+/// Waits for the next batch of operations: `false` when every sender is gone. Once the store is
+/// closing, the kept connection is given back (now, and after every later batch).
+async fn next_batch<T>(
+    rx: &mut mpsc::Receiver<T>,
+    ops: &mut Vec<T>,
+    closing: &mut watch::Receiver<bool>,
+    conn: &mut Held,
+) -> bool {
+    loop {
+        if *closing.borrow() {
+            conn.0 = None;
+            return rx.recv_many(ops, MAX_BATCH).await > 0;
+        }
+        tokio::select! {
+            n = rx.recv_many(ops, MAX_BATCH) => return n > 0,
+            r = closing.changed() => {
+                if r.is_err() {
+                    conn.0 = None;
+                    return rx.recv_many(ops, MAX_BATCH).await > 0;
+                }
+            }
+        }
+    }
+}
+
+async fn write_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<WriteOp>,
+    mut closing: watch::Receiver<bool>,
+) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     let mut conn = Held::none();
-    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
+    while next_batch(&mut rx, &mut ops, &mut closing, &mut conn).await {
         store
             .run_write_batch(&mut conn, std::mem::take(&mut ops))
             .await;
+        if *closing.borrow() {
+            conn.0 = None;
+        }
     }
 }
 
-async fn lookup_loop(store: Store, mut rx: mpsc::Receiver<LookupOp>) {
+async fn lookup_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<LookupOp>,
+    mut closing: watch::Receiver<bool>,
+) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     let mut conn = Held::none();
-    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
+    while next_batch(&mut rx, &mut ops, &mut closing, &mut conn).await {
         store
             .run_lookup_batch(&mut conn, std::mem::take(&mut ops))
             .await;
+        if *closing.borrow() {
+            conn.0 = None;
+        }
     }
 }
 
-/// Bind placeholder `$n`, with an explicit type on PostgreSQL (VALUES lists have no column types
-/// to infer parameter types from).
-fn ph(backend: Backend, n: usize, ty: &str) -> String {
+/// The rows of a batch as ONE bound parameter: a JSON array of arrays, read back in SQL as a
+/// table with the columns `cols` (name, PostgreSQL type). One statement text then serves every
+/// batch size (prepared once per connection; PostgreSQL can keep a generic plan), and a batch
+/// binds one value instead of one per field (SQLite looks bind parameters up by a linear scan,
+/// so hundreds of them cost quadratic time).
+fn json_rows(backend: Backend, param: usize, cols: &[(&str, &str)]) -> String {
+    let sel: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ty))| match backend {
+            Backend::Postgres => format!("(e.v->>{i})::{ty} AS {name}"),
+            Backend::Sqlite => format!("e.value ->> {i} AS {name}"),
+        })
+        .collect();
     match backend {
-        Backend::Postgres => format!("${n}::{ty}"),
-        Backend::Sqlite => format!("${n}"),
+        Backend::Postgres => format!(
+            "SELECT {} FROM jsonb_array_elements(${param}::jsonb) AS e(v)",
+            sel.join(", ")
+        ),
+        Backend::Sqlite => format!("SELECT {} FROM json_each(${param}) AS e", sel.join(", ")),
     }
 }
 
-/// `($a, $b, …), (…)` for `rows` rows of `types`, numbering from `first`.
-fn values_rows(backend: Backend, rows: usize, types: &[&str], first: usize) -> String {
-    let mut s = String::new();
-    let mut n = first;
-    for r in 0..rows {
-        if r > 0 {
-            s.push_str(", ");
-        }
-        s.push('(');
-        for (i, ty) in types.iter().enumerate() {
-            if i > 0 {
-                s.push_str(", ");
-            }
-            s.push_str(&ph(backend, n, ty));
-            n += 1;
-        }
-        s.push(')');
+/// `col IN (…)` over a JSON array of text bound as parameter `param`.
+pub(super) fn json_in(backend: Backend, param: usize) -> String {
+    match backend {
+        Backend::Postgres => format!("SELECT jsonb_array_elements_text(${param}::jsonb)"),
+        Backend::Sqlite => format!("SELECT value FROM json_each(${param})"),
     }
-    s
 }
 
-/// `$first, …` for an IN list of `n` text values.
-fn in_list(backend: Backend, n: usize, first: usize) -> String {
-    (first..first + n)
-        .map(|i| ph(backend, i, "text"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// A JSON array of strings.
+pub(super) fn json_strs<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    serde_json::Value::Array(
+        items
+            .into_iter()
+            .map(|s| serde_json::Value::String(s.to_string()))
+            .collect(),
+    )
+    .to_string()
 }
 
 /// One ledger transaction row to insert.
@@ -383,16 +436,31 @@ impl Store {
         txns: &mut Vec<TxnRow>,
         entries: &mut Vec<(usize, String, i64)>,
     ) -> Result<Vec<Option<RequestRow>>, StoreError> {
-        const TYPES: [&str; 20] = [
-            "text", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint",
-            "bigint", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "text",
-            "bigint", "bigint",
+        const COLS: [(&str, &str); 20] = [
+            ("v_id", "text"),
+            ("v_state", "text"),
+            ("v_cost", "bigint"),
+            ("v_computed", "bigint"),
+            ("v_input", "bigint"),
+            ("v_cached", "bigint"),
+            ("v_output", "bigint"),
+            ("v_network", "bigint"),
+            ("v_fee", "bigint"),
+            ("v_pt", "bigint"),
+            ("v_ct", "bigint"),
+            ("v_comp", "bigint"),
+            ("v_rt", "bigint"),
+            ("v_est", "bigint"),
+            ("v_deliv", "bigint"),
+            ("v_provider", "text"),
+            ("v_upstream", "text"),
+            ("v_status", "text"),
+            ("v_http", "bigint"),
+            ("v_latency", "bigint"),
         ];
         let b = self.backend;
         let sql = format!(
-            "WITH v (v_id, v_state, v_cost, v_computed, v_input, v_cached, v_output, v_network, \
-             v_fee, v_pt, v_ct, v_comp, v_rt, v_est, v_deliv, v_provider, v_upstream, v_status, \
-             v_http, v_latency) AS (VALUES {}) \
+            "WITH v AS ({}) \
              UPDATE requests SET state = v_state, cost_micros = v_cost, \
              computed_cost_micros = v_computed, input_cost_micros = v_input, \
              cached_cost_micros = v_cached, output_cost_micros = v_output, \
@@ -400,11 +468,10 @@ impl Store {
              cached_tokens = v_ct, completion_tokens = v_comp, reasoning_tokens = v_rt, \
              estimated = v_est, delivered = v_deliv, provider = COALESCE(v_provider, provider), \
              upstream_model = v_upstream, status = v_status, http_status = v_http, \
-             latency_ms = v_latency, finished_at = {} \
+             latency_ms = v_latency, finished_at = $2 \
              FROM v WHERE id = v_id AND state = 'held' AND hold_micros >= v_cost \
              RETURNING {REQUEST_COLS}, key_reserved",
-            values_rows(b, finals.len(), &TYPES, 1),
-            ph(b, finals.len() * TYPES.len() + 1, "bigint"),
+            json_rows(b, 1, &COLS),
         );
         // (captured, network, fee) per op, as the single path computes them.
         let split: Vec<(i64, i64, i64)> = finals
@@ -415,31 +482,36 @@ impl Store {
                 (c, c - fee, fee)
             })
             .collect();
-        let mut q = sqlx::query(&sql);
-        for (f, (c, network, fee)) in finals.iter().zip(&split) {
-            let w = &f.w;
-            q = q
-                .bind(f.request_id.as_str())
-                .bind(f.state.as_str())
-                .bind(*c)
-                .bind(w.computed_cost_micros)
-                .bind(w.input_cost_micros)
-                .bind(w.cached_cost_micros)
-                .bind(w.output_cost_micros)
-                .bind(*network)
-                .bind(*fee)
-                .bind(w.prompt_tokens)
-                .bind(w.cached_tokens)
-                .bind(w.completion_tokens)
-                .bind(w.reasoning_tokens)
-                .bind(i64::from(w.estimated))
-                .bind(i64::from(w.delivered))
-                .bind(w.provider.as_deref())
-                .bind(w.upstream_model.as_deref())
-                .bind(w.status.as_deref())
-                .bind(w.http_status)
-                .bind(w.latency_ms);
-        }
+        let rows_json: Vec<serde_json::Value> = finals
+            .iter()
+            .zip(&split)
+            .map(|(f, (c, network, fee))| {
+                let w = &f.w;
+                serde_json::json!([
+                    f.request_id,
+                    f.state.as_str(),
+                    c,
+                    w.computed_cost_micros,
+                    w.input_cost_micros,
+                    w.cached_cost_micros,
+                    w.output_cost_micros,
+                    network,
+                    fee,
+                    w.prompt_tokens,
+                    w.cached_tokens,
+                    w.completion_tokens,
+                    w.reasoning_tokens,
+                    i64::from(w.estimated),
+                    i64::from(w.delivered),
+                    w.provider,
+                    w.upstream_model,
+                    w.status,
+                    w.http_status,
+                    w.latency_ms
+                ])
+            })
+            .collect();
+        let q = sqlx::query(&sql).bind(serde_json::Value::Array(rows_json).to_string());
         let rows = q.bind(now).fetch_all(&mut *tx).await?;
         let index: HashMap<&str, usize> = finals
             .iter()
@@ -529,12 +601,9 @@ impl Store {
         let acct_ids: BTreeSet<&str> = holds.iter().map(|h| h.account_id.as_str()).collect();
         let sql = format!(
             "SELECT id, balance_micros FROM accounts WHERE id IN ({}) ORDER BY id{lock}",
-            in_list(b, acct_ids.len(), 1)
+            json_in(b, 1)
         );
-        let mut q = sqlx::query(&sql);
-        for id in &acct_ids {
-            q = q.bind(*id);
-        }
+        let q = sqlx::query(&sql).bind(json_strs(acct_ids.iter().copied()));
         let mut balance: HashMap<String, i64> = HashMap::new();
         for r in q.fetch_all(&mut *tx).await? {
             balance.insert(r.try_get(0)?, r.try_get(1)?);
@@ -551,12 +620,9 @@ impl Store {
             let sql = format!(
                 "SELECT id, spend_cap_micros, spent_micros, reserved_micros FROM api_keys \
                  WHERE id IN ({}) ORDER BY id{lock}",
-                in_list(b, capped.len(), 1)
+                json_in(b, 1)
             );
-            let mut q = sqlx::query(&sql);
-            for id in &capped {
-                q = q.bind(*id);
-            }
+            let q = sqlx::query(&sql).bind(json_strs(capped.iter().copied()));
             for r in q.fetch_all(&mut *tx).await? {
                 let spent: i64 = r.try_get(2)?;
                 let reserved: i64 = r.try_get(3)?;
@@ -623,37 +689,43 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        const TYPES: [&str; 10] = [
-            "text", "text", "text", "bigint", "text", "text", "bigint", "bigint", "bigint",
-            "bigint",
+        const COLS: [(&str, &str); 9] = [
+            ("v_id", "text"),
+            ("v_account", "text"),
+            ("v_key", "text"),
+            ("v_reserved", "bigint"),
+            ("v_model", "text"),
+            ("v_provider", "text"),
+            ("v_price", "bigint"),
+            ("v_hold", "bigint"),
+            ("v_expires", "bigint"),
         ];
-        let mut sql = String::from(
+        let sql = format!(
             "INSERT INTO requests (id, account_id, key_id, key_reserved, model, provider, price_id, \
-             hold_micros, hold_expires_at, created_at, state) VALUES ",
+             hold_micros, hold_expires_at, created_at, state) \
+             SELECT v_id, v_account, v_key, v_reserved, v_model, v_provider, v_price, v_hold, \
+             v_expires, $2, 'held' FROM ({}) AS v",
+            json_rows(b, 1, &COLS)
         );
-        for (i, _) in admitted.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            let row = values_rows(b, 1, &TYPES, i * TYPES.len() + 1);
-            // `(…)` → `(…, 'held')`
-            sql.push_str(&row[..row.len() - 1]);
-            sql.push_str(", 'held')");
-        }
-        let mut q = sqlx::query(&sql);
-        for h in &admitted {
-            q = q
-                .bind(h.request_id.as_str())
-                .bind(h.account_id.as_str())
-                .bind(h.key_id.as_deref())
-                .bind(i64::from(h.key_capped && h.key_id.is_some()))
-                .bind(h.model.as_str())
-                .bind(h.provider.as_deref())
-                .bind(h.price_id)
-                .bind(h.hold_micros)
-                .bind(h.expires_at)
-                .bind(now);
-        }
+        let rows_json: Vec<serde_json::Value> = admitted
+            .iter()
+            .map(|h| {
+                serde_json::json!([
+                    h.request_id,
+                    h.account_id,
+                    h.key_id,
+                    i64::from(h.key_capped && h.key_id.is_some()),
+                    h.model,
+                    h.provider,
+                    h.price_id,
+                    h.hold_micros,
+                    h.expires_at
+                ])
+            })
+            .collect();
+        let q = sqlx::query(&sql)
+            .bind(serde_json::Value::Array(rows_json).to_string())
+            .bind(now);
         q.execute(&mut *tx).await?;
         for h in &admitted {
             let t = txns.len();
@@ -683,68 +755,61 @@ impl Store {
             return Ok(());
         }
         let b = self.backend;
-        let mut sql = String::from(
+        let sql = format!(
             "INSERT INTO ledger_transactions (id, kind, account_id, request_id, phase, \
-             amount_micros, created_at) VALUES ",
+             amount_micros, created_at) \
+             SELECT v_id, v_kind, v_account, v_request, v_phase, v_amount, $2 FROM ({}) AS v",
+            json_rows(
+                b,
+                1,
+                &[
+                    ("v_id", "text"),
+                    ("v_kind", "text"),
+                    ("v_account", "text"),
+                    ("v_request", "text"),
+                    ("v_phase", "text"),
+                    ("v_amount", "bigint"),
+                ]
+            )
         );
-        let now_p = txns.len() * 6 + 1;
-        for i in 0..txns.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            let n = i * 6 + 1;
-            sql.push_str(&format!(
-                "({}, {}, {}, {}, {}, {}, {})",
-                ph(b, n, "text"),
-                ph(b, n + 1, "text"),
-                ph(b, n + 2, "text"),
-                ph(b, n + 3, "text"),
-                ph(b, n + 4, "text"),
-                ph(b, n + 5, "bigint"),
-                ph(b, now_p, "bigint"),
-            ));
-        }
-        let mut q = sqlx::query(&sql);
-        for t in txns {
-            q = q
-                .bind(t.id.as_str())
-                .bind(t.kind)
-                .bind(t.account_id.as_str())
-                .bind(t.request_id.as_str())
-                .bind(t.phase)
-                .bind(t.amount);
-        }
-        q.bind(now).execute(&mut *tx).await?;
+        let rows_json: Vec<serde_json::Value> = txns
+            .iter()
+            .map(|t| {
+                serde_json::json!([t.id, t.kind, t.account_id, t.request_id, t.phase, t.amount])
+            })
+            .collect();
+        sqlx::query(&sql)
+            .bind(serde_json::Value::Array(rows_json).to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
 
-        let lines: Vec<&(usize, String, i64)> = entries.iter().filter(|e| e.2 != 0).collect();
+        let lines: Vec<serde_json::Value> = entries
+            .iter()
+            .filter(|e| e.2 != 0)
+            .map(|(t, acct, amount)| serde_json::json!([txns[*t].id, acct, amount]))
+            .collect();
         if lines.is_empty() {
             return Ok(());
         }
-        let mut sql = String::from(
-            "INSERT INTO ledger_entries (txn_id, ledger_account, amount_micros, created_at) VALUES ",
+        let sql = format!(
+            "INSERT INTO ledger_entries (txn_id, ledger_account, amount_micros, created_at) \
+             SELECT v_txn, v_account, v_amount, $2 FROM ({}) AS v",
+            json_rows(
+                b,
+                1,
+                &[
+                    ("v_txn", "text"),
+                    ("v_account", "text"),
+                    ("v_amount", "bigint")
+                ]
+            )
         );
-        let now_p = lines.len() * 3 + 1;
-        for i in 0..lines.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            let n = i * 3 + 1;
-            sql.push_str(&format!(
-                "({}, {}, {}, {})",
-                ph(b, n, "text"),
-                ph(b, n + 1, "text"),
-                ph(b, n + 2, "bigint"),
-                ph(b, now_p, "bigint"),
-            ));
-        }
-        let mut q = sqlx::query(&sql);
-        for (t, acct, amount) in lines {
-            q = q
-                .bind(txns[*t].id.as_str())
-                .bind(acct.as_str())
-                .bind(*amount);
-        }
-        q.bind(now).execute(&mut *tx).await?;
+        sqlx::query(&sql)
+            .bind(serde_json::Value::Array(lines).to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         Ok(())
     }
 
@@ -793,15 +858,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_per_backend() {
+    fn json_batch_tables_per_backend() {
         assert_eq!(
-            values_rows(Backend::Postgres, 2, &["text", "bigint"], 3),
-            "($3::text, $4::bigint), ($5::text, $6::bigint)"
+            json_rows(Backend::Postgres, 3, &[("a", "text"), ("b", "bigint")]),
+            "SELECT (e.v->>0)::text AS a, (e.v->>1)::bigint AS b \
+             FROM jsonb_array_elements($3::jsonb) AS e(v)"
         );
         assert_eq!(
-            values_rows(Backend::Sqlite, 1, &["text", "bigint"], 1),
-            "($1, $2)"
+            json_rows(Backend::Sqlite, 1, &[("a", "text")]),
+            "SELECT e.value ->> 0 AS a FROM json_each($1) AS e"
         );
-        assert_eq!(in_list(Backend::Sqlite, 3, 2), "$2, $3, $4");
+        assert_eq!(json_strs(["x", "y\"z"]), r#"["x","y\"z"]"#);
     }
 }

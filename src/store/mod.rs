@@ -178,6 +178,9 @@ impl Store {
 
     /// Closes the pool (waits for connections to be returned).
     pub async fn close(&self) {
+        if let Some(b) = &self.batcher {
+            b.close();
+        }
         self.pool.close().await;
     }
 }
