@@ -265,7 +265,7 @@ impl Store {
             return Ok(out);
         }
         // One JSON parameter whatever the number of keys: one statement text to prepare.
-        let list = super::batch::json_in(self.backend, 1);
+        let list = super::batch::in_list(self.backend, hashes.len());
         let sql = format!(
             "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.key_hash, k.is_admin, \
              k.spend_cap_micros, k.revoked_at, k.last_used_at, {} \
@@ -275,7 +275,7 @@ impl Store {
              WHERE k.key_hash IN ({list})",
             *crate::limits::overrides::SUBJECT_COLS
         );
-        let q = sqlx::query(&sql).bind(super::batch::json_strs(hashes.iter().copied()));
+        let q = super::batch::bind_strs(sqlx::query(&sql), self.backend, hashes.iter().copied());
         for row in q.fetch_all(&mut *conn).await? {
             let r = KeyAuthRow {
                 id: row.try_get("id")?,

@@ -208,46 +208,101 @@ async fn lookup_loop(
     }
 }
 
-/// The rows of a batch as ONE bound parameter: a JSON array of arrays, read back in SQL as a
-/// table with the columns `cols` (name, PostgreSQL type). One statement text then serves every
-/// batch size (prepared once per connection; PostgreSQL can keep a generic plan), and a batch
-/// binds one value instead of one per field (SQLite looks bind parameters up by a linear scan,
-/// so hundreds of them cost quadratic time).
-fn json_rows(backend: Backend, param: usize, cols: &[(&str, &str)]) -> String {
-    let sel: Vec<String> = cols
-        .iter()
-        .enumerate()
-        .map(|(i, (name, ty))| match backend {
-            Backend::Postgres => format!("(e.v->>{i})::{ty} AS {name}"),
-            Backend::Sqlite => format!("e.value ->> {i} AS {name}"),
-        })
-        .collect();
+/// The rows of a batch as a table with the columns `cols` (name, PostgreSQL type), to select
+/// from; [`bind_rows`] binds the rows.
+/// * PostgreSQL: ONE parameter `$1`, a JSON array of arrays, so one statement text serves every
+///   batch size (prepared once per connection, parsed and planned once instead of per size).
+/// * SQLite: `VALUES` rows of anonymous `?` parameters. (Preparing a statement is cheap in-process,
+///   but named parameters such as `$7` are looked up by sqlx through a linear scan each, which
+///   costs quadratic time in a batch of hundreds of values; and JSON would be parsed once per
+///   column.)
+fn batch_rows(backend: Backend, rows: usize, cols: &[(&str, &str)]) -> String {
     match backend {
-        Backend::Postgres => format!(
-            "SELECT {} FROM jsonb_array_elements(${param}::jsonb) AS e(v)",
-            sel.join(", ")
+        Backend::Postgres => {
+            let sel: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .map(|(i, (name, ty))| format!("(e.v->>{i})::{ty} AS {name}"))
+                .collect();
+            format!(
+                "SELECT {} FROM jsonb_array_elements($1::jsonb) AS e(v)",
+                sel.join(", ")
+            )
+        }
+        Backend::Sqlite => {
+            let sel: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .map(|(i, (name, _))| format!("column{} AS {name}", i + 1))
+                .collect();
+            let row = format!("({})", vec!["?"; cols.len()].join(", "));
+            format!(
+                "SELECT {} FROM (VALUES {})",
+                sel.join(", "),
+                vec![row.as_str(); rows].join(", ")
+            )
+        }
+    }
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds the rows of [`batch_rows`] (each a JSON array of strings, integers and nulls).
+fn bind_rows(q: AnyQuery<'_>, backend: Backend, rows: Vec<serde_json::Value>) -> AnyQuery<'_> {
+    match backend {
+        Backend::Postgres => q.bind(serde_json::Value::Array(rows).to_string()),
+        Backend::Sqlite => {
+            let mut q = q;
+            for row in rows {
+                let serde_json::Value::Array(vals) = row else {
+                    continue;
+                };
+                for v in vals {
+                    q = match v {
+                        serde_json::Value::String(s) => q.bind(s),
+                        serde_json::Value::Number(n) => q.bind(n.as_i64()),
+                        serde_json::Value::Bool(b) => q.bind(i64::from(b)),
+                        _ => q.bind(None::<i64>),
+                    };
+                }
+            }
+            q
+        }
+    }
+}
+
+/// The list of an `IN (…)` over `n` text values that [`bind_strs`] binds.
+pub(super) fn in_list(backend: Backend, n: usize) -> String {
+    match backend {
+        Backend::Postgres => "SELECT jsonb_array_elements_text($1::jsonb)".to_string(),
+        Backend::Sqlite => vec!["?"; n].join(", "),
+    }
+}
+
+/// Binds the values of [`in_list`].
+pub(super) fn bind_strs<'q, 'a>(
+    q: AnyQuery<'q>,
+    backend: Backend,
+    items: impl IntoIterator<Item = &'a str>,
+) -> AnyQuery<'q> {
+    match backend {
+        Backend::Postgres => q.bind(
+            serde_json::Value::Array(
+                items
+                    .into_iter()
+                    .map(|s| serde_json::Value::String(s.to_string()))
+                    .collect(),
+            )
+            .to_string(),
         ),
-        Backend::Sqlite => format!("SELECT {} FROM json_each(${param}) AS e", sel.join(", ")),
+        Backend::Sqlite => {
+            let mut q = q;
+            for s in items {
+                q = q.bind(s.to_string());
+            }
+            q
+        }
     }
-}
-
-/// `col IN (…)` over a JSON array of text bound as parameter `param`.
-pub(super) fn json_in(backend: Backend, param: usize) -> String {
-    match backend {
-        Backend::Postgres => format!("SELECT jsonb_array_elements_text(${param}::jsonb)"),
-        Backend::Sqlite => format!("SELECT value FROM json_each(${param})"),
-    }
-}
-
-/// A JSON array of strings.
-pub(super) fn json_strs<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
-    serde_json::Value::Array(
-        items
-            .into_iter()
-            .map(|s| serde_json::Value::String(s.to_string()))
-            .collect(),
-    )
-    .to_string()
 }
 
 /// One ledger transaction row to insert.
@@ -468,10 +523,11 @@ impl Store {
              cached_tokens = v_ct, completion_tokens = v_comp, reasoning_tokens = v_rt, \
              estimated = v_est, delivered = v_deliv, provider = COALESCE(v_provider, provider), \
              upstream_model = v_upstream, status = v_status, http_status = v_http, \
-             latency_ms = v_latency, finished_at = $2 \
+             latency_ms = v_latency, finished_at = {} \
              FROM v WHERE id = v_id AND state = 'held' AND hold_micros >= v_cost \
              RETURNING {REQUEST_COLS}, key_reserved",
-            json_rows(b, 1, &COLS),
+            batch_rows(b, finals.len(), &COLS),
+            if b == Backend::Postgres { "$2" } else { "?" },
         );
         // (captured, network, fee) per op, as the single path computes them.
         let split: Vec<(i64, i64, i64)> = finals
@@ -511,7 +567,7 @@ impl Store {
                 ])
             })
             .collect();
-        let q = sqlx::query(&sql).bind(serde_json::Value::Array(rows_json).to_string());
+        let q = bind_rows(sqlx::query(&sql), b, rows_json);
         let rows = q.bind(now).fetch_all(&mut *tx).await?;
         let index: HashMap<&str, usize> = finals
             .iter()
@@ -601,9 +657,9 @@ impl Store {
         let acct_ids: BTreeSet<&str> = holds.iter().map(|h| h.account_id.as_str()).collect();
         let sql = format!(
             "SELECT id, balance_micros FROM accounts WHERE id IN ({}) ORDER BY id{lock}",
-            json_in(b, 1)
+            in_list(b, acct_ids.len())
         );
-        let q = sqlx::query(&sql).bind(json_strs(acct_ids.iter().copied()));
+        let q = bind_strs(sqlx::query(&sql), b, acct_ids.iter().copied());
         let mut balance: HashMap<String, i64> = HashMap::new();
         for r in q.fetch_all(&mut *tx).await? {
             balance.insert(r.try_get(0)?, r.try_get(1)?);
@@ -620,9 +676,9 @@ impl Store {
             let sql = format!(
                 "SELECT id, spend_cap_micros, spent_micros, reserved_micros FROM api_keys \
                  WHERE id IN ({}) ORDER BY id{lock}",
-                json_in(b, 1)
+                in_list(b, capped.len())
             );
-            let q = sqlx::query(&sql).bind(json_strs(capped.iter().copied()));
+            let q = bind_strs(sqlx::query(&sql), b, capped.iter().copied());
             for r in q.fetch_all(&mut *tx).await? {
                 let spent: i64 = r.try_get(2)?;
                 let reserved: i64 = r.try_get(3)?;
@@ -689,7 +745,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        const COLS: [(&str, &str); 9] = [
+        const COLS: [(&str, &str); 10] = [
             ("v_id", "text"),
             ("v_account", "text"),
             ("v_key", "text"),
@@ -699,13 +755,14 @@ impl Store {
             ("v_price", "bigint"),
             ("v_hold", "bigint"),
             ("v_expires", "bigint"),
+            ("v_now", "bigint"),
         ];
         let sql = format!(
             "INSERT INTO requests (id, account_id, key_id, key_reserved, model, provider, price_id, \
              hold_micros, hold_expires_at, created_at, state) \
              SELECT v_id, v_account, v_key, v_reserved, v_model, v_provider, v_price, v_hold, \
-             v_expires, $2, 'held' FROM ({}) AS v",
-            json_rows(b, 1, &COLS)
+             v_expires, v_now, 'held' FROM ({}) AS v",
+            batch_rows(b, admitted.len(), &COLS)
         );
         let rows_json: Vec<serde_json::Value> = admitted
             .iter()
@@ -719,13 +776,12 @@ impl Store {
                     h.provider,
                     h.price_id,
                     h.hold_micros,
-                    h.expires_at
+                    h.expires_at,
+                    now
                 ])
             })
             .collect();
-        let q = sqlx::query(&sql)
-            .bind(serde_json::Value::Array(rows_json).to_string())
-            .bind(now);
+        let q = bind_rows(sqlx::query(&sql), b, rows_json);
         q.execute(&mut *tx).await?;
         for h in &admitted {
             let t = txns.len();
@@ -758,10 +814,10 @@ impl Store {
         let sql = format!(
             "INSERT INTO ledger_transactions (id, kind, account_id, request_id, phase, \
              amount_micros, created_at) \
-             SELECT v_id, v_kind, v_account, v_request, v_phase, v_amount, $2 FROM ({}) AS v",
-            json_rows(
+             SELECT v_id, v_kind, v_account, v_request, v_phase, v_amount, v_now FROM ({}) AS v",
+            batch_rows(
                 b,
-                1,
+                txns.len(),
                 &[
                     ("v_id", "text"),
                     ("v_kind", "text"),
@@ -769,45 +825,51 @@ impl Store {
                     ("v_request", "text"),
                     ("v_phase", "text"),
                     ("v_amount", "bigint"),
+                    ("v_now", "bigint"),
                 ]
             )
         );
         let rows_json: Vec<serde_json::Value> = txns
             .iter()
             .map(|t| {
-                serde_json::json!([t.id, t.kind, t.account_id, t.request_id, t.phase, t.amount])
+                serde_json::json!([
+                    t.id,
+                    t.kind,
+                    t.account_id,
+                    t.request_id,
+                    t.phase,
+                    t.amount,
+                    now
+                ])
             })
             .collect();
-        sqlx::query(&sql)
-            .bind(serde_json::Value::Array(rows_json).to_string())
-            .bind(now)
+        bind_rows(sqlx::query(&sql), b, rows_json)
             .execute(&mut *tx)
             .await?;
 
         let lines: Vec<serde_json::Value> = entries
             .iter()
             .filter(|e| e.2 != 0)
-            .map(|(t, acct, amount)| serde_json::json!([txns[*t].id, acct, amount]))
+            .map(|(t, acct, amount)| serde_json::json!([txns[*t].id, acct, amount, now]))
             .collect();
         if lines.is_empty() {
             return Ok(());
         }
         let sql = format!(
             "INSERT INTO ledger_entries (txn_id, ledger_account, amount_micros, created_at) \
-             SELECT v_txn, v_account, v_amount, $2 FROM ({}) AS v",
-            json_rows(
+             SELECT v_txn, v_account, v_amount, v_now FROM ({}) AS v",
+            batch_rows(
                 b,
-                1,
+                lines.len(),
                 &[
                     ("v_txn", "text"),
                     ("v_account", "text"),
-                    ("v_amount", "bigint")
+                    ("v_amount", "bigint"),
+                    ("v_now", "bigint"),
                 ]
             )
         );
-        sqlx::query(&sql)
-            .bind(serde_json::Value::Array(lines).to_string())
-            .bind(now)
+        bind_rows(sqlx::query(&sql), b, lines)
             .execute(&mut *tx)
             .await?;
         Ok(())
@@ -858,16 +920,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_batch_tables_per_backend() {
+    fn batch_tables_per_backend() {
         assert_eq!(
-            json_rows(Backend::Postgres, 3, &[("a", "text"), ("b", "bigint")]),
+            batch_rows(Backend::Postgres, 2, &[("a", "text"), ("b", "bigint")]),
             "SELECT (e.v->>0)::text AS a, (e.v->>1)::bigint AS b \
-             FROM jsonb_array_elements($3::jsonb) AS e(v)"
+             FROM jsonb_array_elements($1::jsonb) AS e(v)"
         );
         assert_eq!(
-            json_rows(Backend::Sqlite, 1, &[("a", "text")]),
-            "SELECT e.value ->> 0 AS a FROM json_each($1) AS e"
+            batch_rows(Backend::Sqlite, 2, &[("a", "text"), ("b", "bigint")]),
+            "SELECT column1 AS a, column2 AS b FROM (VALUES (?, ?), (?, ?))"
         );
-        assert_eq!(json_strs(["x", "y\"z"]), r#"["x","y\"z"]"#);
+        assert_eq!(in_list(Backend::Sqlite, 3), "?, ?, ?");
     }
 }
