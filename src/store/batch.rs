@@ -247,29 +247,56 @@ fn batch_rows(backend: Backend, rows: usize, cols: &[(&str, &str)]) -> String {
 
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
-/// Binds the rows of [`batch_rows`] (each a JSON array of strings, integers and nulls).
-fn bind_rows(q: AnyQuery<'_>, backend: Backend, rows: Vec<serde_json::Value>) -> AnyQuery<'_> {
+/// The bind values of the rows of [`batch_rows`] (each row a JSON array of strings, integers
+/// and nulls).
+fn row_args(backend: Backend, rows: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
     match backend {
-        Backend::Postgres => q.bind(serde_json::Value::Array(rows).to_string()),
-        Backend::Sqlite => {
-            let mut q = q;
-            for row in rows {
-                let serde_json::Value::Array(vals) = row else {
-                    continue;
-                };
-                for v in vals {
-                    q = match v {
-                        serde_json::Value::String(s) => q.bind(s),
-                        serde_json::Value::Number(n) => q.bind(n.as_i64()),
-                        serde_json::Value::Bool(b) => q.bind(i64::from(b)),
-                        _ => q.bind(None::<i64>),
-                    };
-                }
-            }
-            q
-        }
+        Backend::Postgres => vec![serde_json::Value::String(
+            serde_json::Value::Array(rows).to_string(),
+        )],
+        Backend::Sqlite => rows
+            .into_iter()
+            .flat_map(|row| match row {
+                serde_json::Value::Array(vals) => vals,
+                other => vec![other],
+            })
+            .collect(),
     }
 }
+
+/// Binds values in order (strings, integers, nulls).
+fn bind_all(q: AnyQuery<'_>, args: Vec<serde_json::Value>) -> AnyQuery<'_> {
+    let mut q = q;
+    for v in args {
+        q = match v {
+            serde_json::Value::String(s) => q.bind(s),
+            serde_json::Value::Number(n) => q.bind(n.as_i64()),
+            serde_json::Value::Bool(b) => q.bind(i64::from(b)),
+            _ => q.bind(None::<i64>),
+        };
+    }
+    q
+}
+
+/// Binds the rows of [`batch_rows`].
+fn bind_rows(q: AnyQuery<'_>, backend: Backend, rows: Vec<serde_json::Value>) -> AnyQuery<'_> {
+    bind_all(q, row_args(backend, rows))
+}
+
+/// On SQLite, the writes of a batch that return nothing (balance and key updates, inserts) are
+/// collected and sent as ONE multi-statement call before COMMIT: one hand-off to SQLite's worker
+/// thread instead of one per statement. Each statement's expected row count is known (every row
+/// it touches is locked: SQLite has one writer), and the call must touch exactly their sum, or
+/// the batch is rolled back and re-run on the single path.
+#[derive(Default)]
+struct Deferred {
+    sql: String,
+    args: Vec<serde_json::Value>,
+    rows: u64,
+}
+
+/// Where a batch's answer-less writes go: run now (PostgreSQL) or into a [`Deferred`] (SQLite).
+type Writes = Option<Deferred>;
 
 /// The list of an `IN (…)` over `n` text values that [`bind_strs`] binds.
 pub(super) fn in_list(backend: Backend, n: usize) -> String {
@@ -313,6 +340,14 @@ struct TxnRow {
     request_id: String,
     phase: &'static str,
     amount: i64,
+}
+
+/// What a batch's settlements change, for the holds decided after them in the same batch:
+/// account → (held released, returned to available); key → (spent, unreserved).
+#[derive(Default)]
+struct Settled {
+    accounts: BTreeMap<String, (i64, i64)>,
+    keys: BTreeMap<String, (i64, i64)>,
 }
 
 /// What a batch decided, aligned with its inputs.
@@ -463,19 +498,50 @@ impl Store {
         };
         let mut txns: Vec<TxnRow> = Vec::new();
         let mut entries: Vec<(usize, String, i64)> = Vec::new();
+        let mut writes: Writes = (self.backend == Backend::Sqlite).then(Deferred::default);
+        let mut settled = Settled::default();
         let finals_out = if finals.is_empty() {
             Vec::new()
         } else {
-            self.batch_finalize(&mut tx, finals, now, &mut txns, &mut entries)
-                .await?
+            self.batch_finalize(
+                &mut tx,
+                &mut writes,
+                finals,
+                now,
+                &mut txns,
+                &mut entries,
+                &mut settled,
+            )
+            .await?
         };
         let holds_out = if holds.is_empty() {
             Vec::new()
         } else {
-            self.batch_hold(&mut tx, holds, now, &mut txns, &mut entries)
-                .await?
+            self.batch_hold(
+                &mut tx,
+                &mut writes,
+                holds,
+                now,
+                &mut txns,
+                &mut entries,
+                &settled,
+            )
+            .await?
         };
-        self.insert_ledger(&mut tx, &txns, &entries, now).await?;
+        self.insert_ledger(&mut tx, &mut writes, &txns, &entries, now)
+            .await?;
+        if let Some(d) = writes.filter(|d| !d.sql.is_empty()) {
+            let done = bind_all(sqlx::query(&d.sql), d.args)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() != d.rows {
+                return Err(StoreError::Invariant(format!(
+                    "batch writes touched {} rows, expected {}",
+                    done.rows_affected(),
+                    d.rows
+                )));
+            }
+        }
         tx.commit().await?;
         Ok(BatchOutcome {
             holds: holds_out,
@@ -483,13 +549,49 @@ impl Store {
         })
     }
 
+    /// One answer-less write of a batch: `pg` (`$n` parameters) runs now on PostgreSQL, where
+    /// `expect` (if any) is checked; `sqlite` (`?` parameters) is deferred (see [`Deferred`]) and
+    /// must touch exactly `rows` rows.
+    async fn write(
+        &self,
+        tx: &mut Conn,
+        writes: &mut Writes,
+        sql: (&str, &str),
+        args: Vec<serde_json::Value>,
+        rows: u64,
+        expect: bool,
+    ) -> Result<(), StoreError> {
+        let (pg, sqlite) = sql;
+        match writes {
+            Some(d) => {
+                d.sql.push_str(sqlite);
+                d.sql.push_str(";\n");
+                d.args.extend(args);
+                d.rows += rows;
+            }
+            None => {
+                let done = bind_all(sqlx::query(pg), args).execute(&mut *tx).await?;
+                if expect && done.rows_affected() != rows {
+                    return Err(StoreError::Invariant(format!(
+                        "a batch write touched {} rows, expected {rows}",
+                        done.rows_affected()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn batch_finalize(
         &self,
         tx: &mut Conn,
+        writes: &mut Writes,
         finals: &[&FinalizeOp],
         now: i64,
         txns: &mut Vec<TxnRow>,
         entries: &mut Vec<(usize, String, i64)>,
+        settled: &mut Settled,
     ) -> Result<Vec<Option<RequestRow>>, StoreError> {
         const COLS: [(&str, &str); 20] = [
             ("v_id", "text"),
@@ -613,41 +715,59 @@ impl Store {
             out[i] = Some(rec);
         }
         for (id, (held, back)) in &accts {
-            sqlx::query(
-                "UPDATE accounts SET held_micros = held_micros - $1, \
-                 balance_micros = balance_micros + $2 WHERE id = $3",
+            self.write(
+                tx,
+                writes,
+                (
+                    "UPDATE accounts SET held_micros = held_micros - $1, \
+                     balance_micros = balance_micros + $2 WHERE id = $3",
+                    "UPDATE accounts SET held_micros = held_micros - ?, \
+                     balance_micros = balance_micros + ? WHERE id = ?",
+                ),
+                vec![(*held).into(), (*back).into(), id.as_str().into()],
+                1,
+                false,
             )
-            .bind(*held)
-            .bind(*back)
-            .bind(id.as_str())
-            .execute(&mut *tx)
             .await?;
         }
         for (id, (spent, unreserved)) in &keys {
             if *spent == 0 && *unreserved == 0 {
                 continue;
             }
-            sqlx::query(
-                "UPDATE api_keys SET spent_micros = spent_micros + $1, \
-                 reserved_micros = reserved_micros - $2 WHERE id = $3",
+            self.write(
+                tx,
+                writes,
+                (
+                    "UPDATE api_keys SET spent_micros = spent_micros + $1, \
+                     reserved_micros = reserved_micros - $2 WHERE id = $3",
+                    "UPDATE api_keys SET spent_micros = spent_micros + ?, \
+                     reserved_micros = reserved_micros - ? WHERE id = ?",
+                ),
+                vec![(*spent).into(), (*unreserved).into(), id.as_str().into()],
+                1,
+                false,
             )
-            .bind(*spent)
-            .bind(*unreserved)
-            .bind(id.as_str())
-            .execute(&mut *tx)
             .await?;
         }
+        settled.accounts = accts;
+        settled.keys = keys;
         Ok(out)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn batch_hold(
         &self,
         tx: &mut Conn,
+        writes: &mut Writes,
         holds: &[&HoldInsert],
         now: i64,
         txns: &mut Vec<TxnRow>,
         entries: &mut Vec<(usize, String, i64)>,
+        settled: &Settled,
     ) -> Result<Vec<HoldOutcome>, StoreError> {
+        // Settlement writes still deferred (SQLite) are not in the rows read below yet: add
+        // their effect, so admission sees the balances the single path would see.
+        let pending = writes.is_some();
         let b = self.backend;
         let lock = match b {
             Backend::Postgres => " FOR UPDATE",
@@ -662,7 +782,12 @@ impl Store {
         let q = bind_strs(sqlx::query(&sql), b, acct_ids.iter().copied());
         let mut balance: HashMap<String, i64> = HashMap::new();
         for r in q.fetch_all(&mut *tx).await? {
-            balance.insert(r.try_get(0)?, r.try_get(1)?);
+            let id: String = r.try_get(0)?;
+            let mut avail: i64 = r.try_get(1)?;
+            if pending {
+                avail += settled.accounts.get(&id).map_or(0, |a| a.1);
+            }
+            balance.insert(id, avail);
         }
         // Keys with a spend cap: their spent and reserved amounts.
         let capped: BTreeSet<&str> = holds
@@ -682,7 +807,13 @@ impl Store {
             for r in q.fetch_all(&mut *tx).await? {
                 let spent: i64 = r.try_get(2)?;
                 let reserved: i64 = r.try_get(3)?;
-                key_use.insert(r.try_get(0)?, (r.try_get(1)?, spent + reserved));
+                let id: String = r.try_get(0)?;
+                let mut used = spent + reserved;
+                if pending {
+                    // spent + captured, reserved − released hold
+                    used += settled.keys.get(&id).map_or(0, |k| k.0 - k.1);
+                }
+                key_use.insert(id, (r.try_get(1)?, used));
             }
         }
         // Admission, one hold after the other, exactly as the single path would decide them in
@@ -723,27 +854,44 @@ impl Store {
         if admitted.is_empty() {
             return Ok(out);
         }
+        // The balance guard re-checks under the lock; a row it does not touch fails the batch.
         for (id, amount) in &debit {
-            let res = sqlx::query(
-                "UPDATE accounts SET balance_micros = balance_micros - $1, \
-                 held_micros = held_micros + $1 WHERE id = $2 AND balance_micros >= $1",
+            self.write(
+                tx,
+                writes,
+                (
+                    "UPDATE accounts SET balance_micros = balance_micros - $1, \
+                     held_micros = held_micros + $1 WHERE id = $2 AND balance_micros >= $1",
+                    "UPDATE accounts SET balance_micros = balance_micros - ?, \
+                     held_micros = held_micros + ? WHERE id = ? AND balance_micros >= ?",
+                ),
+                match writes {
+                    Some(_) => vec![
+                        (*amount).into(),
+                        (*amount).into(),
+                        (*id).into(),
+                        (*amount).into(),
+                    ],
+                    None => vec![(*amount).into(), (*id).into()],
+                },
+                1,
+                true,
             )
-            .bind(*amount)
-            .bind(*id)
-            .execute(&mut *tx)
             .await?;
-            if res.rows_affected() != 1 {
-                return Err(StoreError::Invariant(format!(
-                    "balance of {id} changed under its lock"
-                )));
-            }
         }
         for (id, amount) in &reserve {
-            sqlx::query("UPDATE api_keys SET reserved_micros = reserved_micros + $1 WHERE id = $2")
-                .bind(*amount)
-                .bind(*id)
-                .execute(&mut *tx)
-                .await?;
+            self.write(
+                tx,
+                writes,
+                (
+                    "UPDATE api_keys SET reserved_micros = reserved_micros + $1 WHERE id = $2",
+                    "UPDATE api_keys SET reserved_micros = reserved_micros + ? WHERE id = ?",
+                ),
+                vec![(*amount).into(), (*id).into()],
+                1,
+                false,
+            )
+            .await?;
         }
         const COLS: [(&str, &str); 10] = [
             ("v_id", "text"),
@@ -781,8 +929,15 @@ impl Store {
                 ])
             })
             .collect();
-        let q = bind_rows(sqlx::query(&sql), b, rows_json);
-        q.execute(&mut *tx).await?;
+        self.write(
+            tx,
+            writes,
+            (&sql, &sql),
+            row_args(b, rows_json),
+            admitted.len() as u64,
+            false,
+        )
+        .await?;
         for h in &admitted {
             let t = txns.len();
             txns.push(TxnRow {
@@ -803,6 +958,7 @@ impl Store {
     async fn insert_ledger(
         &self,
         tx: &mut Conn,
+        writes: &mut Writes,
         txns: &[TxnRow],
         entries: &[(usize, String, i64)],
         now: i64,
@@ -843,9 +999,15 @@ impl Store {
                 ])
             })
             .collect();
-        bind_rows(sqlx::query(&sql), b, rows_json)
-            .execute(&mut *tx)
-            .await?;
+        self.write(
+            tx,
+            writes,
+            (&sql, &sql),
+            row_args(b, rows_json),
+            txns.len() as u64,
+            false,
+        )
+        .await?;
 
         let lines: Vec<serde_json::Value> = entries
             .iter()
@@ -869,8 +1031,8 @@ impl Store {
                 ]
             )
         );
-        bind_rows(sqlx::query(&sql), b, lines)
-            .execute(&mut *tx)
+        let n = lines.len() as u64;
+        self.write(tx, writes, (&sql, &sql), row_args(b, lines), n, false)
             .await?;
         Ok(())
     }
