@@ -1041,7 +1041,7 @@ impl Store {
         let hashes: BTreeSet<&str> = ops.iter().map(|o| o.key_hash.as_str()).collect();
         let hashes: Vec<&str> = hashes.into_iter().collect();
         let found = match conn.get(self).await {
-            Ok(c) => self.keys_by_hashes_on(&mut **c, &hashes).await,
+            Ok(c) => self.keys_by_hashes_on(c, &hashes).await,
             Err(e) => Err(e),
         };
         match found {
