@@ -246,6 +246,20 @@ async fn billing_on(db: &Db) -> Billing {
     )
 }
 
+/// A new account with `micros` of credit, and a customer key for it.
+async fn funded_key(b: &Billing, account: &str, micros: i64) -> String {
+    b.create_account(account, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.add_credits(account, micros, "test", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.create_key(account, false, None, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .0
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -541,16 +555,7 @@ async fn kill9(db: &Db) -> Billing {
     const HOLD_TTL: u64 = 2;
     let (up, _upstream) = start_upstream().await;
     let b = billing_on(db).await;
-    b.create_account("acme", None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    b.add_credits("acme", 100_000_000, "test", None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (key, _) = b
-        .create_key("acme", false, None, None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let key = funded_key(&b, "acme", 100_000_000).await;
     let gw = start_gw(db, up, HOLD_TTL).await;
     let addr = Arc::new(RwLock::new(gw.addr));
     let (config, log) = (gw.config.clone(), gw.log.clone());
@@ -691,16 +696,7 @@ async fn failover_flow(db: &Db) -> Billing {
     let gw = start_gw(db, up, 3600).await;
     let base = format!("http://{}", gw.addr);
     let http = client();
-    b.create_account("fo", None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    b.add_credits("fo", 1_000_000, "test", None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (key, _) = b
-        .create_key("fo", false, None, None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let key = funded_key(&b, "fo", 1_000_000).await;
 
     // Route 2's prices: non-streamed 6 uncached × $2 + 4 cached × $1 + 20 × $8 per 1M = 176;
     // streamed (10 prompt tokens, none cached, 20 completion) 10 × $2 + 20 × $8 = 180.
