@@ -612,6 +612,7 @@ fn error_code(e: &GatewayError) -> String {
             .or_else(|| r.kind.clone())
             .unwrap_or_else(|| format!("http_{}", r.status)),
         GatewayError::UpstreamFailed { .. } => "upstream_error".into(),
+        GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable".into(),
         GatewayError::UpstreamTimeout { .. } => "timeout".into(),
         _ => "error".into(),
     }

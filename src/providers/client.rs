@@ -243,6 +243,12 @@ impl UpstreamClient {
                 param: parsed.param,
                 retry_after,
             }))
+        } else if let (503, Some(retry_after)) = (status, retry_after) {
+            GatewayError::UpstreamUnavailable {
+                provider: self.provider.clone(),
+                message: format!("upstream returned HTTP {status}: {message}"),
+                retry_after,
+            }
         } else {
             self.failed(format!("upstream returned HTTP {status}: {message}"))
         }
