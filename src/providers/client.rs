@@ -120,9 +120,12 @@ impl UpstreamClient {
     }
 
     /// POSTs a JSON body and reads the complete 2xx answer (capped in size) under one timer: the
-    /// headers within the first-byte timeout, the body within the idle timeout after them, all of
-    /// it within the total timeout. (One timer, moved on, instead of one per phase: each tokio
-    /// timer is registered and removed under the runtime's timer lock.)
+    /// headers within the total timeout, the body within the idle timeout after them, all of it
+    /// within the total timeout. Not the first-byte timeout: a non-streamed answer's headers
+    /// usually come only with the finished generation, which for a reasoning model with 16K output
+    /// tokens takes minutes; the request's own deadline (`complete_deadline_ms`) bounds the wait.
+    /// (One timer, moved on, instead of one per phase: each tokio timer is registered and removed
+    /// under the runtime's timer lock.)
     pub async fn complete(
         &self,
         body: Vec<u8>,
@@ -131,7 +134,7 @@ impl UpstreamClient {
     ) -> Result<Bytes, GatewayError> {
         let start = Instant::now();
         let end = start + self.timeouts.total;
-        let timer = tokio::time::sleep_until(end.min(start + self.timeouts.first_byte));
+        let timer = tokio::time::sleep_until(end);
         tokio::pin!(timer);
         let sent = self.client.request(self.request(body, false, request_id));
         let resp = tokio::select! {
