@@ -749,6 +749,44 @@ async fn failover_flow(db: &Db) -> Billing {
         assert_eq!(rec.provider.as_deref(), Some("fake2"));
         assert_eq!(rec.upstream_model.as_deref(), Some("fake-ok"));
         charged += expected;
+        // Both attempts are on the request's record (written just after the answer).
+        let mut attempts = Value::Null;
+        for _ in 0..50 {
+            let r = http
+                .get(format!("{base}/v1/requests/{rid}"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let v: Value = r.json().await.unwrap_or_default();
+            attempts = v["attempts"].clone();
+            if attempts.as_array().map_or(0, Vec::len) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seen: Vec<_> = attempts
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| {
+                        (
+                            x["provider"].as_str().unwrap_or("").to_string(),
+                            x["result"].as_str().unwrap_or("").to_string(),
+                            x["http_status"].as_i64(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            seen,
+            vec![
+                ("fake".to_string(), "failed".to_string(), Some(500)),
+                ("fake2".to_string(), "served".to_string(), Some(200)),
+            ],
+            "{attempts}"
+        );
     }
     // Two attempts per request (route 1's 500, then route 2), and exactly the two charges.
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 4);
