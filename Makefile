@@ -9,6 +9,10 @@ STAMP := .tools/stamps
 APT_BUILD := cmake clang libclang-dev pkg-config
 APT_TEST := redis-server postgresql python3-venv
 
+# llama.cpp kernels for this machine's CPU (AVX-512 where present), as llama.cpp's own default
+# native build does: see scripts/ggml-cpu-flags.sh. Exported to every cargo run below.
+$(foreach v,$(shell scripts/ggml-cpu-flags.sh),$(eval export $(v)))
+
 .PHONY: run test deps-build deps-test model build lint clean bench bench-engine
 
 $(STAMP):

@@ -9,6 +9,7 @@
 # Wrapped in `flock /work/notes/bench.lock` when /work/notes exists (shared machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for v in $(scripts/ggml-cpu-flags.sh); do export "${v?}"; done # llama.cpp build options as `make` sets them
 secs="${1:-5}"
 rounds="${2:-3}"
 conc="${3:-32}"

@@ -40,6 +40,8 @@ fi
 "$LLAMA_SERVER" --version >"$OUT/llama-server-version.txt" 2>&1
 
 if [ -z "${TG_BIN:-}" ]; then
+  # the same llama.cpp build options as `make` uses (AVX-512 kernels where the CPU has them)
+  for v in $(scripts/ggml-cpu-flags.sh); do export "${v?}"; done
   cargo build --release --quiet --bin tollgate
   TG_BIN=target/release/tollgate
 fi

@@ -21,7 +21,7 @@ SAT_CONNS=${SAT_CONNS:-32}     # closed loop, zero-delay upstream
 SAT_SECS=$(secs "${SAT_SECS:-8}")
 SAT_REPS=${SAT_REPS:-2}
 SAT_PLACEMENTS=${SAT_PLACEMENTS:-"pinned unpinned"}
-LAT_PLACEMENTS=${LAT_PLACEMENTS:-"pinned unpinned"} # c=1 latency and TTFT
+LAT_PLACEMENTS=${LAT_PLACEMENTS:-"pinned unpinned unpinned-cfs"} # c=1 latency and TTFT
 OPEN_RATE=${OPEN_RATE:-3000}   # open loop, 60 ms upstream
 OPEN_CONNS=${OPEN_CONNS:-400}
 OPEN_SECS=$(secs "${OPEN_SECS:-15}")

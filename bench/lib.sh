@@ -13,6 +13,7 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 # Tools live outside git: .tools/ (oha, the bench-floor build) and bench/.venv (LiteLLM) are ignored.
 TOOLS=${TOOLS:-$ROOT/.tools}
+for v in $("$ROOT"/scripts/ggml-cpu-flags.sh); do export "${v?}"; done # llama.cpp build options as `make` sets them
 FLOOR_SRC=${FLOOR_SRC:-$ROOT/../shared/bench-floor}
 [ -d "$FLOOR_SRC" ] || FLOOR_SRC=/work/shared/bench-floor
 GWBENCH=${GWBENCH:-$TOOLS/gwbench-target/release/gwbench}
@@ -22,7 +23,8 @@ TOLLGATE=${TOLLGATE:-$ROOT/target/release/tollgate}
 HOST=127.0.0.1
 PORT_BASE=${PORT_BASE:-19100}
 # pinned: the server under test on CPU1, fake upstream + load generator on CPU0 (performance.md
-# §6.3 run A). unpinned: nobody pinned (run B).
+# §6.3 run A). unpinned: nobody pinned (run B). A "-cfs" suffix (unpinned-cfs) runs that placement
+# with ordinary scheduling (nice -10) instead of SCHED_FIFO, see sched_now.
 PLACEMENT=${PLACEMENT:-pinned}
 RUN_ID=${RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)}
 OUT_DIR=${OUT_DIR:-$BENCH_DIR/results/$RUN_ID}
@@ -148,8 +150,15 @@ place() {
 # every step is bounded in time. RT=0 runs everything as ordinary (nice -10) processes.
 SCHED=normal
 RT=${RT:-1}
+# With SCHED_FIFO a woken real-time task is pushed to the CPU running the lowest priority, i.e.
+# never the waker's own busy CPU, so at c=1 every hop (load -> proxy -> mock -> proxy -> load)
+# crosses CPUs, an inter-processor interrupt through the KVM host each time. The ordinary
+# scheduler keeps a c=1 chain on one CPU (wake-affine), as performance.md §4 measured the floor.
+# Placements ending in -cfs measure that way; the others stay SCHED_FIFO.
 sched_now() {
-    if [ "$SCHED" = rt ] && [ "$RT" = 1 ] && [ "$(id -u)" = 0 ] && command -v chrt >/dev/null; then
+    if [[ $PLACEMENT == *-cfs ]]; then
+        echo normal
+    elif [ "$SCHED" = rt ] && [ "$RT" = 1 ] && [ "$(id -u)" = 0 ] && command -v chrt >/dev/null; then
         echo rt
     else
         echo normal
@@ -157,7 +166,7 @@ sched_now() {
 }
 sched_prefix() { [ "$(sched_now)" = rt ] && echo "chrt -f 1"; return 0; }
 cpus_for() {
-    if [ "$PLACEMENT" = pinned ] && [ "$NCPU" -ge 2 ]; then
+    if [[ $PLACEMENT == pinned* ]] && [ "$NCPU" -ge 2 ]; then
         [ "$1" = server ] && echo 1 || echo 0
     else
         echo "0-$((NCPU - 1))"

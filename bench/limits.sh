@@ -24,6 +24,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+for v in $("$ROOT"/scripts/ggml-cpu-flags.sh); do export "${v?}"; done # llama.cpp build options as `make` sets them
 RATE=${RATE:-1000}
 SECS=${SECS:-10}
 ROUNDS=${ROUNDS:-3}

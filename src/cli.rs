@@ -62,7 +62,7 @@ pub fn main() -> ExitCode {
         Command::Serve { listen, redis_url } => {
             let config = cli.config;
             let database_url = cli.database_url;
-            telemetry::init_logging(cli.log_format);
+            telemetry::init_logging(cli.log_format, true);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -73,7 +73,9 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config, listen, database_url, redis_url)) {
+            let served = runtime.block_on(serve(config, listen, database_url, redis_url));
+            telemetry::flush_logs();
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -94,7 +96,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Billing(cmd) => {
-            telemetry::init_logging(cli.log_format);
+            telemetry::init_logging(cli.log_format, false);
             let mut cfg = match load(cli.config) {
                 Ok(c) => c,
                 Err(e) => {

@@ -48,6 +48,14 @@ pub enum GatewayError {
     /// The upstream failed (5xx, connection failure, unparseable answer).
     #[error("{provider}: {message}")]
     UpstreamFailed { provider: String, message: String },
+    /// The upstream said it is unavailable for now (503 with `Retry-After`): routing waits that
+    /// long before trying the route again (or moves on); the client sees a 502 like any 5xx.
+    #[error("{provider}: {message}")]
+    UpstreamUnavailable {
+        provider: String,
+        message: String,
+        retry_after: Duration,
+    },
     /// The upstream did not answer in time.
     #[error("{provider}: {message}")]
     UpstreamTimeout { provider: String, message: String },
@@ -73,7 +81,9 @@ impl GatewayError {
     /// Whether trying another route (or the same one again) could succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            GatewayError::UpstreamFailed { .. } | GatewayError::UpstreamTimeout { .. } => true,
+            GatewayError::UpstreamFailed { .. }
+            | GatewayError::UpstreamUnavailable { .. }
+            | GatewayError::UpstreamTimeout { .. } => true,
             GatewayError::UpstreamRejected(r) => matches!(r.status, 408 | 409 | 429),
             GatewayError::Overloaded { .. } => true,
             _ => false,

@@ -29,7 +29,17 @@ pub fn build_state_with(
     config: config::Config,
     billing: Option<Arc<billing::Billing>>,
 ) -> Result<Arc<http::AppState>, String> {
-    let gateway = gateway::Gateway::new(&config)?;
+    let gateway = match &billing {
+        // With a store, requests that failed over or failed keep their attempts on their record.
+        Some(b) => gateway::Gateway::with_sink(
+            &config,
+            Arc::new(billing::attempts::AttemptsSink {
+                inner: Arc::new(gateway::usage::LogSink),
+                billing: b.clone(),
+            }),
+        )?,
+        None => gateway::Gateway::new(&config)?,
+    };
     let limiter = Arc::new(limits::Limiter::new(&config)?);
     let metrics = if config.server.metrics {
         telemetry::prometheus()

@@ -143,6 +143,21 @@ max_output_tokens = 1000
   provider = "fake"
   upstream_model = "fake-500"
   price_per_mtok = {{ input = 1.00, output = 4.00 }}
+[[providers]]
+name = "fake2"
+dialect = "openai"
+base_url = "http://{up}/v1"
+[[models]]
+id = "fo"
+max_output_tokens = 1000
+  [[models.routes]]
+  provider = "fake"
+  upstream_model = "fake-500"
+  price_per_mtok = {{ input = 1.00, output = 4.00 }}
+  [[models.routes]]
+  provider = "fake2"
+  upstream_model = "fake-ok"
+  price_per_mtok = {{ input = 2.00, cached_input = 1.00, output = 8.00 }}
 "#
     )
 }
@@ -229,6 +244,20 @@ async fn billing_on(db: &Db) -> Billing {
             ..BillingSettings::default()
         },
     )
+}
+
+/// A new account with `micros` of credit, and a customer key for it.
+async fn funded_key(b: &Billing, account: &str, micros: i64) -> String {
+    b.create_account(account, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.add_credits(account, micros, "test", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.create_key(account, false, None, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .0
 }
 
 fn client() -> reqwest::Client {
@@ -526,16 +555,7 @@ async fn kill9(db: &Db) -> Billing {
     const HOLD_TTL: u64 = 2;
     let (up, _upstream) = start_upstream().await;
     let b = billing_on(db).await;
-    b.create_account("acme", None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    b.add_credits("acme", 100_000_000, "test", None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (key, _) = b
-        .create_key("acme", false, None, None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let key = funded_key(&b, "acme", 100_000_000).await;
     let gw = start_gw(db, up, HOLD_TTL).await;
     let addr = Arc::new(RwLock::new(gw.addr));
     let (config, log) = (gw.config.clone(), gw.log.clone());
@@ -667,3 +687,115 @@ async fn kill9(db: &Db) -> Billing {
     b
 }
 both_backends!(kill9_recovery, kill9);
+
+/// Route 1 fails (500), route 2 serves: the request is settled once, at route 2's prices, and
+/// the request record names route 2 (issue 6: "billed once at the route that served it").
+async fn failover_flow(db: &Db) -> Billing {
+    let (up, upstream) = start_upstream().await;
+    let b = billing_on(db).await;
+    let gw = start_gw(db, up, 3600).await;
+    let base = format!("http://{}", gw.addr);
+    let http = client();
+    let key = funded_key(&b, "fo", 1_000_000).await;
+
+    // Route 2's prices: non-streamed 6 uncached × $2 + 4 cached × $1 + 20 × $8 per 1M = 176;
+    // streamed (10 prompt tokens, none cached, 20 completion) 10 × $2 + 20 × $8 = 180.
+    let mut charged = 0;
+    for (stream, expected) in [(false, 176), (true, 180)] {
+        let r = http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat_body("fo", stream, 20))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status().as_u16(), 200, "stream {stream}");
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        assert_eq!(header("x-tollgate-provider"), "fake2", "stream {stream}");
+        let rid = header("x-request-id");
+        let text = r.text().await.unwrap_or_default();
+        if stream {
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+            let cost = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .find_map(|v| v["usage"]["cost"].as_f64());
+            assert_eq!(cost, Some(expected as f64 / 1e6), "{text}");
+        } else {
+            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+            assert_eq!(
+                v["usage"]["cost"].as_f64(),
+                Some(expected as f64 / 1e6),
+                "{v}"
+            );
+            assert_eq!(v["provider"], "fake2", "{v}");
+        }
+        let rec = b
+            .request_record(&rid)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (rec.state.as_str(), rec.cost_micros),
+            ("settled", expected),
+            "stream {stream}"
+        );
+        assert_eq!(rec.provider.as_deref(), Some("fake2"));
+        assert_eq!(rec.upstream_model.as_deref(), Some("fake-ok"));
+        charged += expected;
+        // Both attempts are on the request's record (written just after the answer).
+        let mut attempts = Value::Null;
+        for _ in 0..50 {
+            let r = http
+                .get(format!("{base}/v1/requests/{rid}"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let v: Value = r.json().await.unwrap_or_default();
+            attempts = v["attempts"].clone();
+            if attempts.as_array().map_or(0, Vec::len) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seen: Vec<_> = attempts
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| {
+                        (
+                            x["provider"].as_str().unwrap_or("").to_string(),
+                            x["result"].as_str().unwrap_or("").to_string(),
+                            x["http_status"].as_i64(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            seen,
+            vec![
+                ("fake".to_string(), "failed".to_string(), Some(500)),
+                ("fake2".to_string(), "served".to_string(), Some(200)),
+            ],
+            "{attempts}"
+        );
+    }
+    // Two attempts per request (route 1's 500, then route 2), and exactly the two charges.
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 4);
+    let acct = b.account("fo").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (acct.balance_micros, acct.held_micros),
+        (1_000_000 - charged, 0)
+    );
+    drop(gw);
+    b
+}
+both_backends!(failover_bills_the_serving_route, failover_flow);

@@ -206,12 +206,22 @@ fn timed(
 /// 429 with `Retry-After: 2` on the only route: the second attempt comes no sooner than 1.8 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_2s_is_honoured_before_retrying_the_route() {
+    retry_after_is_honoured(Behavior::rate_limited(2), 429).await;
+}
+
+/// The same for 503 with `Retry-After: 2` ("unavailable, come back in 2 s").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_on_a_503_is_honoured_too() {
+    retry_after_is_honoured(Behavior::unavailable(2), 503).await;
+}
+
+async fn retry_after_is_honoured(first: Behavior, status: u16) {
     let times = Arc::new(Mutex::new(Vec::new()));
-    let up = FakeUpstream::start(Scenario::new(timed(times.clone(), |n| {
-        if n == 1 {
-            Behavior::rate_limited(2)
-        } else {
-            Behavior::openai()
+    let first = Arc::new(Mutex::new(Some(first)));
+    let up = FakeUpstream::start(Scenario::new(timed(times.clone(), move |n| {
+        match first.lock().ok().and_then(|mut f| f.take()) {
+            Some(b) if n == 1 => b,
+            _ => Behavior::openai(),
         }
     })))
     .await;
@@ -219,7 +229,7 @@ async fn retry_after_2s_is_honoured_before_retrying_the_route() {
     let r = gw.chat(&chat(false)).await;
     assert_eq!(r.status(), 200);
     let t = times.lock().expect("times").clone();
-    assert_eq!(t.len(), 2, "one retry after the 429");
+    assert_eq!(t.len(), 2, "one retry after the {status}");
     let gap = t[1].duration_since(t[0]);
     assert!(gap >= Duration::from_millis(1800), "retried after {gap:?}");
     // Upper bound: 2 s wait + up to 0.1 s jitter + slack for a loaded CI machine.
@@ -227,7 +237,7 @@ async fn retry_after_2s_is_honoured_before_retrying_the_route() {
     let o = gw.wait_outcomes(1).await;
     let results: Vec<_> = o[0].attempts.iter().map(|a| a.result).collect();
     assert_eq!(results, [AttemptResult::RateLimited, AttemptResult::Served]);
-    assert_eq!(o[0].attempts[0].status, Some(429));
+    assert_eq!(o[0].attempts[0].status, Some(status));
 }
 
 /// `Retry-After: 86400` on route 1: route 2 answers at once, and route 1 is left alone afterwards.

@@ -1220,7 +1220,13 @@ mod gateway {
                 .model(Model::new("m-500").route(Route::new("moonshot", "f-500")))
                 .model(Model::new("m-503").route(Route::new("moonshot", "f-503")))
                 .model(Model::new("m-refused").route(Route::new("refused", "f-any")))
-                .model(Model::new("m-slow").route(Route::new("slowp", "f-slow")))
+                // Streams give up on the first-byte timeout; a non-streamed answer may take as
+                // long as its request deadline allows, 1 s here.
+                .model(
+                    Model::new("m-slow")
+                        .route(Route::new("slowp", "f-slow"))
+                        .set("routing", "{ complete_deadline_ms = 1000 }"),
+                )
             },
         )
         .await;

@@ -389,3 +389,50 @@ fn silent_upstream_gets_sse_keepalive_comments() {
     );
     assert!(out.contains("data: [DONE]"));
 }
+
+#[test]
+fn metrics_count_requests_tokens_and_attempts() {
+    let up = slow_upstream(2, Duration::from_millis(1));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        &dir,
+        &CONFIG.replace("http://127.0.0.1:9/v1", &format!("http://{up}/v1")),
+    );
+    let srv = start(&cfg);
+    let body =
+        br#"{"model":"kimi-k2.6","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    for _ in 0..2 {
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let mut s = TcpStream::connect(srv.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s.write_all(&srv.req(req.as_bytes())).expect("write");
+        s.write_all(body).expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.contains("data: [DONE]"), "{out}");
+    }
+    // The outcome is recorded as the stream ends; give the server a moment to count it.
+    let want = [
+        r#"tollgate_requests_total{model="kimi-k2.6",provider="moonshot",status="completed"} 2"#,
+        r#"tollgate_tokens_total{model="kimi-k2.6",kind="prompt"} 6"#,
+        r#"tollgate_tokens_total{model="kimi-k2.6",kind="completion"} 10"#,
+        r#"tollgate_upstream_attempts_total{provider="moonshot",retry="false"} 2"#,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        text = raw(
+            srv.addr,
+            b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        );
+        if want.iter().all(|w| text.contains(w)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("metrics missing one of {want:?}:\n{text}");
+}

@@ -3,6 +3,7 @@
 //! See [`service::Billing`] for the API the gateway uses, and the README section "Billing" for the
 //! charging rules.
 
+pub mod attempts;
 pub mod cli;
 pub mod dates;
 pub mod keys;

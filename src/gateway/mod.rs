@@ -269,7 +269,7 @@ impl Gateway {
                     ),
                 }),
             };
-            metrics::counter!("tollgate_upstream_attempts_total", "provider" => route.provider.clone(), "retry" => if attempts.is_empty() { "false" } else { "true" }).increment(1);
+            usage::count_attempt(&p.model.id, &route.provider, !attempts.is_empty());
             let mut record = Attempt {
                 provider: route.provider.clone(),
                 upstream_model: route.upstream_model.clone(),
@@ -612,6 +612,7 @@ fn error_code(e: &GatewayError) -> String {
             .or_else(|| r.kind.clone())
             .unwrap_or_else(|| format!("http_{}", r.status)),
         GatewayError::UpstreamFailed { .. } => "upstream_error".into(),
+        GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable".into(),
         GatewayError::UpstreamTimeout { .. } => "timeout".into(),
         _ => "error".into(),
     }

@@ -48,6 +48,9 @@ impl Class {
                     _ => Class::Fatal,
                 }
             }
+            GatewayError::UpstreamUnavailable { retry_after, .. } => Class::RateLimited {
+                retry_after: Some(*retry_after),
+            },
             GatewayError::UpstreamTimeout { .. } => Class::TimedOut,
             GatewayError::UpstreamFailed { .. } | GatewayError::Overloaded { .. } => Class::Failed,
             _ => Class::Fatal,
@@ -80,7 +83,8 @@ fn is_fatal_kind(kind: Option<&str>) -> bool {
 pub fn status_of(e: &GatewayError) -> Option<u16> {
     match e {
         GatewayError::UpstreamRejected(r) => Some(r.status),
-        GatewayError::UpstreamFailed { message, .. } => message
+        GatewayError::UpstreamFailed { message, .. }
+        | GatewayError::UpstreamUnavailable { message, .. } => message
             .strip_prefix("upstream returned HTTP ")
             .and_then(|rest| rest.get(..3))
             .and_then(|s| s.parse().ok()),

@@ -75,12 +75,12 @@ impl AttemptResult {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeStatus {
-    Completed,
+    Completed = 0,
     /// The upstream failed: after the stream started (`delivered` may be true), or before anything
     /// was sent because every attempt failed (`delivered` false, usage zero: charge 0).
-    UpstreamError,
+    UpstreamError = 1,
     /// The client went away before the end.
-    ClientDisconnected,
+    ClientDisconnected = 2,
 }
 
 impl OutcomeStatus {
@@ -103,12 +103,11 @@ pub struct LogSink;
 
 impl OutcomeSink for LogSink {
     fn record(&self, o: Outcome) {
-        metrics::counter!("tollgate_requests_total", "model" => o.model.clone(), "provider" => o.provider.clone(), "status" => o.status.as_str()).increment(1);
-        metrics::counter!("tollgate_tokens_total", "model" => o.model.clone(), "kind" => "prompt")
-            .increment(o.usage.prompt_tokens);
-        metrics::counter!("tollgate_tokens_total", "model" => o.model.clone(), "kind" => "completion").increment(o.usage.completion_tokens);
-        metrics::histogram!("tollgate_request_duration_seconds", "model" => o.model.clone())
-            .record(o.latency_ms as f64 / 1000.0);
+        let m = RouteMetrics::of(&o.model, &o.provider);
+        m.requests[o.status as usize].increment(1);
+        m.prompt_tokens.increment(o.usage.prompt_tokens);
+        m.completion_tokens.increment(o.usage.completion_tokens);
+        m.duration.record(o.latency_ms as f64 / 1000.0);
         tracing::info!(
             request_id = %o.request_id,
             model = %o.model,
@@ -124,6 +123,74 @@ impl OutcomeSink for LogSink {
             attempts = o.attempts.len(),
             "request finished"
         );
+    }
+}
+
+/// The metric handles of one (model, provider) pair, registered once and reused: building a
+/// labelled key and looking it up in the recorder on every request costs more than the counting.
+struct RouteMetrics {
+    /// By [`OutcomeStatus`] discriminant.
+    requests: [metrics::Counter; 3],
+    prompt_tokens: metrics::Counter,
+    completion_tokens: metrics::Counter,
+    duration: metrics::Histogram,
+    /// Upstream attempts: `[first, retry]`.
+    attempts: [metrics::Counter; 2],
+}
+
+/// Counts one upstream attempt of `model` on `provider`.
+pub fn count_attempt(model: &str, provider: &str, retry: bool) {
+    RouteMetrics::of(model, provider).attempts[usize::from(retry)].increment(1);
+}
+
+/// Distinct (model, provider) pairs come from the catalog; past this many (a misbehaving
+/// caller cannot add any, but stay bounded anyway) handles are built per request, uncached.
+const ROUTE_METRICS_CAP: usize = 4096;
+
+type RouteMetricsMap =
+    std::collections::HashMap<String, std::collections::HashMap<String, Arc<RouteMetrics>>>;
+
+impl RouteMetrics {
+    fn of(model: &str, provider: &str) -> Arc<RouteMetrics> {
+        static CACHE: std::sync::OnceLock<std::sync::RwLock<(RouteMetricsMap, usize)>> =
+            std::sync::OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        if let Ok(g) = cache.read() {
+            if let Some(m) = g.0.get(model).and_then(|p| p.get(provider)) {
+                return m.clone();
+            }
+        }
+        let m = Arc::new(RouteMetrics::register(model, provider));
+        if let Ok(mut g) = cache.write() {
+            if g.1 < ROUTE_METRICS_CAP {
+                g.1 += 1;
+                g.0.entry(model.to_string())
+                    .or_default()
+                    .insert(provider.to_string(), m.clone());
+            }
+        }
+        m
+    }
+
+    fn register(model: &str, provider: &str) -> RouteMetrics {
+        let (model, provider) = (model.to_string(), provider.to_string());
+        let requests = [
+            OutcomeStatus::Completed,
+            OutcomeStatus::UpstreamError,
+            OutcomeStatus::ClientDisconnected,
+        ]
+        .map(|s| {
+            metrics::counter!("tollgate_requests_total", "model" => model.clone(), "provider" => provider.clone(), "status" => s.as_str())
+        });
+        RouteMetrics {
+            requests,
+            prompt_tokens: metrics::counter!("tollgate_tokens_total", "model" => model.clone(), "kind" => "prompt"),
+            completion_tokens: metrics::counter!("tollgate_tokens_total", "model" => model.clone(), "kind" => "completion"),
+            duration: metrics::histogram!("tollgate_request_duration_seconds", "model" => model),
+            attempts: ["false", "true"].map(|retry| {
+                metrics::counter!("tollgate_upstream_attempts_total", "provider" => provider.clone(), "retry" => retry)
+            }),
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use crate::billing::dates::{format_day, format_rfc3339, parse_time};
 use crate::billing::{
     format_usd, parse_usd, usd_json, Billing, BillingError, PriceSpec, Principal,
 };
+use crate::store::attempts::AttemptRow;
 use crate::store::{now_ms, AccountRow, KeyRow, PriceRow, RequestRow, UsageGroup, UsageQuery};
 
 /// Routes for the account and admin APIs; merge into the main router.
@@ -184,7 +185,22 @@ fn price_json(p: &PriceRow) -> Value {
 
 /// The request record as shown to customers and admins.
 pub fn request_json(r: &RequestRow) -> Value {
+    request_json_with(r, &[])
+}
+
+/// A request record with its upstream attempts: the recorded ones when it failed over, was retried
+/// or failed; otherwise its one attempt, the route that served it.
+fn request_json_with(r: &RequestRow, attempts: &[AttemptRow]) -> Value {
+    let attempts = if !attempts.is_empty() {
+        json!(attempts)
+    } else if let (true, Some(p), Some(m)) = (r.delivered, &r.provider, &r.upstream_model) {
+        json!([{"n": 0, "provider": p, "upstream_model": m, "result": "served",
+                "http_status": r.http_status}])
+    } else {
+        json!([])
+    };
     json!({
+        "attempts": attempts,
         "object": "request",
         "id": r.id,
         "model": r.model,
@@ -320,7 +336,12 @@ async fn get_request(
     if r.account_id != p.account_id && !p.is_admin {
         return Err(BillingError::NotFound(format!("request {id}")).into());
     }
-    Ok(Json(request_json(&r)))
+    let attempts = b
+        .store()
+        .request_attempts(&id)
+        .await
+        .map_err(BillingError::from)?;
+    Ok(Json(request_json_with(&r, &attempts)))
 }
 
 /// `GET /v1/models/{id}/pricing-history` (routed by the models handler; the caller is authenticated).
@@ -589,7 +610,13 @@ async fn admin_get_request(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     admin(&b, &headers).await?;
-    Ok(Json(request_json(&b.request_record(&id).await?)))
+    let r = b.request_record(&id).await?;
+    let attempts = b
+        .store()
+        .request_attempts(&id)
+        .await
+        .map_err(BillingError::from)?;
+    Ok(Json(request_json_with(&r, &attempts)))
 }
 
 async fn admin_ledger_check(

@@ -108,6 +108,19 @@ pub fn parts(e: &GatewayError) -> ErrorParts<'_> {
                 Some("upstream_error"),
             )
         },
+        GatewayError::UpstreamUnavailable {
+            provider,
+            retry_after,
+            ..
+        } => ErrorParts {
+            provider: Some(provider),
+            retry_after: Some(*retry_after),
+            ..p(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                Some("upstream_error"),
+            )
+        },
         GatewayError::UpstreamTimeout { provider, .. } => ErrorParts {
             provider: Some(provider),
             ..p(

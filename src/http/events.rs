@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde_json::Value;
 
 use crate::anthropic::outbound as ant;
@@ -109,14 +109,13 @@ pub fn event_sse<E: EventEncoder>(
         yield Ok(frames(enc.start()));
         // Hidden reasoning produces no events: keep-alives also cover a busy but invisible upstream.
         let mut last_write = tokio::time::Instant::now();
+        let timer = tokio::time::sleep(keepalive);
+        tokio::pin!(timer);
         loop {
-            let next = match tokio::time::timeout(keepalive, metered.next()).await {
-                Err(_) => {
-                    yield Ok(keepalive_frame(&mut enc));
-                    last_write = tokio::time::Instant::now();
-                    continue;
-                }
-                Ok(n) => n,
+            let Some(next) = super::sse::next_or_idle(&mut metered, timer.as_mut(), keepalive).await else {
+                yield Ok(keepalive_frame(&mut enc));
+                last_write = tokio::time::Instant::now();
+                continue;
             };
             match next {
                 Some(Ok(chunk)) => {

@@ -4,9 +4,7 @@
 
 use async_trait::async_trait;
 use http::header::HeaderName;
-use http::Response;
-use hyper::body::Incoming;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 
 use super::client::UpstreamClient;
 use super::sse::{decode_body, ChunkDecoder, SseEvent};
@@ -41,11 +39,11 @@ impl Anthropic {
         Ok(Anthropic { cfg, http })
     }
 
-    async fn send(
+    fn upstream_body(
         &self,
         call: &UpstreamCall<'_>,
         stream: bool,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Vec<u8>, GatewayError> {
         // Kimi's Anthropic-compatible routes want reasoning on tool-call turns, unsigned.
         let kimi = self.cfg.base_url.contains("moonshot") || self.cfg.base_url.contains("kimi.com");
         let body = write_request_for(
@@ -56,8 +54,7 @@ impl Anthropic {
             &self.cfg.name,
             kimi,
         )?;
-        let body = serde_json::to_vec(&body).map_err(|e| self.http.failed(e.to_string()))?;
-        self.http.post(body, stream, call.request_id).await
+        serde_json::to_vec(&body).map_err(|e| self.http.failed(e.to_string()))
     }
 }
 
@@ -68,19 +65,18 @@ impl Provider for Anthropic {
     }
 
     async fn complete(&self, call: &UpstreamCall<'_>) -> Result<ChatResponse, GatewayError> {
-        let work = async {
-            let resp = self.send(call, false).await?;
-            let body = self.http.read_body(resp, MAX_RESPONSE_BYTES).await?;
-            parse_response(&body).map_err(|e| self.http.failed(e))
-        };
-        timeout(self.cfg.timeouts.total, work)
-            .await
-            .map_err(|_| self.http.timeout_error("overall deadline"))?
+        let body = self.upstream_body(call, false)?;
+        let answer = self
+            .http
+            .complete(body, call.request_id, MAX_RESPONSE_BYTES)
+            .await?;
+        parse_response(&answer).map_err(|e| self.http.failed(e))
     }
 
     async fn stream(&self, call: &UpstreamCall<'_>) -> Result<ChunkStream, GatewayError> {
         let start = Instant::now();
-        let resp = self.send(call, true).await?;
+        let body = self.upstream_body(call, true)?;
+        let resp = self.http.post(body, true, call.request_id).await?;
         Ok(decode_body(
             resp.into_body(),
             self.cfg.name.clone(),

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::Value;
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 
 use crate::config::{ProviderConfig, Timeouts};
 use crate::error::{GatewayError, UpstreamRejection};
@@ -112,6 +112,47 @@ impl UpstreamClient {
         stream: bool,
         request_id: &str,
     ) -> Result<Response<Incoming>, GatewayError> {
+        let sent = self.client.request(self.request(body, stream, request_id));
+        match timeout(self.timeouts.first_byte, sent).await {
+            Err(_) => Err(self.timeout_error("no response headers")),
+            Ok(r) => self.answer(r).await,
+        }
+    }
+
+    /// POSTs a JSON body and reads the complete 2xx answer (capped in size) under one timer: the
+    /// headers within the total timeout, the body within the idle timeout after them, all of it
+    /// within the total timeout. Not the first-byte timeout: a non-streamed answer's headers
+    /// usually come only with the finished generation, which for a reasoning model with 16K output
+    /// tokens takes minutes; the request's own deadline (`complete_deadline_ms`) bounds the wait.
+    /// (One timer, moved on, instead of one per phase: each tokio timer is registered and removed
+    /// under the runtime's timer lock.)
+    pub async fn complete(
+        &self,
+        body: Vec<u8>,
+        request_id: &str,
+        cap: usize,
+    ) -> Result<Bytes, GatewayError> {
+        let start = Instant::now();
+        let end = start + self.timeouts.total;
+        let timer = tokio::time::sleep_until(end);
+        tokio::pin!(timer);
+        let sent = self.client.request(self.request(body, false, request_id));
+        let resp = tokio::select! {
+            biased;
+            r = sent => self.answer(r).await?,
+            _ = timer.as_mut() => return Err(self.phase_timeout(end, "no response headers")),
+        };
+        timer
+            .as_mut()
+            .reset(end.min(Instant::now() + self.timeouts.idle));
+        tokio::select! {
+            biased;
+            b = read_capped(resp.into_body(), cap) => b.map_err(|e| self.failed(e)),
+            _ = timer => Err(self.phase_timeout(end, "response body stalled")),
+        }
+    }
+
+    fn request(&self, body: Vec<u8>, stream: bool, request_id: &str) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.uri.clone();
@@ -128,32 +169,28 @@ impl UpstreamClient {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             h.insert("x-request-id", v);
         }
-        let resp = match timeout(self.timeouts.first_byte, self.client.request(req)).await {
-            Err(_) => return Err(self.timeout_error("no response headers")),
-            Ok(Err(e)) if is_connect_timeout(&e) => {
-                return Err(self.timeout_error("connect timed out"))
-            }
-            Ok(Err(e)) => {
-                return Err(self.failed(format!("cannot reach the upstream: {}", error_chain(&e))))
-            }
-            Ok(Ok(r)) => r,
-        };
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        Err(self.upstream_error(resp).await)
+        req
     }
 
-    /// Reads a complete 2xx answer (idle timeout between pieces, capped in size).
-    pub async fn read_body(
+    /// A 2xx answer as it is; anything else as the matching gateway error.
+    async fn answer(
         &self,
-        resp: Response<Incoming>,
-        cap: usize,
-    ) -> Result<Bytes, GatewayError> {
-        timeout(self.timeouts.idle, read_capped(resp.into_body(), cap))
-            .await
-            .map_err(|_| self.timeout_error("response body stalled"))?
-            .map_err(|e| self.failed(e))
+        r: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        match r {
+            Err(e) if is_connect_timeout(&e) => Err(self.timeout_error("connect timed out")),
+            Err(e) => Err(self.failed(format!("cannot reach the upstream: {}", error_chain(&e)))),
+            Ok(resp) if resp.status().is_success() => Ok(resp),
+            Ok(resp) => Err(self.upstream_error(resp).await),
+        }
+    }
+
+    fn phase_timeout(&self, end: Instant, phase: &str) -> GatewayError {
+        self.timeout_error(if Instant::now() >= end {
+            "overall deadline"
+        } else {
+            phase
+        })
     }
 
     pub fn timeout_error(&self, what: &str) -> GatewayError {
@@ -209,6 +246,12 @@ impl UpstreamClient {
                 param: parsed.param,
                 retry_after,
             }))
+        } else if let (503, Some(retry_after)) = (status, retry_after) {
+            GatewayError::UpstreamUnavailable {
+                provider: self.provider.clone(),
+                message: format!("upstream returned HTTP {status}: {message}"),
+                retry_after,
+            }
         } else {
             self.failed(format!("upstream returned HTTP {status}: {message}"))
         }

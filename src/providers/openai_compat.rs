@@ -5,11 +5,9 @@
 use std::collections::HashSet;
 
 use async_trait::async_trait;
-use http::Response;
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 
 use super::client::UpstreamClient;
 use super::sse::{decode_body, SseEvent};
@@ -50,11 +48,13 @@ impl OpenAiCompat {
         )
     }
 
-    async fn send(
+    /// The upstream request body for `call`, after the dialect's checks (and, for Moonshot, with
+    /// remote images fetched and inlined).
+    async fn upstream_body(
         &self,
         call: &UpstreamCall<'_>,
         stream: bool,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Vec<u8>, GatewayError> {
         if self.cfg.dialect == Dialect::Moonshot {
             moonshot::check(call.request, &call.route.upstream_model)?;
         }
@@ -64,11 +64,10 @@ impl OpenAiCompat {
         } else {
             None
         };
-        let body = match &inlined {
+        Ok(match &inlined {
             Some(req) => write_body(self.cfg.dialect, req, &call.route.upstream_model, stream),
             None => self.body(call, stream),
-        };
-        self.http.post(body, stream, call.request_id).await
+        })
     }
 }
 
@@ -79,19 +78,18 @@ impl Provider for OpenAiCompat {
     }
 
     async fn complete(&self, call: &UpstreamCall<'_>) -> Result<ChatResponse, GatewayError> {
-        let work = async {
-            let resp = self.send(call, false).await?;
-            let body = self.http.read_body(resp, MAX_RESPONSE_BYTES).await?;
-            parse_completion(&body).map_err(|e| self.http.failed(e))
-        };
-        timeout(self.cfg.timeouts.total, work)
-            .await
-            .map_err(|_| self.http.timeout_error("overall deadline"))?
+        let body = self.upstream_body(call, false).await?;
+        let answer = self
+            .http
+            .complete(body, call.request_id, MAX_RESPONSE_BYTES)
+            .await?;
+        parse_completion(&answer).map_err(|e| self.http.failed(e))
     }
 
     async fn stream(&self, call: &UpstreamCall<'_>) -> Result<ChunkStream, GatewayError> {
         let start = Instant::now();
-        let resp = self.send(call, true).await?;
+        let body = self.upstream_body(call, true).await?;
+        let resp = self.http.post(body, true, call.request_id).await?;
         Ok(decode_body(
             resp.into_body(),
             self.cfg.name.clone(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 
 use crate::error::GatewayError;
 use crate::gateway::model::{ChatChunk, ChunkStream};
@@ -152,14 +152,20 @@ pub fn decode_body<D: ChunkDecoder>(
         let mut parser = SseParser::new();
         let mut events: Vec<SseEvent> = Vec::new();
         let fail = |message: String| GatewayError::UpstreamFailed { provider: provider.clone(), message };
+        // One timer for the whole body, pushed later on each frame (lock-free in tokio; a fresh
+        // `timeout` per frame takes the runtime's timer lock twice).
+        let timer = tokio::time::sleep_until(deadline.min(Instant::now() + idle));
+        tokio::pin!(timer);
         loop {
-            let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
-            let next = match timeout(wait, body.frame()).await {
-                Err(_) => {
-                    yield Err(GatewayError::UpstreamTimeout { provider: provider.clone(), message: "the upstream stream stalled or passed its deadline".into() });
-                    return;
-                }
-                Ok(n) => n,
+            timer.as_mut().reset(deadline.min(Instant::now() + idle));
+            let next = tokio::select! {
+                biased;
+                n = body.frame() => Some(n),
+                _ = timer.as_mut() => None,
+            };
+            let Some(next) = next else {
+                yield Err(GatewayError::UpstreamTimeout { provider: provider.clone(), message: "the upstream stream stalled or passed its deadline".into() });
+                return;
             };
             let finished = match next {
                 Some(Ok(frame)) => {

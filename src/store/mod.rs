@@ -5,6 +5,7 @@
 //! migration set under `migrations/sqlite` and `migrations/postgres`, applied on connect.
 
 pub mod accounts;
+pub mod attempts;
 mod batch;
 pub mod check;
 pub mod ledger;
