@@ -34,8 +34,9 @@ fn resolve_plan(state: &AppState, account_id: &str, name: Option<&str>) -> Optio
     }
 }
 
-/// The plan and overrides of a key: read from the database on every request (one indexed query),
-/// unless `[limits] subject_cache_ms` allows reusing a recent read.
+/// The plan and overrides of a key: read on every request — by authentication, in the batched
+/// key lookup, for a database key; otherwise one indexed query, unless `[limits]
+/// subject_cache_ms` allows reusing a recent read.
 async fn subject_row(state: &AppState, p: &Principal) -> Option<Arc<SubjectRow>> {
     // Read with the key by authentication, on this request: as fresh as a query of its own.
     if let Some(row) = &p.limits {
