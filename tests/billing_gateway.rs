@@ -435,6 +435,59 @@ async fn gateway_flow(db: &Db) -> Billing {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((rec.state.as_str(), rec.cost_micros), ("settled", 70));
 
+    // Streamed Anthropic Messages and Responses answers carry the same charge as `usage.cost` in
+    // their final usage object (`message_delta`, `response.completed`), settled before it is sent.
+    for (path, body, event) in [
+        (
+            "/v1/messages",
+            json!({"model": "m1", "stream": true, "max_tokens": 15,
+                   "messages": [{"role": "user", "content": "hello"}]}),
+            "message_delta",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m1", "stream": true, "max_output_tokens": 15, "input": "hello"}),
+            "response.completed",
+        ),
+    ] {
+        let r = http
+            .post(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let rid = r
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let text = r.text().await.unwrap_or_default();
+        let cost = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter(|v| v["type"] == event)
+            .filter_map(|v| {
+                let u = if event == "message_delta" {
+                    &v["usage"]
+                } else {
+                    &v["response"]["usage"]
+                };
+                u["cost"].as_f64()
+            })
+            .map(|c| (c * 1_000_000.0).round() as i64)
+            .next_back();
+        let rec = b
+            .request_record(&rid)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rec.state, "settled", "{path}: {text}");
+        assert!(rec.cost_micros > 0, "{path}");
+        assert_eq!(cost, Some(rec.cost_micros), "{path}: {text}");
+    }
+
     // Stream cut by the upstream after 10 chunks: error event, no [DONE], and the charge covers only
     // the delivered text ("t0 " … "t9 " = 30 bytes → 8 tokens counted locally), marked estimated.
     let r = http

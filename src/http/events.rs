@@ -104,6 +104,7 @@ pub fn event_sse<E: EventEncoder>(
     mut metered: Metered,
     mut enc: E,
     keepalive: Duration,
+    cost: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     async_stream::stream! {
         yield Ok(frames(enc.start()));
@@ -135,6 +136,35 @@ pub fn event_sse<E: EventEncoder>(
                 None => break,
             }
         }
-        yield Ok(frames(enc.finish(metered.usage())));
+        // Settlement is committed before the final usage event is sent (as for chat streams).
+        let cost = match cost {
+            Some(rx) => tokio::time::timeout(super::sse::SETTLE_WAIT, rx).await.ok().and_then(Result::ok).flatten(),
+            None => None,
+        };
+        let mut evs = enc.finish(metered.usage());
+        add_cost(&mut evs, cost);
+        yield Ok(frames(evs));
+    }
+}
+
+/// Adds the request's charge to the usage object of the final event, as `cost` in USD (as chat
+/// streams show it in `usage.cost`): `message_delta` (Anthropic), `response.completed` /
+/// `response.incomplete` (Responses).
+fn add_cost(evs: &mut [(&'static str, Value)], cost_micros: Option<u64>) {
+    let Some(c) = cost_micros else { return };
+    for (name, body) in evs.iter_mut() {
+        let usage = match *name {
+            "message_delta" => body.get_mut("usage"),
+            "response.completed" | "response.incomplete" => {
+                body.get_mut("response").and_then(|r| r.get_mut("usage"))
+            }
+            _ => None,
+        };
+        if let Some(Value::Object(u)) = usage {
+            u.insert(
+                "cost".to_string(),
+                crate::openai::wire::micros_to_usd(c).into(),
+            );
+        }
     }
 }

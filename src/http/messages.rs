@@ -71,6 +71,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, req: Request) -> Respo
             metered,
             outbound::StreamEncoder::new(&id, &p.model.id, show_reasoning),
             state.config.server.keepalive,
+            d.stream_cost,
         )),
     };
     annotate(&mut resp, &d.served.provider, &p.warnings);

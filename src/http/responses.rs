@@ -37,6 +37,7 @@ pub async fn responses(
             metered,
             outbound::StreamEncoder::new(meta, show_reasoning),
             state.config.server.keepalive,
+            d.stream_cost,
         )),
     };
     annotate(&mut resp, &d.served.provider, &p.warnings);

@@ -27,7 +27,7 @@ pub struct ChatSseOptions {
 }
 
 /// How long the end of a stream waits for its settlement before sending the usage chunk anyway.
-const SETTLE_WAIT: Duration = Duration::from_secs(10);
+pub(super) const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 /// Chunks that are already waiting when one is sent join it in one body frame (one write), up
 /// to this many bytes; a chunk is never held back to wait for another.
