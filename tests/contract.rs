@@ -64,7 +64,13 @@ async fn stack() -> (FakeUpstream, Tollgate, Value) {
         .model(Model::new("ctx-overflow").route(Route::new("moonshot", "fake-ctx-overflow")))
         .model(Model::new("rate-limited").route(Route::new("moonshot", "fake-429")))
         .model(Model::new("upstream-500").route(Route::new("moonshot", "fake-500")))
-        .model(Model::new("upstream-slow").route(Route::new("moonshot-slow", "fake-slow")))
+        // A non-streamed answer may take as long as its request deadline allows (1 s here);
+        // streams give up on the provider's first-byte timeout.
+        .model(
+            Model::new("upstream-slow")
+                .route(Route::new("moonshot-slow", "fake-slow"))
+                .set("routing", "{ complete_deadline_ms = 1000 }"),
+        )
         .model(Model::new("or-midstream").route(Route::new("openrouter", "fake-or-midstream")));
     let tg = cfg.start().await;
     let expect = json!({
