@@ -246,6 +246,15 @@ async fn billing_on(db: &Db) -> Billing {
     )
 }
 
+/// A response header as text ("" when absent).
+fn header_of(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
 /// A new account with `micros` of credit, and a customer key for it.
 async fn funded_key(b: &Billing, account: &str, micros: i64) -> String {
     b.create_account(account, None)
@@ -342,12 +351,7 @@ async fn gateway_flow(db: &Db) -> Billing {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status().as_u16(), 200);
-    let rid = r
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let rid = header_of(&r, "x-request-id");
     assert_eq!(
         r.headers()
             .get("x-tollgate-cost-usd")
@@ -418,12 +422,7 @@ async fn gateway_flow(db: &Db) -> Billing {
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let rid = r
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let rid = header_of(&r, "x-request-id");
     let text = r.text().await.unwrap_or_default();
     assert!(text.contains("data: [DONE]"), "{text}");
     let cost = stream_cost(&text);
@@ -457,12 +456,7 @@ async fn gateway_flow(db: &Db) -> Billing {
             .send()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let rid = r
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let rid = header_of(&r, "x-request-id");
         let text = r.text().await.unwrap_or_default();
         let cost = text
             .lines()
@@ -497,12 +491,7 @@ async fn gateway_flow(db: &Db) -> Billing {
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let rid = r
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let rid = header_of(&r, "x-request-id");
     let text = r.text().await.unwrap_or_default();
     assert!(text.contains("t9 ") && text.contains("\"error\""), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
@@ -541,12 +530,7 @@ async fn gateway_flow(db: &Db) -> Billing {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(r.status().is_server_error(), "{}", r.status());
-    let rid = r
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let rid = header_of(&r, "x-request-id");
     let rec = b
         .request_record(&rid)
         .await
@@ -763,15 +747,12 @@ async fn failover_flow(db: &Db) -> Billing {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.status().as_u16(), 200, "stream {stream}");
-        let header = |name: &str| {
-            r.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
-        assert_eq!(header("x-tollgate-provider"), "fake2", "stream {stream}");
-        let rid = header("x-request-id");
+        assert_eq!(
+            header_of(&r, "x-tollgate-provider"),
+            "fake2",
+            "stream {stream}"
+        );
+        let rid = header_of(&r, "x-request-id");
         let text = r.text().await.unwrap_or_default();
         if stream {
             assert!(text.ends_with("data: [DONE]\n\n"), "{text}");

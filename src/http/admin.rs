@@ -336,12 +336,17 @@ async fn get_request(
     if r.account_id != p.account_id && !p.is_admin {
         return Err(BillingError::NotFound(format!("request {id}")).into());
     }
+    request_view(&b, &r).await
+}
+
+/// A request record with its stored attempts.
+async fn request_view(b: &Billing, r: &RequestRow) -> Result<Json<Value>, ApiError> {
     let attempts = b
         .store()
-        .request_attempts(&id)
+        .request_attempts(&r.id)
         .await
         .map_err(BillingError::from)?;
-    Ok(Json(request_json_with(&r, &attempts)))
+    Ok(Json(request_json_with(r, &attempts)))
 }
 
 /// `GET /v1/models/{id}/pricing-history` (routed by the models handler; the caller is authenticated).
@@ -610,13 +615,7 @@ async fn admin_get_request(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     admin(&b, &headers).await?;
-    let r = b.request_record(&id).await?;
-    let attempts = b
-        .store()
-        .request_attempts(&id)
-        .await
-        .map_err(BillingError::from)?;
-    Ok(Json(request_json_with(&r, &attempts)))
+    request_view(&b, &b.request_record(&id).await?).await
 }
 
 async fn admin_ledger_check(
