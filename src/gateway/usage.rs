@@ -152,19 +152,18 @@ type RouteMetricsMap =
 
 impl RouteMetrics {
     fn of(model: &str, provider: &str) -> Arc<RouteMetrics> {
-        static CACHE: std::sync::OnceLock<std::sync::RwLock<(RouteMetricsMap, usize)>> =
+        static CACHE: std::sync::OnceLock<std::sync::RwLock<RouteMetricsMap>> =
             std::sync::OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
         if let Ok(g) = cache.read() {
-            if let Some(m) = g.0.get(model).and_then(|p| p.get(provider)) {
+            if let Some(m) = g.get(model).and_then(|p| p.get(provider)) {
                 return m.clone();
             }
         }
         let m = Arc::new(RouteMetrics::register(model, provider));
         if let Ok(mut g) = cache.write() {
-            if g.1 < ROUTE_METRICS_CAP {
-                g.1 += 1;
-                g.0.entry(model.to_string())
+            if g.values().map(|p| p.len()).sum::<usize>() < ROUTE_METRICS_CAP {
+                g.entry(model.to_string())
                     .or_default()
                     .insert(provider.to_string(), m.clone());
             }

@@ -75,8 +75,8 @@ pub(crate) fn spawn(store: &Store) -> Option<Batcher> {
     let (wtx, wrx) = mpsc::channel(QUEUE);
     let (ltx, lrx) = mpsc::channel(QUEUE);
     let (ctx, crx) = watch::channel(false);
-    handle.spawn(write_loop(inner.clone(), wrx, crx.clone()));
-    handle.spawn(lookup_loop(inner, lrx, crx));
+    handle.spawn(batch_loop(inner.clone(), wrx, crx.clone()));
+    handle.spawn(batch_loop(inner, lrx, crx));
     Some(Batcher {
         writes: wtx,
         lookups: ltx,
@@ -174,34 +174,34 @@ async fn next_batch<T>(
     }
 }
 
-async fn write_loop(
-    store: Store,
-    mut rx: mpsc::Receiver<WriteOp>,
-    mut closing: watch::Receiver<bool>,
-) {
-    let mut ops = Vec::with_capacity(MAX_BATCH);
-    let mut conn = Held::none();
-    while next_batch(&mut rx, &mut ops, &mut closing, &mut conn).await {
-        store
-            .run_write_batch(&mut conn, std::mem::take(&mut ops))
-            .await;
-        if *closing.borrow() {
-            conn.0 = None;
-        }
+/// An operation kind with its own writer/lookup task: how a batch of it runs.
+trait Batched: Sized + Send + 'static {
+    async fn run(store: &Store, conn: &mut Held, ops: Vec<Self>);
+}
+
+impl Batched for WriteOp {
+    async fn run(store: &Store, conn: &mut Held, ops: Vec<Self>) {
+        store.run_write_batch(conn, ops).await
     }
 }
 
-async fn lookup_loop(
+impl Batched for LookupOp {
+    async fn run(store: &Store, conn: &mut Held, ops: Vec<Self>) {
+        store.run_lookup_batch(conn, ops).await
+    }
+}
+
+/// One queue's task: takes what is waiting (up to `MAX_BATCH`) and runs it as one batch, on a
+/// connection kept between batches and given back when the store closes.
+async fn batch_loop<O: Batched>(
     store: Store,
-    mut rx: mpsc::Receiver<LookupOp>,
+    mut rx: mpsc::Receiver<O>,
     mut closing: watch::Receiver<bool>,
 ) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     let mut conn = Held::none();
     while next_batch(&mut rx, &mut ops, &mut closing, &mut conn).await {
-        store
-            .run_lookup_batch(&mut conn, std::mem::take(&mut ops))
-            .await;
+        O::run(&store, &mut conn, std::mem::take(&mut ops)).await;
         if *closing.borrow() {
             conn.0 = None;
         }
