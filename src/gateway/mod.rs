@@ -11,7 +11,6 @@ pub mod rules;
 pub mod usage;
 pub mod validate;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,10 +55,10 @@ pub struct Prepared {
 /// Shared state of the running gateway.
 pub struct Gateway {
     catalog: Catalog,
-    providers: HashMap<String, Arc<dyn Provider>>,
+    providers: usage::NameMap<Arc<dyn Provider>>,
     sink: Arc<dyn OutcomeSink>,
     health: Arc<Health>,
-    budgets: HashMap<String, RetryBudget>,
+    budgets: usage::NameMap<RetryBudget>,
     affinity: Affinity,
     memory: Arc<memory::ReasoningMemory>,
 }
@@ -73,7 +72,7 @@ impl Gateway {
     pub fn with_sink(config: &Config, sink: Arc<dyn OutcomeSink>) -> Result<Gateway, String> {
         Ok(Gateway {
             catalog: Catalog::new(config),
-            providers: providers::build(config)?,
+            providers: providers::build(config)?.into_iter().collect(),
             sink,
             health: Arc::new(Health::new(config)),
             budgets: config

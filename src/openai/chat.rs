@@ -11,7 +11,14 @@ use crate::error::GatewayError;
 use crate::gateway::model::{ChatRequest, Effort, Message, Reasoning, Tool};
 
 /// Parses and normalises a request body. Malformed JSON is reported with line and column.
+///
+/// A well-formed request is read straight into its typed fields ([`fast`]); anything that path
+/// does not accept (malformed JSON, a wrong type, an invalid value) is parsed again by the
+/// field-by-field path below, which words every error. Both give the same request.
 pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+    if let Some(req) = fast::parse(body) {
+        return Ok(req);
+    }
     let mut obj = parse_object(body)?;
     chat_request_from(&mut obj)
 }
@@ -119,6 +126,228 @@ fn chat_request_from(obj: &mut Map<String, Value>) -> Result<ChatRequest, Gatewa
     req.reasoning = parse_reasoning(obj)?;
     req.extra = std::mem::take(obj);
     Ok(req)
+}
+
+/// The typed path: known fields are deserialised straight from the body (no `Value` tree for
+/// `messages`), unknown ones are kept as `Value`s in `extra` in exactly the order the
+/// field-by-field path leaves them (its `Map::remove` is a swap-remove, so the order of `extra`
+/// depends on where the known keys stood; it is replayed here on a small vector). Any error
+/// gives `None`, and the caller falls back to the field-by-field path for its wording.
+mod fast {
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
+    use serde_json::{Map, Value};
+
+    use super::{parse_reasoning, parse_tool, positive_u32};
+    use crate::gateway::model::{ChatRequest, Message, Reasoning};
+
+    /// The typed fields, in the order the field-by-field path removes them from the object.
+    const TYPED: [&str; 21] = [
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_completion_tokens",
+        "max_tokens",
+        "stop",
+        "tools",
+        "temperature",
+        "top_p",
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+        "user",
+        "prompt_cache_key",
+    ];
+
+    #[derive(Default)]
+    struct Known {
+        model: Option<String>,
+        messages: Option<Vec<Message>>,
+        stream: Option<bool>,
+        stream_options: Option<Map<String, Value>>,
+        max_completion_tokens: Option<i64>,
+        max_tokens: Option<i64>,
+        stop: Option<Value>,
+        tools: Option<Vec<Value>>,
+        temperature: Option<f64>,
+        top_p: Option<f64>,
+        n: Option<u32>,
+        presence_penalty: Option<f64>,
+        frequency_penalty: Option<f64>,
+        seed: Option<i64>,
+        tool_choice: Option<Value>,
+        parallel_tool_calls: Option<bool>,
+        response_format: Option<Value>,
+        logprobs: Option<bool>,
+        top_logprobs: Option<u32>,
+        user: Option<String>,
+        prompt_cache_key: Option<String>,
+    }
+
+    /// A top-level key: one of [`TYPED`] (by index) or any other.
+    #[derive(PartialEq)]
+    enum Key {
+        Typed(usize),
+        Other(String),
+    }
+
+    struct KeySeed;
+
+    impl<'de> DeserializeSeed<'de> for KeySeed {
+        type Value = Key;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for KeySeed {
+        type Value = Key;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Key, E> {
+            Ok(match TYPED.iter().position(|k| *k == s) {
+                Some(i) => Key::Typed(i),
+                None => Key::Other(s.to_owned()),
+            })
+        }
+    }
+
+    struct Body;
+
+    impl<'de> Visitor<'de> for Body {
+        type Value = (Known, Vec<(Key, Value)>);
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut k = Known::default();
+            let mut entries: Vec<(Key, Value)> = Vec::with_capacity(8);
+            while let Some(key) = map.next_key_seed(KeySeed)? {
+                let value = match key {
+                    Key::Typed(i) => {
+                        match i {
+                            0 => k.model = map.next_value()?,
+                            1 => k.messages = map.next_value()?,
+                            2 => k.stream = map.next_value()?,
+                            3 => k.stream_options = map.next_value()?,
+                            4 => k.max_completion_tokens = map.next_value()?,
+                            5 => k.max_tokens = map.next_value()?,
+                            6 => k.stop = map.next_value()?,
+                            7 => k.tools = map.next_value()?,
+                            8 => k.temperature = map.next_value()?,
+                            9 => k.top_p = map.next_value()?,
+                            10 => k.n = map.next_value()?,
+                            11 => k.presence_penalty = map.next_value()?,
+                            12 => k.frequency_penalty = map.next_value()?,
+                            13 => k.seed = map.next_value()?,
+                            14 => k.tool_choice = map.next_value()?,
+                            15 => k.parallel_tool_calls = map.next_value()?,
+                            16 => k.response_format = map.next_value()?,
+                            17 => k.logprobs = map.next_value()?,
+                            18 => k.top_logprobs = map.next_value()?,
+                            19 => k.user = map.next_value()?,
+                            _ => k.prompt_cache_key = map.next_value()?,
+                        }
+                        Value::Null
+                    }
+                    Key::Other(_) => map.next_value()?,
+                };
+                // A repeated key keeps its first place and takes the last value (like `Map`).
+                match entries.iter_mut().find(|(e, _)| *e == key) {
+                    Some(slot) => slot.1 = value,
+                    None => entries.push((key, value)),
+                }
+            }
+            Ok((k, entries))
+        }
+    }
+
+    pub(super) fn parse(body: &[u8]) -> Option<ChatRequest> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let (k, mut entries) = de.deserialize_map(Body).ok()?;
+        de.end().ok()?;
+        for i in 0..TYPED.len() {
+            if let Some(pos) = entries.iter().position(|(e, _)| *e == Key::Typed(i)) {
+                entries.swap_remove(pos);
+            }
+        }
+        let mut obj = Map::with_capacity(entries.len());
+        for (key, v) in entries {
+            if let Key::Other(key) = key {
+                obj.insert(key, v);
+            }
+        }
+        let include_usage = k
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let (max_output_tokens, max_output_param) = match (k.max_completion_tokens, k.max_tokens) {
+            (Some(v), _) => (
+                Some(positive_u32(v, "max_completion_tokens").ok()?),
+                "max_completion_tokens",
+            ),
+            (None, Some(v)) => (Some(positive_u32(v, "max_tokens").ok()?), "max_tokens"),
+            (None, None) => (None, "max_tokens"),
+        };
+        let stop = match k.stop {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => vec![s],
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })
+                .collect::<Option<_>>()?,
+            Some(_) => return None,
+        };
+        let tools = k
+            .tools
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| parse_tool(i, t).ok())
+            .collect::<Option<Vec<_>>>()?;
+        let mut req = ChatRequest {
+            model: k.model?,
+            messages: k.messages?,
+            stream: k.stream.unwrap_or(false),
+            include_usage,
+            max_output_tokens,
+            max_output_param,
+            temperature: k.temperature,
+            top_p: k.top_p,
+            n: k.n,
+            presence_penalty: k.presence_penalty,
+            frequency_penalty: k.frequency_penalty,
+            seed: k.seed,
+            stop,
+            tools,
+            tool_choice: k.tool_choice,
+            parallel_tool_calls: k.parallel_tool_calls,
+            response_format: k.response_format,
+            logprobs: k.logprobs.unwrap_or(false),
+            top_logprobs: k.top_logprobs,
+            reasoning: Reasoning::default(),
+            user: k.user,
+            prompt_cache_key: k.prompt_cache_key,
+            extra: Map::new(),
+        };
+        req.reasoning = parse_reasoning(&mut obj).ok()?;
+        req.extra = obj;
+        Some(req)
+    }
 }
 
 /// serde_json's Display appends " at line X column Y"; we add our own wording.
@@ -469,6 +698,57 @@ mod tests {
             GatewayError::InvalidRequest { param, .. } => param,
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// The typed path gives exactly what the field-by-field path gives (including the order of
+    /// `extra`, which goes upstream), and declines whatever that path refuses.
+    #[test]
+    fn typed_path_matches_the_field_by_field_path() {
+        let bodies = [
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":16}"#,
+            r#"{"zz":1,"model":"m","a":{"b":[1,2.5,"x"]},"messages":[{"role":"user","content":"hi","name":"n","x_extra":true}],"stream":true,"mid":null,"stream_options":{"include_usage":true},"temperature":0.7,"top_p":1,"last":"y"}"#,
+            r#"{"model":"m","first":1,"messages":[],"second":2,"thinking":{"type":"enabled","keep":"all"},"third":3,"chat_template_kwargs":{"thinking":true},"fourth":4}"#,
+            r#"{"u1":1,"reasoning_effort":"high","u2":2,"model":"m","u3":3,"messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":[{"type":"text","text":"r"}]}],"u4":4,"include_reasoning":false}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"a"}],"model":"m2","x":1,"x":2,"stop":["a","b"],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"tool_choice":"auto","seed":-3,"n":2,"logprobs":true,"top_logprobs":3,"user":"u","prompt_cache_key":"k","presence_penalty":0,"frequency_penalty":-1.5,"parallel_tool_calls":false,"response_format":{"type":"json_object"},"max_completion_tokens":5,"provider":{"order":["a"]}}"#,
+            r#"{"model":"m","messages":[{"role":"wizard","content":"x","partial":true}],"temperature":null,"stop":null,"stream":null,"enable_thinking":true,"thinking_budget":100,"reasoning":{"exclude":true}}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"\u00e9\n"}],"\u0061":1}"#,
+            // refused: the typed path must decline, the other path words the error
+            r#"{"model":"m","messages":[],"temperature":"hot"}"#,
+            r#"{"model":"m","messages":[],"max_tokens":0}"#,
+            r#"{"model":"m","messages":[],"stop":[1]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
+            r#"{"messages":[]}"#,
+            r#"{"model":null,"messages":[]}"#,
+            r#"{"model":"m","messages":[],"thinking":{"type":"disabled"},"reasoning_effort":"high"}"#,
+            r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":""}}]}"#,
+            r#"{"model":"m","messages":[]} trailing"#,
+            r#"[1]"#,
+            r#"{"model":"m","messages":[],"temperature":"hot","temperature":1}"#,
+        ];
+        let mut accepted = 0;
+        for b in bodies {
+            let mut obj = match parse_object(b.as_bytes()) {
+                Ok(o) => o,
+                Err(_) => {
+                    assert!(fast::parse(b.as_bytes()).is_none(), "{b}");
+                    continue;
+                }
+            };
+            let slow = chat_request_from(&mut obj);
+            match (fast::parse(b.as_bytes()), slow) {
+                (Some(f), Ok(s)) => {
+                    accepted += 1;
+                    assert_eq!(format!("{f:?}"), format!("{s:?}"), "{b}");
+                    let (fk, sk): (Vec<_>, Vec<_>) =
+                        (f.extra.keys().collect(), s.extra.keys().collect());
+                    assert_eq!(fk, sk, "{b}");
+                }
+                // declined (e.g. a repeated key whose first value is wrong): the fallback parses it
+                (None, _) => {}
+                (Some(_), Err(e)) => panic!("{b}: the typed path accepted what is refused: {e}"),
+            }
+        }
+        assert_eq!(accepted, 7, "every valid body takes the typed path");
     }
 
     #[test]

@@ -111,6 +111,179 @@ pub fn write_body(
     upstream_model: &str,
     stream: bool,
 ) -> Vec<u8> {
+    write_body_direct(dialect, req, upstream_model, stream)
+        .unwrap_or_else(|| write_body_value(dialect, req, upstream_model, stream))
+}
+
+/// Top-level keys [`write_body_direct`] writes itself; an `extra` field of the same name (it
+/// would be dropped or replace a value in place) sends the request the `Value` way.
+const OWN_KEYS: [&str; 24] = [
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_completion_tokens",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "user",
+    "prompt_cache_key",
+    "reasoning_effort",
+    "enable_thinking",
+    "thinking_budget",
+];
+
+fn clashes(extra: &Map<String, Value>, fields: &[&str]) -> bool {
+    !extra.is_empty() && extra.keys().any(|k| fields.contains(&k.as_str()))
+}
+
+/// The same bytes as [`write_body_value`], serialised straight from the request, for the
+/// dialects that patch nothing but a reasoning field at the end (the hot path of a plain
+/// OpenAI-compatible upstream). `None` when anything would need the `Value` way's patching: a
+/// message to rewrite (`reasoning_content` for OpenAI, a `partial` prefill flag) or an `extra`
+/// field named like a field written here.
+fn write_body_direct(
+    dialect: Dialect,
+    req: &ChatRequest,
+    upstream_model: &str,
+    stream: bool,
+) -> Option<Vec<u8>> {
+    use serde::ser::{SerializeMap, Serializer};
+
+    if !matches!(
+        dialect,
+        Dialect::Openai | Dialect::Gonkagate | Dialect::Empiriolabs
+    ) || clashes(&req.extra, &OWN_KEYS)
+    {
+        return None;
+    }
+    for m in &req.messages {
+        if (dialect == Dialect::Openai && m.reasoning_content.is_some())
+            || clashes(
+                &m.extra,
+                &[
+                    "partial",
+                    "role",
+                    "content",
+                    "reasoning_content",
+                    "tool_calls",
+                    "tool_call_id",
+                    "name",
+                ],
+            )
+        {
+            return None;
+        }
+        if let Some(Content::Parts(parts)) = &m.content {
+            let part_fields = ["type", "text", "image_url", "video_url"];
+            if parts.iter().any(|p| clashes(&p.extra, &part_fields)) {
+                return None;
+            }
+        }
+    }
+    if req
+        .tools
+        .iter()
+        .any(|t| clashes(&t.extra, &["type", "function"]))
+    {
+        return None;
+    }
+    let mut out = Vec::with_capacity(256);
+    let mut ser = serde_json::Serializer::new(&mut out);
+    let mut body = ser.serialize_map(None).ok()?;
+    macro_rules! put {
+        ($k:expr, $v:expr) => {
+            body.serialize_entry($k, $v).ok()?
+        };
+    }
+    macro_rules! opt {
+        ($k:expr, $v:expr) => {
+            if let Some(v) = $v {
+                body.serialize_entry($k, v).ok()?;
+            }
+        };
+    }
+    put!("model", upstream_model);
+    put!("messages", &req.messages);
+    if stream {
+        put!("stream", &true);
+        // Always ask for usage: tollgate meters every stream, whatever the client asked.
+        put!(
+            "stream_options",
+            &IncludeUsage {
+                include_usage: true
+            }
+        );
+    }
+    if let Some(n) = req.max_output_tokens {
+        let key = match dialect {
+            Dialect::Openai => "max_completion_tokens",
+            _ => "max_tokens",
+        };
+        put!(key, &n);
+    }
+    opt!("temperature", &req.temperature);
+    opt!("top_p", &req.top_p);
+    opt!("n", &req.n);
+    opt!("presence_penalty", &req.presence_penalty);
+    opt!("frequency_penalty", &req.frequency_penalty);
+    opt!("seed", &req.seed);
+    opt!("stop", (!req.stop.is_empty()).then_some(&req.stop));
+    opt!("tools", (!req.tools.is_empty()).then_some(&req.tools));
+    opt!("tool_choice", &req.tool_choice);
+    opt!("parallel_tool_calls", &req.parallel_tool_calls);
+    opt!("response_format", &req.response_format);
+    opt!("logprobs", req.logprobs.then_some(&true));
+    opt!("top_logprobs", &req.top_logprobs);
+    opt!("user", &req.user);
+    opt!("prompt_cache_key", &req.prompt_cache_key);
+    for (k, v) in &req.extra {
+        put!(k, v);
+    }
+    let r = &req.reasoning;
+    match dialect {
+        Dialect::Empiriolabs => {
+            opt!("enable_thinking", &r.enabled);
+            opt!("thinking_budget", &r.budget_tokens);
+        }
+        _ => {
+            let effort = match (r.effort, r.enabled) {
+                (Some(e), _) => Some(e.as_str()),
+                (None, Some(false)) => Some("none"),
+                _ => None,
+            };
+            opt!("reasoning_effort", &effort);
+        }
+    }
+    body.end().ok()?;
+    Some(out)
+}
+
+/// `{"include_usage": true}` without building a `Value`.
+#[derive(serde::Serialize)]
+struct IncludeUsage {
+    include_usage: bool,
+}
+
+/// Serialises the internal request for an OpenAI-like dialect as a `Value` (any dialect's
+/// patches apply to it).
+fn write_body_value(
+    dialect: Dialect,
+    req: &ChatRequest,
+    upstream_model: &str,
+    stream: bool,
+) -> Vec<u8> {
     let mut body = Map::with_capacity(16 + req.extra.len());
     body.insert("model".into(), json!(upstream_model));
     let messages: Vec<Value> = req
@@ -628,6 +801,56 @@ mod tests {
         ]);
         assert!(r.is_ok());
         assert_eq!(chunks.len(), 1);
+    }
+
+    /// The direct writer gives the `Value` writer's bytes exactly, key order included, and
+    /// declines what it does not patch.
+    #[test]
+    fn direct_body_is_the_value_body() {
+        let bodies = [
+            r#"{"model":"m","messages":[{"role":"user","content":"Return one short sentence."}],"max_tokens":16}"#,
+            r#"{"zz":1,"model":"m","a":{"b":[1,2.5,"x",1e3,-0.0]},"messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"data:x"},"extra_part":1}],"name":"n","x_extra":true}],"stream":true,"mid":null,"temperature":0.7,"top_p":1,"last":"y","reasoning_effort":"low"}"#,
+            r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":"r"}],"stop":["a","b"],"tools":[{"type":"function","function":{"name":"f","description":"d","parameters":{"type":"object","properties":{}},"strict":true}},{"type":"builtin_function","function":{"name":"$web_search"},"x":1}],"tool_choice":"auto","seed":-3,"n":2,"logprobs":true,"top_logprobs":3,"user":"u","prompt_cache_key":"k","presence_penalty":0,"frequency_penalty":-1.5,"parallel_tool_calls":false,"response_format":{"type":"json_object"},"max_completion_tokens":5,"enable_thinking":true,"thinking_budget":64}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"\u00e9\n\"q\""}],"thinking":{"type":"disabled"},"chat_template_kwargs":{"x":1}}"#,
+        ];
+        for b in bodies {
+            let req = crate::openai::parse_chat_request(b.as_bytes()).expect("parses");
+            for d in [Dialect::Openai, Dialect::Gonkagate, Dialect::Empiriolabs] {
+                for stream in [false, true] {
+                    let direct = write_body_direct(d, &req, "up/model", stream)
+                        .unwrap_or_else(|| panic!("{d:?} {b}: declined"));
+                    let value = write_body_value(d, &req, "up/model", stream);
+                    assert_eq!(
+                        String::from_utf8_lossy(&direct),
+                        String::from_utf8_lossy(&value),
+                        "{d:?} {b}"
+                    );
+                }
+            }
+        }
+        // what needs the Value way's patching is declined (and written by it)
+        let declined = [
+            (
+                Dialect::Openai,
+                r#"{"model":"m","messages":[{"role":"assistant","content":"a","reasoning_content":"r"}]}"#,
+            ),
+            (
+                Dialect::Gonkagate,
+                r#"{"model":"m","messages":[{"role":"assistant","content":"a","partial":true}]}"#,
+            ),
+            (Dialect::Openrouter, r#"{"model":"m","messages":[]}"#),
+            (Dialect::Moonshot, r#"{"model":"m","messages":[]}"#),
+        ];
+        for (d, b) in declined {
+            let req = crate::openai::parse_chat_request(b.as_bytes()).expect("parses");
+            assert!(
+                write_body_direct(d, &req, "m", false).is_none(),
+                "{d:?} {b}"
+            );
+        }
+        let mut req = crate::openai::parse_chat_request(declined[3].1.as_bytes()).expect("ok");
+        req.extra.insert("seed".into(), json!(1));
+        assert!(write_body_direct(Dialect::Openai, &req, "m", false).is_none());
     }
 
     #[test]
