@@ -11,6 +11,7 @@ pub mod rules;
 pub mod usage;
 pub mod validate;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,10 +56,10 @@ pub struct Prepared {
 /// Shared state of the running gateway.
 pub struct Gateway {
     catalog: Catalog,
-    providers: usage::NameMap<Arc<dyn Provider>>,
+    providers: HashMap<String, Arc<dyn Provider>>,
     sink: Arc<dyn OutcomeSink>,
     health: Arc<Health>,
-    budgets: usage::NameMap<RetryBudget>,
+    budgets: HashMap<String, RetryBudget>,
     affinity: Affinity,
     memory: Arc<memory::ReasoningMemory>,
 }
@@ -72,7 +73,7 @@ impl Gateway {
     pub fn with_sink(config: &Config, sink: Arc<dyn OutcomeSink>) -> Result<Gateway, String> {
         Ok(Gateway {
             catalog: Catalog::new(config),
-            providers: providers::build(config)?.into_iter().collect(),
+            providers: providers::build(config)?,
             sink,
             health: Arc::new(Health::new(config)),
             budgets: config

@@ -147,33 +147,8 @@ pub fn count_attempt(model: &str, provider: &str, retry: bool) {
 /// caller cannot add any, but stay bounded anyway) handles are built per request, uncached.
 const ROUTE_METRICS_CAP: usize = 4096;
 
-type RouteMetricsMap = NameMap<NameMap<Arc<RouteMetrics>>>;
-
-/// A map keyed by configured names (models, providers, routes), looked up on every request.
-/// Its keys come from the config, never from a caller, so it hashes with FNV-1a instead of
-/// SipHash (whose flooding resistance only matters for keys an attacker picks).
-pub type NameMap<V> =
-    std::collections::HashMap<String, V, std::hash::BuildHasherDefault<NameHasher>>;
-
-/// FNV-1a, 64-bit (short ASCII names: a few nanoseconds where SipHash takes tens).
-pub struct NameHasher(u64);
-
-impl Default for NameHasher {
-    fn default() -> NameHasher {
-        NameHasher(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::hash::Hasher for NameHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
+type RouteMetricsMap =
+    std::collections::HashMap<String, std::collections::HashMap<String, Arc<RouteMetrics>>>;
 
 impl RouteMetrics {
     fn of(model: &str, provider: &str) -> Arc<RouteMetrics> {

@@ -123,18 +123,8 @@ pub async fn handle<T>(
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_default();
-    // The key, limit and billing steps are boxed and skipped when they have nothing to do (open
-    // mode): their futures are large, and inline they would make this whole future (boxed and
-    // moved on every request) that large too.
-    let principal = if state.config.auth.required {
-        Box::pin(authorize(state, req.headers())).await?
-    } else {
-        None
-    };
-    let subject = match &principal {
-        Some(p) => Box::pin(super::limits::subject(state, Some(p))).await,
-        None => None,
-    };
+    let principal = authorize(state, req.headers()).await?;
+    let subject = super::limits::subject(state, principal.as_ref()).await;
     let rate_slot = super::limits::RateSlot::of(&req);
     let scope = memory::scope_of(presented_key(req.headers()));
     let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
@@ -145,12 +135,10 @@ pub async fn handle<T>(
     let prompt_estimate = estimate_prompt_tokens(&prepared.request);
     // Limits are checked before anything is held or sent upstream; a refusal costs nothing.
     let admitted = match &subject {
-        Some(s) => match Box::pin(
-            state
-                .limiter
-                .admit(s, demand(&prepared, prompt_estimate, &request_id)),
-        )
-        .await
+        Some(s) => match state
+            .limiter
+            .admit(s, demand(&prepared, prompt_estimate, &request_id))
+            .await
         {
             Ok(a) => Some(a),
             Err((e, h)) => {
@@ -164,20 +152,15 @@ pub async fn handle<T>(
         rate_slot.set(a.headers);
     }
     // Hold the worst case before any upstream call (402 insufficient_credits otherwise).
-    let ticket = match (&principal, &state.billing) {
-        (Some(p), Some(_)) => {
-            Box::pin(billing::hold(
-                state,
-                Some(p),
-                &prepared,
-                &request_id,
-                prompt_estimate,
-            ))
-            .await
-        }
-        _ => Ok(None),
-    };
-    let ticket = match ticket {
+    let ticket = match billing::hold(
+        state,
+        principal.as_ref(),
+        &prepared,
+        &request_id,
+        prompt_estimate,
+    )
+    .await
+    {
         Ok(t) => t,
         Err(e) => {
             if let Some(a) = admitted {
@@ -194,7 +177,7 @@ pub async fn handle<T>(
                 a.settle(0, 0);
             }
             if let Some(t) = ticket {
-                Box::pin(t.release("upstream_error")).await;
+                t.release("upstream_error").await;
             }
             return Err(e);
         }
@@ -218,7 +201,7 @@ pub async fn handle<T>(
             }
             // Settle before answering, so the cost shown is the cost charged.
             if let Some(t) = ticket {
-                cost_micros = Box::pin(t.settle_complete(&served, &usage, r.usage.is_none())).await;
+                cost_micros = t.settle_complete(&served, &usage, r.usage.is_none()).await;
             }
             Metering::Complete(r)
         }

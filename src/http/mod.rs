@@ -70,6 +70,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/admin/v1/accounts/{name}", patch(limits::patch_account))
         .route("/admin/v1/routes/health", get(routes_health))
         .fallback(not_found)
+        .layer(middleware::from_fn(limits::rate_headers))
         .layer(middleware::from_fn(request_id))
         .with_state(state);
     match billing {
@@ -78,13 +79,10 @@ pub fn app(state: Arc<AppState>) -> Router {
     }
 }
 
-/// The per-request middleware: sets the request id (echoed in `x-request-id`) and, inside it,
-/// the rate-limit headers ([`limits::rate_headers`], called directly rather than as a layer of
-/// its own: each `from_fn` layer clones the inner service and boxes a future per request).
 async fn request_id(mut req: Request, next: Next) -> Response {
     let id = format!("req_{}", uuid::Uuid::now_v7().simple());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let mut resp = limits::rate_headers(req, next).await;
+    let mut resp = next.run(req).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
