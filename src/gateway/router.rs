@@ -388,6 +388,11 @@ pub fn plan(input: &PlanInput<'_>, rng: &mut impl Rng) -> Result<Vec<usize>, Gat
             Availability::Ejected(_) => 2,
         },
     );
+    // `allow_fallbacks: false` without an `order` (OpenRouter: "whether to allow backup
+    // providers when the primary is unavailable"): only the primary, the first of the plan.
+    if !prefs.allow_fallbacks && prefs.order.is_empty() {
+        eligible.truncate(1);
+    }
     Ok(eligible)
 }
 
@@ -510,6 +515,15 @@ routing = {{ policy = "{policy}" }}
             ..p
         };
         assert_eq!(run(&c, &req(), &p, None), ["c", "b"]);
+        let p = RoutePrefs {
+            allow_fallbacks: false,
+            ..RoutePrefs::default()
+        };
+        assert_eq!(
+            run(&c, &req(), &p, None),
+            ["a"],
+            "no order: the primary only"
+        );
         let p = RoutePrefs {
             ignore: vec!["a".into()],
             ..RoutePrefs::default()
