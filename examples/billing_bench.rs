@@ -254,6 +254,7 @@ async fn main() {
             Ok(g) => gws.push(g),
             Err(e) => {
                 eprintln!("{e}");
+                drop(gws); // stops the gateways already started (exit would orphan them)
                 std::process::exit(1);
             }
         }

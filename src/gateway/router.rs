@@ -344,13 +344,16 @@ pub fn plan(input: &PlanInput<'_>, rng: &mut impl Rng) -> Result<Vec<usize>, Gat
             let out = input.needs.output_tokens;
             eligible.sort_by_key(|&i| {
                 let (ttft, tps) = input.health.speed(&route_key(&m.routes[i]));
-                // Unmeasured routes first, so every route gets measured.
-                let Some(ttft) = ttft else { return 0 };
                 let gen_ms = match (latency_only, tps) {
                     (false, Some(t)) if t > 0 => out.saturating_mul(1_000_000) / t,
                     _ => 0,
                 };
-                ttft.saturating_add(gen_ms).saturating_add(1)
+                // Unmeasured routes first, so every route gets measured. A route that has
+                // served only complete answers has a throughput (end to end) but no TTFT.
+                if ttft.is_none() && gen_ms == 0 {
+                    return 0;
+                }
+                ttft.unwrap_or(0).saturating_add(gen_ms).saturating_add(1)
             });
         }
     }
@@ -667,6 +670,12 @@ routing = {{ policy = "{policy}" }}
             sort: Some(Sort::Latency),
             ..RoutePrefs::default()
         };
+        assert_eq!(order(&lat, 80), ["c", "b", "a"]);
+        // c then serves complete answers only: 50 tokens/s end to end, no TTFT. It is ranked by
+        // that (80 tokens: 1.6 s, after a's 0.98 s, before b's 8.1 s) instead of as unmeasured;
+        // by latency alone it is still unmeasured.
+        health.throughput("c/m", 50, Duration::from_secs(1));
+        assert_eq!(order(&d, 80), ["a", "c", "b"]);
         assert_eq!(order(&lat, 80), ["c", "b", "a"]);
     }
 
