@@ -4,7 +4,7 @@
 # SQLite file; on over a throwaway PostgreSQL from scripts/pg-test.sh, as the tests use) and are
 # measured in turn, round after round; prints a table of medians and the cost of billing.
 #
-#   bench/billing.sh [seconds-per-slot] [rounds] [concurrency]      # defaults: 5 3 32
+#   bench/billing.sh [seconds-per-slot] [rounds] [concurrency] [upstream-delay-ms]  # defaults: 5 3 32 0
 #   PROFILE=dev bench/billing.sh ...                                # a debug build instead
 # Wrapped in `flock /work/notes/bench.lock` when /work/notes exists (shared machine).
 set -euo pipefail
@@ -13,6 +13,7 @@ for v in $(scripts/ggml-cpu-flags.sh); do export "${v?}"; done # llama.cpp build
 secs="${1:-5}"
 rounds="${2:-3}"
 conc="${3:-32}"
+delay="${4:-0}"
 profile="${PROFILE:-release}"
 if [ "$profile" = "release" ]; then
     cargo build --release --bin tollgate --example billing_bench
@@ -29,5 +30,5 @@ echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 lock=()
 if [ -d /work/notes ]; then lock=(flock /work/notes/bench.lock); fi
 "${lock[@]}" "$dir/examples/billing_bench" --bin "$dir/tollgate" --secs "$secs" --rounds "$rounds" \
-    --concurrency "$conc" --sqlite "sqlite://$tmp/bench.db" --pg "$TOLLGATE_TEST_PG_URL"
+    --concurrency "$conc" --delay-ms "$delay" --sqlite "sqlite://$tmp/bench.db" --pg "$TOLLGATE_TEST_PG_URL"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

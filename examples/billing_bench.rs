@@ -1,10 +1,11 @@
 //! Benchmark: requests/s through tollgate with billing on versus off (non-streamed, fake upstream).
 //!
 //! Usage: `billing_bench --bin PATH [--sqlite URL] [--pg URL] [--secs N] [--rounds N]
-//! [--concurrency N]` (see bench/billing.sh). One gateway process per mode (billing off, billing on
+//! [--concurrency N] [--delay-ms N]` (see bench/billing.sh). One gateway process per mode (billing off, billing on
 //! over SQLite, billing on over PostgreSQL) runs from the same binary for the whole run; the modes
 //! are measured in turn, round after round, so slow drift of the shared machine hits them alike.
 //! Each mode's figure is the median of its rounds; the cost of billing is `1 - on / off`.
+//! `--delay-ms` makes the fake upstream wait before it answers (default 0: answers at once).
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -21,7 +22,14 @@ use tollgate::store::Store;
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
 
+/// How long the fake upstream waits before answering, in milliseconds (`--delay-ms`).
+static DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
 async fn upstream(Json(body): Json<Value>) -> Json<Value> {
+    let delay = DELAY_MS.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     Json(json!({
         "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
@@ -203,6 +211,8 @@ async fn main() {
     let conc: usize = arg("--concurrency")
         .and_then(|s| s.parse().ok())
         .unwrap_or(32);
+    let delay_ms: u64 = arg("--delay-ms").and_then(|s| s.parse().ok()).unwrap_or(0);
+    DELAY_MS.store(delay_ms, Ordering::Relaxed);
     let l = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
         Ok(l) => l,
         Err(e) => {
@@ -244,6 +254,7 @@ async fn main() {
             Ok(g) => gws.push(g),
             Err(e) => {
                 eprintln!("{e}");
+                drop(gws); // stops the gateways already started (exit would orphan them)
                 std::process::exit(1);
             }
         }
@@ -262,7 +273,7 @@ async fn main() {
     }
     let off = median(&results[0]);
     println!();
-    println!("| mode | req/s (median of {rounds} × {secs} s, concurrency {conc}) | rounds | failed | cost of billing |");
+    println!("| mode | req/s (median of {rounds} × {secs} s, concurrency {conc}, upstream delay {delay_ms} ms) | rounds | failed | cost of billing |");
     println!("|---|---|---|---|---|");
     for (i, gw) in gws.iter().enumerate() {
         let m = median(&results[i]);

@@ -110,6 +110,10 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> 
     if let Some(k) = obj.remove("top_k").filter(|v| !v.is_null()) {
         extra.insert("top_k".into(), k);
     }
+    // OpenRouter-shaped routing preferences work on every inbound API (the router takes them).
+    if let Some(p) = obj.remove("provider") {
+        extra.insert("provider".into(), p);
+    }
     Ok(ChatRequest {
         model,
         messages,
@@ -473,6 +477,16 @@ mod tests {
             (r.reasoning.enabled, r.reasoning.budget_tokens),
             (Some(true), Some(2048))
         );
+    }
+
+    #[test]
+    fn provider_preferences_ride_along() {
+        let r = parse(
+            json!({"model": "m", "max_tokens": 10, "provider": {"order": ["a"]},
+            "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .expect("parses");
+        assert_eq!(r.extra.get("provider"), Some(&json!({"order": ["a"]})));
     }
 
     #[test]

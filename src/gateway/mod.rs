@@ -283,7 +283,9 @@ impl Gateway {
                 Ok((answer, ttft)) => {
                     record.status = Some(200);
                     attempts.push(record);
-                    permit.success(Some(ttft));
+                    // A complete (non-streamed) answer's wait is its whole generation, not a
+                    // time to first token: it counts as throughput below, not as TTFT.
+                    permit.success(matches!(answer, Answer::Stream(_)).then_some(ttft));
                     if let Some(ak) = affinity_key {
                         self.affinity.set(ak, &key);
                     }

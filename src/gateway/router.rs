@@ -344,13 +344,16 @@ pub fn plan(input: &PlanInput<'_>, rng: &mut impl Rng) -> Result<Vec<usize>, Gat
             let out = input.needs.output_tokens;
             eligible.sort_by_key(|&i| {
                 let (ttft, tps) = input.health.speed(&route_key(&m.routes[i]));
-                // Unmeasured routes first, so every route gets measured.
-                let Some(ttft) = ttft else { return 0 };
                 let gen_ms = match (latency_only, tps) {
                     (false, Some(t)) if t > 0 => out.saturating_mul(1_000_000) / t,
                     _ => 0,
                 };
-                ttft.saturating_add(gen_ms).saturating_add(1)
+                // Unmeasured routes first, so every route gets measured. A route that has
+                // served only complete answers has a throughput (end to end) but no TTFT.
+                if ttft.is_none() && gen_ms == 0 {
+                    return 0;
+                }
+                ttft.unwrap_or(0).saturating_add(gen_ms).saturating_add(1)
             });
         }
     }
@@ -388,6 +391,11 @@ pub fn plan(input: &PlanInput<'_>, rng: &mut impl Rng) -> Result<Vec<usize>, Gat
             Availability::Ejected(_) => 2,
         },
     );
+    // `allow_fallbacks: false` without an `order` (OpenRouter: "whether to allow backup
+    // providers when the primary is unavailable"): only the primary, the first of the plan.
+    if !prefs.allow_fallbacks && prefs.order.is_empty() {
+        eligible.truncate(1);
+    }
     Ok(eligible)
 }
 
@@ -510,6 +518,15 @@ routing = {{ policy = "{policy}" }}
             ..p
         };
         assert_eq!(run(&c, &req(), &p, None), ["c", "b"]);
+        let p = RoutePrefs {
+            allow_fallbacks: false,
+            ..RoutePrefs::default()
+        };
+        assert_eq!(
+            run(&c, &req(), &p, None),
+            ["a"],
+            "no order: the primary only"
+        );
         let p = RoutePrefs {
             ignore: vec!["a".into()],
             ..RoutePrefs::default()
@@ -653,6 +670,12 @@ routing = {{ policy = "{policy}" }}
             sort: Some(Sort::Latency),
             ..RoutePrefs::default()
         };
+        assert_eq!(order(&lat, 80), ["c", "b", "a"]);
+        // c then serves complete answers only: 50 tokens/s end to end, no TTFT. It is ranked by
+        // that (80 tokens: 1.6 s, after a's 0.98 s, before b's 8.1 s) instead of as unmeasured;
+        // by latency alone it is still unmeasured.
+        health.throughput("c/m", 50, Duration::from_secs(1));
+        assert_eq!(order(&d, 80), ["a", "c", "b"]);
         assert_eq!(order(&lat, 80), ["c", "b", "a"]);
     }
 

@@ -352,6 +352,10 @@ pub fn parse_responses_request(
     if let Some(k) = r.remove("chat_template_kwargs") {
         extra.insert("chat_template_kwargs".into(), k);
     }
+    // OpenRouter-shaped routing preferences work on every inbound API (the router takes them).
+    if let Some(p) = obj.remove("provider") {
+        extra.insert("provider".into(), p);
+    }
     opts.metadata = take(&mut obj, "metadata")?;
     let max_output: Option<i64> = take(&mut obj, "max_output_tokens")?;
     let max_output_tokens = match max_output {
@@ -394,6 +398,14 @@ pub fn parse_responses_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn provider_preferences_ride_along() {
+        let body = json!({"model": "m", "input": "hi", "provider": {"only": ["b"]}});
+        let (r, _) =
+            parse_responses_request(&serde_json::to_vec(&body).expect("json")).expect("parses");
+        assert_eq!(r.extra.get("provider"), Some(&json!({"only": ["b"]})));
+    }
 
     #[test]
     fn items_fold_into_chat_messages() {

@@ -129,8 +129,14 @@ impl Store {
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             // WAL + NORMAL is durable across process crashes (kill -9).
-                            conn.execute("PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;")
-                                .await?;
+                            // temp_store=MEMORY: the transient tables SQLite builds for the batch
+                            // statements (`UPDATE … FROM (VALUES …)`) were otherwise files, one
+                            // created and deleted in /var/tmp per write batch.
+                            conn.execute(
+                                "PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; \
+                                 PRAGMA temp_store=MEMORY;",
+                            )
+                            .await?;
                             Ok(())
                         })
                     })
