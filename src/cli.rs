@@ -211,6 +211,12 @@ async fn serve(
             cfg.server.listen
         );
     }
+    // Fail closed: a named but missing token variable must not leave /metrics open.
+    if let (Some(var), None) = (&cfg.server.metrics_token_env, &cfg.server.metrics_token) {
+        return Err(format!(
+            "[server] metrics_token_env = {var:?}: that environment variable is not set"
+        ));
+    }
     for p in &cfg.providers {
         if let (Some(var), None) = (&p.api_key_env, &p.api_key) {
             tracing::warn!(provider = %p.name, "environment variable {var} is not set; requests to this provider go without a key");

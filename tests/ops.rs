@@ -71,6 +71,10 @@ impl Drop for Server {
 }
 
 fn start(config: &std::path::Path) -> Server {
+    start_with_env(config, &[])
+}
+
+fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let key = customer_key(config);
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -78,6 +82,7 @@ fn start(config: &std::path::Path) -> Server {
         .args(["serve", "--config"])
         .arg(config)
         .args(["--listen", &addr.to_string()])
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -396,9 +401,37 @@ fn metrics_count_requests_tokens_and_attempts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = write_config(
         &dir,
-        &CONFIG.replace("http://127.0.0.1:9/v1", &format!("http://{up}/v1")),
+        &CONFIG
+            .replace("http://127.0.0.1:9/v1", &format!("http://{up}/v1"))
+            .replace(
+                "[server]\n",
+                "[server]\nmetrics_token_env = \"TG_OPS_METRICS_TOKEN\"\n",
+            ),
     );
-    let srv = start(&cfg);
+    // Named but unset: serve refuses to start (it would leave /metrics open).
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .env_remove("TG_OPS_METRICS_TOKEN")
+        .output()
+        .expect("run serve");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TG_OPS_METRICS_TOKEN"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let srv = start_with_env(&cfg, &[("TG_OPS_METRICS_TOKEN", "scrape-me")]);
+    // The token is required: none or a wrong one is a 401.
+    for auth in ["", "authorization: Bearer nope\r\n"] {
+        let text = raw(
+            srv.addr,
+            format!("GET /metrics HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert!(text.starts_with("HTTP/1.1 401"), "{auth:?}: {text}");
+    }
     let body =
         br#"{"model":"kimi-k2.6","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
     for _ in 0..2 {
@@ -427,7 +460,7 @@ fn metrics_count_requests_tokens_and_attempts() {
     while Instant::now() < deadline {
         text = raw(
             srv.addr,
-            b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nhost: x\r\nauthorization: Bearer scrape-me\r\nconnection: close\r\n\r\n",
         );
         if want.iter().all(|w| text.contains(w)) {
             return;

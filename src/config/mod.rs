@@ -153,6 +153,7 @@ struct RawServer {
     keepalive_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     metrics: Option<bool>,
+    metrics_token_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -439,6 +440,26 @@ pub struct ServerConfig {
     pub keepalive: Duration,
     pub shutdown_grace: Duration,
     pub metrics: bool,
+    /// When set, `/metrics` answers only `Authorization: Bearer <token>`.
+    pub metrics_token: Option<MetricsToken>,
+    /// The variable the token is read from; `serve` refuses to start when it is named but unset.
+    pub metrics_token_env: Option<String>,
+}
+
+/// The bearer token `/metrics` requires, read from the environment. Never printed.
+#[derive(Clone)]
+pub struct MetricsToken(String);
+
+impl MetricsToken {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsToken(***)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -617,6 +638,14 @@ fn resolve(
         keepalive: Duration::from_secs(raw.server.keepalive_secs.unwrap_or(10).max(1)),
         shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs.unwrap_or(30)),
         metrics: raw.server.metrics.unwrap_or(true),
+        metrics_token: raw
+            .server
+            .metrics_token_env
+            .as_deref()
+            .and_then(env)
+            .filter(|t| !t.is_empty())
+            .map(MetricsToken),
+        metrics_token_env: raw.server.metrics_token_env,
     };
 
     if !raw.auth.static_keys.is_empty() || !raw.auth.static_keys_env.is_empty() {

@@ -224,7 +224,22 @@ async fn routes_health(
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
-async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics_handler(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.config.server.metrics_token {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !presented.is_some_and(|p| crate::billing::keys::digests_equal(p, token.expose())) {
+            let mut resp =
+                (StatusCode::UNAUTHORIZED, "metrics need the bearer token\n").into_response();
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"metrics\""),
+            );
+            return resp;
+        }
+    }
     match &state.metrics {
         Some(h) => h.render().into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are disabled").into_response(),
