@@ -338,7 +338,10 @@ pub fn plan(input: &PlanInput<'_>, rng: &mut impl Rng) -> Result<Vec<usize>, Gat
     match policy {
         RoutingPolicy::Priority => {}
         RoutingPolicy::Weighted => weighted_shuffle(&mut eligible, |i| m.routes[i].weight, rng),
-        RoutingPolicy::Cheapest => eligible.sort_by_key(|&i| input.needs.cost(&m.routes[i])),
+        // A route without a configured price is not "free": it goes after the priced ones.
+        RoutingPolicy::Cheapest => {
+            eligible.sort_by_key(|&i| (!m.routes[i].priced, input.needs.cost(&m.routes[i])))
+        }
         RoutingPolicy::Fastest => {
             let latency_only = prefs.sort == Some(Sort::Latency);
             let out = input.needs.output_tokens;
@@ -596,6 +599,11 @@ routing = {{ policy = "{policy}" }}
         };
         let routes = &c.models[0].routes;
         assert!(needs.cost(&routes[2]) < needs.cost(&routes[0]));
+        // An unpriced route (cost 0) is not the cheapest: it comes last.
+        let mut c = c;
+        c.models[0].routes[1].priced = false;
+        c.models[0].routes[1].price = Default::default();
+        assert_eq!(run(&c, &r, &d, None), ["a", "c", "b"]);
     }
 
     #[test]
