@@ -256,6 +256,8 @@ async fn long_retry_after_moves_to_the_next_route_at_once() {
     let r = gw.chat(&chat(false)).await;
     assert_eq!(provider_of(&r), "r2");
     assert_eq!(r1.chat_requests().len(), 1, "route 1 is cooling down");
+    let ready = readyz(&gw).await;
+    assert_eq!(ready["status"], "ready", "route 2 serves: {ready}");
     // With only the rate-limited route, the 429 goes to the client without waiting a day.
     let gw1 = Gateway::start(&config(&[&r1], "max_attempts = 3", "", "")).await;
     let t0 = Instant::now();
@@ -263,6 +265,26 @@ async fn long_retry_after_moves_to_the_next_route_at_once() {
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     assert!(t0.elapsed() < Duration::from_millis(1500));
+    // ...and the model has no route to serve it for a day: readiness says so (still 200).
+    let ready = readyz(&gw1).await;
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_eq!(
+        ready["models_without_healthy_route"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}
+
+async fn readyz(gw: &Gateway) -> Value {
+    let r = gw
+        .client
+        .get(format!("{}/readyz", gw.base))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(r.status(), 200);
+    r.json().await.expect("json")
 }
 
 // ---------------------------------------------------------------------------------------------

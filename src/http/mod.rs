@@ -171,8 +171,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .map(|p| json!({"name": p.name, "dialect": p.dialect.as_str(), "key_configured": p.api_key.is_some() || p.api_key_env.is_none()}))
         .collect();
     let routes = state.gateway.health().snapshot();
-    // Ready while every model has a route that is not ejected; a degraded gateway stays in
-    // rotation (it still fails over and probes), so the status code stays 200.
+    // Ready while every model has a route that is neither ejected nor cooling down after a
+    // `Retry-After`; a degraded gateway stays in rotation (it still fails over and probes), so
+    // the status code stays 200.
     let degraded: Vec<&str> = state
         .config
         .models
@@ -182,7 +183,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 let key = crate::gateway::health::route_key(r);
                 routes
                     .iter()
-                    .any(|v| v.route == key && v.state == "ejected")
+                    .any(|v| v.route == key && matches!(v.state, "ejected" | "cooling"))
             })
         })
         .map(|m| m.id.as_str())
