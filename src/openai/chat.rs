@@ -751,6 +751,133 @@ mod tests {
         assert_eq!(accepted, 7, "every valid body takes the typed path");
     }
 
+    /// The same property over thousands of generated bodies: random subsets of the known keys
+    /// (in random order, some repeated) with well- and ill-typed values, mixed with unknown
+    /// keys. Whatever the typed path accepts, the field-by-field path accepts identically; what
+    /// that path refuses, the typed path declines.
+    #[test]
+    fn typed_path_matches_on_generated_bodies() {
+        use rand::{Rng, SeedableRng};
+        let messages = [
+            r#"[{"role":"user","content":"hi"}]"#,
+            r#"[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"t"}],"name":"n"}]"#,
+            r#"[{"role":"assistant","content":null,"reasoning_content":"r","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c","content":"ok"}]"#,
+            r#"[{"role":"wizard","content":"x"}]"#,
+            r#"[{"role":"user","content":5}]"#,
+            "[]",
+        ];
+        let any = [
+            "null",
+            "true",
+            "false",
+            "0",
+            "1",
+            "-1",
+            "2.5",
+            "3000000000",
+            "\"s\"",
+            "[]",
+            "[\"a\"]",
+            "[1]",
+            "{}",
+            r#"{"type":"enabled"}"#,
+            r#"{"include_usage":true}"#,
+            r#"{"type":"json_object"}"#,
+            r#"{"effort":"high","exclude":true}"#,
+            "\"high\"",
+            "\"auto\"",
+            r#"[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#,
+            r#"[{"type":"function","function":{"name":""}}]"#,
+        ];
+        let keys = [
+            "model",
+            "messages",
+            "stream",
+            "stream_options",
+            "max_completion_tokens",
+            "max_tokens",
+            "stop",
+            "tools",
+            "temperature",
+            "top_p",
+            "n",
+            "presence_penalty",
+            "frequency_penalty",
+            "seed",
+            "tool_choice",
+            "parallel_tool_calls",
+            "response_format",
+            "logprobs",
+            "top_logprobs",
+            "user",
+            "prompt_cache_key",
+            "thinking",
+            "reasoning",
+            "reasoning_effort",
+            "enable_thinking",
+            "thinking_budget",
+            "include_reasoning",
+            "chat_template_kwargs",
+            "provider",
+            "metadata",
+            "x_one",
+            "x_two",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20261122);
+        let (mut accepted, mut declined) = (0, 0);
+        for _ in 0..4000 {
+            let mut fields: Vec<String> = Vec::new();
+            if rng.gen_bool(0.95) {
+                fields.push(format!(
+                    "\"model\":{}",
+                    if rng.gen_bool(0.9) { "\"m\"" } else { "1" }
+                ));
+            }
+            if rng.gen_bool(0.95) {
+                fields.push(format!(
+                    "\"messages\":{}",
+                    messages[rng.gen_range(0..messages.len())]
+                ));
+            }
+            for _ in 0..rng.gen_range(0..6) {
+                let k = keys[rng.gen_range(0..keys.len())];
+                let v = if k == "messages" {
+                    messages[rng.gen_range(0..messages.len())]
+                } else {
+                    any[rng.gen_range(0..any.len())]
+                };
+                fields.push(format!("\"{k}\":{v}"));
+            }
+            let n = fields.len();
+            for i in (1..n).rev() {
+                fields.swap(i, rng.gen_range(0..=i));
+            }
+            let b = format!("{{{}}}", fields.join(","));
+            let Ok(mut obj) = parse_object(b.as_bytes()) else {
+                assert!(fast::parse(b.as_bytes()).is_none(), "{b}");
+                continue;
+            };
+            match (fast::parse(b.as_bytes()), chat_request_from(&mut obj)) {
+                (Some(f), Ok(s)) => {
+                    accepted += 1;
+                    assert_eq!(format!("{f:?}"), format!("{s:?}"), "{b}");
+                    let (fk, sk): (Vec<_>, Vec<_>) =
+                        (f.extra.keys().collect(), s.extra.keys().collect());
+                    assert_eq!(fk, sk, "{b}");
+                }
+                (None, Ok(_)) => declined += 1,
+                (None, Err(_)) => {}
+                (Some(_), Err(e)) => panic!("{b}: the typed path accepted what is refused: {e}"),
+            }
+        }
+        // Enough of both kinds to mean something; the fallback is for the odd body, not the rule.
+        assert!(accepted > 500, "accepted {accepted}");
+        assert!(
+            declined * 20 < accepted,
+            "declined {declined} of {accepted} valid"
+        );
+    }
+
     #[test]
     fn malformed_json_names_line_and_column() {
         let e = parse_chat_request(b"{\n  \"model\": \"x\",\n  \"messages\": [,]\n}").unwrap_err();
