@@ -143,7 +143,7 @@ mod fast {
     use crate::gateway::model::{ChatRequest, Message, Reasoning};
 
     /// The typed fields, in the order the field-by-field path removes them from the object.
-    const TYPED: [&str; 21] = [
+    pub(super) const TYPED: [&str; 21] = [
         "model",
         "messages",
         "stream",
@@ -789,40 +789,24 @@ mod tests {
             r#"[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#,
             r#"[{"type":"function","function":{"name":""}}]"#,
         ];
-        let keys = [
-            "model",
-            "messages",
-            "stream",
-            "stream_options",
-            "max_completion_tokens",
-            "max_tokens",
-            "stop",
-            "tools",
-            "temperature",
-            "top_p",
-            "n",
-            "presence_penalty",
-            "frequency_penalty",
-            "seed",
-            "tool_choice",
-            "parallel_tool_calls",
-            "response_format",
-            "logprobs",
-            "top_logprobs",
-            "user",
-            "prompt_cache_key",
-            "thinking",
-            "reasoning",
-            "reasoning_effort",
-            "enable_thinking",
-            "thinking_budget",
-            "include_reasoning",
-            "chat_template_kwargs",
-            "provider",
-            "metadata",
-            "x_one",
-            "x_two",
-        ];
+        // Every typed key, plus the reasoning spellings and unknown keys that go to `extra`.
+        let keys: Vec<&str> = fast::TYPED
+            .iter()
+            .copied()
+            .chain([
+                "thinking",
+                "reasoning",
+                "reasoning_effort",
+                "enable_thinking",
+                "thinking_budget",
+                "include_reasoning",
+                "chat_template_kwargs",
+                "provider",
+                "metadata",
+                "x_one",
+                "x_two",
+            ])
+            .collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(20261122);
         let (mut accepted, mut declined) = (0, 0);
         for _ in 0..4000 {
