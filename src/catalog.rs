@@ -155,7 +155,8 @@ fn supported_parameters(m: &ModelConfig) -> Vec<&'static str> {
 }
 
 /// Prices as USD-per-token decimal strings (OpenRouter's convention) and per million tokens.
-fn pricing_json(p: &Price) -> Value {
+/// The `pricing` object of a model card (OpenRouter's per-token USD strings, plus per-1M).
+pub fn pricing_json(p: &Price) -> Value {
     json!({
         "prompt": per_token_usd(p.input),
         "completion": per_token_usd(p.output),

@@ -833,3 +833,81 @@ async fn failover_flow(db: &Db) -> Billing {
     b
 }
 both_backends!(failover_bills_the_serving_route, failover_flow);
+
+// ---- model cards show the prices charged ------------------------------------------------------
+
+/// `m1`'s card in `/v1/models/m1` and in the `/v1/models` list.
+async fn m1_cards(http: &reqwest::Client, base: &str, key: &str) -> (Value, Value) {
+    let get = |path: String| {
+        let (http, key) = (http.clone(), key.to_string());
+        async move {
+            let r = http
+                .get(path)
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.status().as_u16(), 200);
+            r.json::<Value>().await.unwrap_or_default()
+        }
+    };
+    let one = get(format!("{base}/v1/models/m1")).await;
+    let list = get(format!("{base}/v1/models")).await;
+    let listed = list["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|c| c["id"] == "m1").cloned())
+        .unwrap_or_else(|| panic!("m1 not listed: {list}"));
+    (one, listed)
+}
+
+async fn card_prices(db: &Db) -> Billing {
+    let (up, _upstream) = start_upstream().await;
+    let b = billing_on(db).await;
+    let gw = start_gw(db, up, 3600).await;
+    let base = format!("http://{}", gw.addr);
+    let http = client();
+    b.create_account("cards", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (admin_key, _) = b
+        .create_key("cards", true, Some("ops"), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // The config file's prices to start with.
+    for card in <[Value; 2]>::from(m1_cards(&http, &base, &admin_key).await) {
+        let want = json!({"input": "1", "cached_input": "0.5", "output": "4"});
+        assert_eq!(card["pricing"]["per_mtok_usd"], want, "{card}");
+        assert_eq!(
+            card["providers"][0]["pricing"]["per_mtok_usd"], want,
+            "{card}"
+        );
+    }
+
+    // The admin API reprices route `fake`: $2 in / $8 out network, 10% markup, $0.50 output fee.
+    let r = http
+        .post(format!("{base}/admin/v1/prices"))
+        .bearer_auth(&admin_key)
+        .json(
+            &json!({"model": "m1", "provider": "fake", "input": "2", "output": "8",
+                      "fee_output": "0.50", "markup_percent": "10"}),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+
+    // Cards show what a request is charged now: 2 × 1.1; cached defaults to input; 8 × 1.1 + 0.5.
+    for card in <[Value; 2]>::from(m1_cards(&http, &base, &admin_key).await) {
+        let want = json!({"input": "2.2", "cached_input": "2.2", "output": "9.3"});
+        assert_eq!(card["pricing"]["per_mtok_usd"], want, "{card}");
+        assert_eq!(card["pricing"]["completion"], "0.0000093", "{card}");
+        assert_eq!(
+            card["providers"][0]["pricing"]["per_mtok_usd"], want,
+            "{card}"
+        );
+    }
+    drop(gw);
+    b
+}
+both_backends!(model_cards_show_charged_prices, card_prices);

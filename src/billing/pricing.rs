@@ -92,6 +92,28 @@ pub fn compute_cost(price: &PriceRow, usage: &Usage) -> Cost {
     }
 }
 
+/// What one million tokens of each kind cost at `price`, fee and markup included, in micro-USD:
+/// the rates a model card shows, computed by [`compute_cost`] itself so they agree with charges.
+pub fn per_mtok_totals(price: &PriceRow) -> crate::config::Price {
+    const M: u64 = 1_000_000;
+    let total = |u: Usage| u64::try_from(compute_cost(price, &u).total).unwrap_or(0);
+    crate::config::Price {
+        input: total(Usage {
+            prompt_tokens: M,
+            ..Usage::default()
+        }),
+        cached_input: total(Usage {
+            prompt_tokens: M,
+            cached_tokens: M,
+            ..Usage::default()
+        }),
+        output: total(Usage {
+            completion_tokens: M,
+            ..Usage::default()
+        }),
+    }
+}
+
 /// Worst-case cost to hold before the upstream call: every prompt token at the uncached input
 /// price plus `max_output_tokens` at the output price.
 pub fn hold_amount(

@@ -117,8 +117,34 @@ async fn list_models(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers).await?;
     let cat = state.gateway.catalog();
-    let data: Vec<_> = cat.models().iter().map(|m| cat.card(m)).collect();
+    let mut data = Vec::with_capacity(cat.models().len());
+    for m in cat.models() {
+        data.push(card(&state, m).await);
+    }
     Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// A model's card; with billing on, its prices are the ones charged now (the store's current
+/// version, which the admin API can change), not the config file's.
+async fn card(state: &AppState, m: &crate::config::ModelConfig) -> serde_json::Value {
+    let mut card = state.gateway.catalog().card(m);
+    let Some(b) = &state.billing else { return card };
+    for (i, r) in m.routes.iter().enumerate() {
+        let row = match b.price_for(&m.id, Some(&r.provider)).await {
+            Ok(Some(row)) => row,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(model = %m.id, error = %e, "model card: prices not read");
+                return card;
+            }
+        };
+        let pricing = crate::catalog::pricing_json(&crate::billing::pricing::per_mtok_totals(&row));
+        if i == 0 {
+            card["pricing"] = pricing.clone();
+        }
+        card["providers"][i]["pricing"] = pricing;
+    }
+    card
 }
 
 async fn get_model(
@@ -136,7 +162,7 @@ async fn get_model(
             .map_err(|e| billing::to_gateway_error(e).into());
     }
     match cat.get(&id) {
-        Some(m) => Ok(Json(cat.card(m)).into_response()),
+        Some(m) => Ok(Json(card(&state, m).await).into_response()),
         None => {
             let s = cat.suggest(&id);
             let hint = if s.is_empty() {
