@@ -7,8 +7,8 @@
 #   knobs: PLACEMENT=unpinned-cfs (default; see lib.sh) ROUNDS=6 SECS=3 CONNS=1 PORT_BASE=19100
 # Prints one line per round: "NAME=p50_ms req/s" for each target. Open mode (no key, no billing),
 # zero-delay upstream, non-streamed; loopback only, bounded in time.
+PLACEMENT=${PLACEMENT:-unpinned-cfs} # before lib.sh, whose default is pinned
 . "$(dirname "$0")/lib.sh"
-PLACEMENT=${PLACEMENT:-unpinned-cfs}
 A=${A:?set A to the first tollgate binary}
 B=${B:?set B to the second tollgate binary}
 ROUNDS=${ROUNDS:-6}
@@ -23,26 +23,8 @@ THREADS=1 start mock "$GWBENCH" mock "$HOST:$mport" 0 32 0
 mock=$LAST_PID
 THREADS=2 start floor "$GWBENCH" proxy "$HOST:$fport" "http://$HOST:$mport/v1/chat/completions"
 floor=$LAST_PID
-for x in a:$aport b:$bport; do
-    IFS=: read -r n p <<<"$x"
-    cat >"$OUT_DIR/$n.toml" <<TOML
-[server]
-listen = "$HOST:$p"
-[auth]
-required = false
-[database]
-url = "sqlite://$OUT_DIR/$n.db"
-[[providers]]
-name = "bench"
-base_url = "http://$HOST:$mport/v1"
-dialect = "openai"
-[[models]]
-id = "gpt-4o-mini"
-  [[models.routes]]
-  provider = "bench"
-  upstream_model = "gpt-4o-mini"
-TOML
-done
+open_config "$OUT_DIR/a.toml" "$aport" "$mport"
+open_config "$OUT_DIR/b.toml" "$bport" "$mport"
 start a "$A" serve --config "$OUT_DIR/a.toml"
 pa=$LAST_PID
 start b "$B" serve --config "$OUT_DIR/b.toml"

@@ -64,6 +64,32 @@ ensure_litellm() {
     "$VENV/bin/pip" install --quiet 'litellm[proxy]'
 }
 
+# open_config FILE PORT UPSTREAM_PORT: a minimal tollgate config in open mode (no key, no billing)
+# with one OpenAI-dialect provider on the loopback fake upstream serving model gpt-4o-mini; for the
+# benches that measure the request path alone (profile.sh, ab.sh).
+open_config() {
+    cat >"$1" <<TOML
+[server]
+listen = "$HOST:$2"
+# Open mode (loopback only): the hop's own cost without key lookup or billing, which have their
+# own benches (bench/billing.sh, bench/limits.sh).
+[auth]
+required = false
+
+[database]
+url = "sqlite://${1%.toml}.db"
+[[providers]]
+name = "bench"
+base_url = "http://$HOST:$3/v1"
+dialect = "openai"
+[[models]]
+id = "gpt-4o-mini"
+  [[models.routes]]
+  provider = "bench"
+  upstream_model = "gpt-4o-mini"
+TOML
+}
+
 ensure_tollgate() {
     if [ "${BUILD:-1}" = 1 ]; then
         log "cargo build --release (tollgate)"

@@ -17,26 +17,7 @@ mport=$((PORT_BASE + 40))
 tport=$((PORT_BASE + 41))
 THREADS=1 start mock "$GWBENCH" mock "$HOST:$mport" 0 32 0
 mock=$LAST_PID
-cat >"$OUT_DIR/tollgate.toml" <<TOML
-[server]
-listen = "$HOST:$tport"
-# Open mode (loopback only): the hop's own cost without key lookup or billing, which have their
-# own benches (bench/billing.sh, bench/limits.sh). The floor checks a static bearer token.
-[auth]
-required = false
-
-[database]
-url = "sqlite://$OUT_DIR/tollgate.db"
-[[providers]]
-name = "bench"
-base_url = "http://$HOST:$mport/v1"
-dialect = "openai"
-[[models]]
-id = "gpt-4o-mini"
-  [[models.routes]]
-  provider = "bench"
-  upstream_model = "gpt-4o-mini"
-TOML
+open_config "$OUT_DIR/tollgate.toml" "$tport" "$mport"
 start tollgate "$TOLLGATE" serve --config "$OUT_DIR/tollgate.toml"
 tg=$LAST_PID
 wait_http "http://$HOST:$tport/healthz" 20 || die "tollgate did not start"
