@@ -40,6 +40,9 @@ pub fn build_state_with(
         )?,
         None => gateway::Gateway::new(&config)?,
     };
+    if let Some(b) = &billing {
+        b.publish_prices_to(gateway.prices().clone());
+    }
     let limiter = Arc::new(limits::Limiter::new(&config)?);
     let metrics = if config.server.metrics {
         telemetry::prometheus()

@@ -158,6 +158,18 @@ max_output_tokens = 1000
   provider = "fake2"
   upstream_model = "fake-ok"
   price_per_mtok = {{ input = 2.00, cached_input = 1.00, output = 8.00 }}
+[[models]]
+id = "ch"
+max_output_tokens = 1000
+routing = {{ policy = "cheapest" }}
+  [[models.routes]]
+  provider = "fake"
+  upstream_model = "fake-ok"
+  price_per_mtok = {{ input = 1.00, output = 4.00 }}
+  [[models.routes]]
+  provider = "fake2"
+  upstream_model = "fake-ok"
+  price_per_mtok = {{ input = 2.00, output = 8.00 }}
 "#
     )
 }
@@ -907,6 +919,40 @@ async fn card_prices(db: &Db) -> Billing {
             "{card}"
         );
     }
+
+    // `cheapest` routing follows an admin price change too, and so does the charge.
+    let key = funded_key(&b, "cheap", 1_000_000).await;
+    let serve = |expect: &'static str, cost: i64| {
+        let (http, base, key) = (http.clone(), base.clone(), key.clone());
+        // A `user` per call: conversation affinity would otherwise keep the route that served.
+        let mut body = chat_body("ch", false, 20);
+        body["user"] = json!(expect);
+        async move {
+            let r = http
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.status().as_u16(), 200);
+            assert_eq!(header_of(&r, "x-tollgate-provider"), expect);
+            let v: Value = r.json().await.unwrap_or_default();
+            assert_eq!(v["usage"]["cost"].as_f64(), Some(cost as f64 / 1e6), "{v}");
+        }
+    };
+    // 10 prompt tokens (4 cached: cached defaults to input here) + 20 output: 10 × $1 + 20 × $4.
+    serve("fake", 90).await;
+    let r = http
+        .post(format!("{base}/admin/v1/prices"))
+        .bearer_auth(&admin_key)
+        .json(&json!({"model": "ch", "provider": "fake", "input": "3", "output": "12"}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+    // Route `fake` now costs more than `fake2` ($2 / $8): 10 × $2 + 20 × $8.
+    serve("fake2", 180).await;
     drop(gw);
     b
 }

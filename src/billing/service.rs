@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::gateway::prices::PriceBook;
 use crate::store::ledger::{FinalState, HoldInsert, HoldOutcome, SettleWrite, TopUpOutcome};
 use crate::store::{
     now_ms, sqlite_file_of, AccountRow, KeyRow, LedgerReport, PriceRow, RequestRow, Store,
@@ -236,6 +237,8 @@ pub struct Billing {
     secret: ServerSecret,
     settings: BillingSettings,
     prices: RwLock<PriceCache>,
+    /// Where the gateway reads route prices for routing and limits; kept current on every reload.
+    price_book: std::sync::OnceLock<Arc<PriceBook>>,
 }
 
 impl std::fmt::Debug for Billing {
@@ -265,7 +268,31 @@ impl Billing {
                 loaded: None,
                 by_route: HashMap::new(),
             }),
+            price_book: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Keeps `book` filled with the route prices in effect, from now on and at every reload of the
+    /// price versions, so the gateway routes and limits with the prices that are charged.
+    pub fn publish_prices_to(&self, book: Arc<PriceBook>) {
+        let _ = self.price_book.set(book);
+        self.publish_prices();
+    }
+
+    fn publish_prices(&self) {
+        let (Some(book), Ok(c)) = (self.price_book.get(), self.prices.read()) else {
+            return;
+        };
+        let now = now_ms();
+        let mut map = crate::gateway::prices::PriceMap::new();
+        for ((model, provider), versions) in &c.by_route {
+            if let Some(row) = versions.iter().rev().find(|p| p.effective_at <= now) {
+                map.entry(model.clone())
+                    .or_default()
+                    .insert(provider.clone(), super::pricing::per_mtok_totals(row));
+            }
+        }
+        book.replace(map);
     }
 
     pub fn store(&self) -> &Store {
@@ -340,6 +367,7 @@ impl Billing {
             c.by_route = by_route;
             c.loaded = Some(Instant::now());
         }
+        self.publish_prices();
         Ok(())
     }
 

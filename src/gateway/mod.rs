@@ -5,6 +5,7 @@ pub mod fetch;
 pub mod health;
 pub mod memory;
 pub mod model;
+pub mod prices;
 pub mod retry;
 pub mod router;
 pub mod rules;
@@ -62,6 +63,7 @@ pub struct Gateway {
     budgets: HashMap<String, RetryBudget>,
     affinity: Affinity,
     memory: Arc<memory::ReasoningMemory>,
+    prices: Arc<prices::PriceBook>,
 }
 
 impl Gateway {
@@ -91,12 +93,18 @@ impl Gateway {
                 .collect(),
             affinity: Affinity::new(100_000, Duration::from_secs(3600)),
             memory: Arc::new(memory::ReasoningMemory::new()),
+            prices: Arc::default(),
         })
     }
 
     /// Health of every route (for `/readyz` and the admin API).
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    /// The store's current route prices over the config's (fed by billing; empty without it).
+    pub fn prices(&self) -> &Arc<prices::PriceBook> {
+        &self.prices
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -176,6 +184,7 @@ impl Gateway {
                 needs: &needs,
                 prefs: &p.prefs,
                 health: &self.health,
+                prices: &self.prices,
                 sticky: sticky.as_deref(),
             },
             &mut rand::thread_rng(),
@@ -307,7 +316,7 @@ impl Gateway {
                     let served = Served {
                         provider: route.provider.clone(),
                         upstream_model: route.upstream_model.clone(),
-                        price: route.price,
+                        price: self.prices.of(&p.model.id, route).0,
                         attempts,
                     };
                     return Ok((answer, served));

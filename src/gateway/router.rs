@@ -197,10 +197,10 @@ impl Needs {
         None
     }
 
-    /// The route's price for this request's token mix, micro-USD × 10⁶ (no division, no floats).
-    pub fn cost(&self, route: &RouteConfig) -> u128 {
-        u128::from(self.prompt_tokens) * u128::from(route.price.input)
-            + u128::from(self.output_tokens) * u128::from(route.price.output)
+    /// A price for this request's token mix, micro-USD × 10⁶ (no division, no floats).
+    pub fn cost(&self, price: &crate::config::Price) -> u128 {
+        u128::from(self.prompt_tokens) * u128::from(price.input)
+            + u128::from(self.output_tokens) * u128::from(price.output)
     }
 }
 
@@ -272,6 +272,8 @@ pub struct PlanInput<'a> {
     pub needs: &'a Needs,
     pub prefs: &'a RoutePrefs,
     pub health: &'a Health,
+    /// Route prices in effect (the config's unless billing knows newer ones).
+    pub prices: &'a super::prices::PriceBook,
     /// The route (health key) that served this conversation before, if any.
     pub sticky: Option<&'a str>,
 }
@@ -339,9 +341,10 @@ pub fn plan(input: &PlanInput<'_>, rng: &mut impl Rng) -> Result<Vec<usize>, Gat
         RoutingPolicy::Priority => {}
         RoutingPolicy::Weighted => weighted_shuffle(&mut eligible, |i| m.routes[i].weight, rng),
         // A route without a configured price is not "free": it goes after the priced ones.
-        RoutingPolicy::Cheapest => {
-            eligible.sort_by_key(|&i| (!m.routes[i].priced, input.needs.cost(&m.routes[i])))
-        }
+        RoutingPolicy::Cheapest => eligible.sort_by_key(|&i| {
+            let (price, priced) = input.prices.of(&m.id, &m.routes[i]);
+            (!priced, input.needs.cost(&price))
+        }),
         RoutingPolicy::Fastest => {
             let latency_only = prefs.sort == Some(Sort::Latency);
             let out = input.needs.output_tokens;
@@ -423,6 +426,7 @@ fn weighted_shuffle(items: &mut [usize], weight: impl Fn(usize) -> u32, rng: &mu
 
 #[cfg(test)]
 mod tests {
+    use super::super::prices::PriceBook;
     use super::*;
     use crate::config::Config;
     use crate::gateway::model::{ContentPart, Message, Tool};
@@ -498,6 +502,7 @@ routing = {{ policy = "{policy}" }}
                 needs: &needs,
                 prefs,
                 health: &health,
+                prices: &PriceBook::default(),
                 sticky,
             },
             &mut rng,
@@ -575,6 +580,7 @@ routing = {{ policy = "{policy}" }}
                 needs: &needs,
                 prefs: &d,
                 health: &health,
+                prices: &PriceBook::default(),
                 sticky: None,
             },
             &mut rand::rngs::StdRng::seed_from_u64(1),
@@ -598,7 +604,7 @@ routing = {{ policy = "{policy}" }}
             ..Needs::default()
         };
         let routes = &c.models[0].routes;
-        assert!(needs.cost(&routes[2]) < needs.cost(&routes[0]));
+        assert!(needs.cost(&routes[2].price) < needs.cost(&routes[0].price));
         // An unpriced route (cost 0) is not the cheapest: it comes last.
         let mut c = c;
         c.models[0].routes[1].priced = false;
@@ -621,6 +627,7 @@ routing = {{ policy = "{policy}" }}
                     needs: &needs,
                     prefs: &d,
                     health: &health,
+                    prices: &PriceBook::default(),
                     sticky: None,
                 },
                 &mut rng,
@@ -664,6 +671,7 @@ routing = {{ policy = "{policy}" }}
                     needs: &needs,
                     prefs,
                     health: &health,
+                    prices: &PriceBook::default(),
                     sticky: None,
                 },
                 &mut rand::rngs::StdRng::seed_from_u64(1),

@@ -50,7 +50,12 @@ pub async fn read_body(req: Request, limit: u64) -> Result<(HeaderMap, Bytes), G
 
 /// The worst case a request may use: prompt estimate + maximum output tokens, and their cost at
 /// the most expensive route (the route is only known after dispatch).
-fn demand(prepared: &Prepared, prompt_estimate: u64, request_id: &str) -> Demand {
+fn demand(
+    prepared: &Prepared,
+    prices: &crate::gateway::prices::PriceBook,
+    prompt_estimate: u64,
+    request_id: &str,
+) -> Demand {
     let max_out = u64::from(
         prepared
             .request
@@ -64,7 +69,7 @@ fn demand(prepared: &Prepared, prompt_estimate: u64, request_id: &str) -> Demand
         .iter()
         .map(|r| {
             crate::limits::cost_micros(
-                &r.price,
+                &prices.of(&prepared.model.id, r).0,
                 &crate::gateway::model::Usage {
                     prompt_tokens: prompt_estimate,
                     completion_tokens: max_out,
@@ -137,7 +142,15 @@ pub async fn handle<T>(
     let admitted = match &subject {
         Some(s) => match state
             .limiter
-            .admit(s, demand(&prepared, prompt_estimate, &request_id))
+            .admit(
+                s,
+                demand(
+                    &prepared,
+                    state.gateway.prices(),
+                    prompt_estimate,
+                    &request_id,
+                ),
+            )
             .await
         {
             Ok(a) => Some(a),
