@@ -272,6 +272,11 @@ impl Billing {
         }
     }
 
+    /// Reloads the price versions when the cache is older than its period (and so the book).
+    pub async fn reload_prices_if_stale(&self) -> Result<(), BillingError> {
+        self.refresh_prices(false).await
+    }
+
     /// Keeps `book` filled with the route prices in effect, from now on and at every reload of the
     /// price versions, so the gateway routes and limits with the prices that are charged.
     pub fn publish_prices_to(&self, book: Arc<PriceBook>) {

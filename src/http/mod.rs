@@ -125,20 +125,16 @@ async fn list_models(
 }
 
 /// A model's card; with billing on, its prices are the ones charged now (the store's current
-/// version, which the admin API can change), not the config file's.
+/// versions, which the admin API can change), not the config file's.
 async fn card(state: &AppState, m: &crate::config::ModelConfig) -> serde_json::Value {
     let mut card = state.gateway.catalog().card(m);
     let Some(b) = &state.billing else { return card };
+    if let Err(e) = b.reload_prices_if_stale().await {
+        tracing::warn!(model = %m.id, error = %e, "model card: prices not reloaded");
+    }
+    let book = state.gateway.prices();
     for (i, r) in m.routes.iter().enumerate() {
-        let row = match b.price_for(&m.id, Some(&r.provider)).await {
-            Ok(Some(row)) => row,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(model = %m.id, error = %e, "model card: prices not read");
-                return card;
-            }
-        };
-        let pricing = crate::catalog::pricing_json(&crate::billing::pricing::per_mtok_totals(&row));
+        let pricing = crate::catalog::pricing_json(&book.of(&m.id, r).0);
         if i == 0 {
             card["pricing"] = pricing.clone();
         }
