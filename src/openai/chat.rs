@@ -61,34 +61,8 @@ fn chat_request_from(obj: &mut Map<String, Value>) -> Result<ChatRequest, Gatewa
         .unwrap_or(false);
     let max_completion_tokens: Option<i64> = take(obj, "max_completion_tokens")?;
     let max_tokens: Option<i64> = take(obj, "max_tokens")?;
-    let (max_output_tokens, max_output_param) = match (max_completion_tokens, max_tokens) {
-        (Some(v), _) => (
-            Some(positive_u32(v, "max_completion_tokens")?),
-            "max_completion_tokens",
-        ),
-        (None, Some(v)) => (Some(positive_u32(v, "max_tokens")?), "max_tokens"),
-        (None, None) => (None, "max_tokens"),
-    };
-    let stop = match take::<Value>(obj, "stop")? {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s],
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                _ => Err(GatewayError::invalid(
-                    "stop must be a string or an array of strings",
-                    Some("stop".into()),
-                )),
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => {
-            return Err(GatewayError::invalid(
-                "stop must be a string or an array of strings",
-                Some("stop".into()),
-            ))
-        }
-    };
+    let (max_output_tokens, max_output_param) = max_output(max_completion_tokens, max_tokens)?;
+    let stop = stop_strings(take::<Value>(obj, "stop")?)?;
     let tools: Vec<Value> = take(obj, "tools")?.unwrap_or_default();
     let tools = tools
         .into_iter()
@@ -139,7 +113,7 @@ mod fast {
     use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
     use serde_json::{Map, Value};
 
-    use super::{parse_reasoning, parse_tool, positive_u32};
+    use super::{max_output, parse_reasoning, parse_tool, stop_strings};
     use crate::gateway::model::{ChatRequest, Message, Reasoning};
 
     /// The typed fields, in the order the field-by-field path removes them from the object.
@@ -292,26 +266,9 @@ mod fast {
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let (max_output_tokens, max_output_param) = match (k.max_completion_tokens, k.max_tokens) {
-            (Some(v), _) => (
-                Some(positive_u32(v, "max_completion_tokens").ok()?),
-                "max_completion_tokens",
-            ),
-            (None, Some(v)) => (Some(positive_u32(v, "max_tokens").ok()?), "max_tokens"),
-            (None, None) => (None, "max_tokens"),
-        };
-        let stop = match k.stop {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::String(s)) => vec![s],
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .map(|v| match v {
-                    Value::String(s) => Some(s),
-                    _ => None,
-                })
-                .collect::<Option<_>>()?,
-            Some(_) => return None,
-        };
+        let (max_output_tokens, max_output_param) =
+            max_output(k.max_completion_tokens, k.max_tokens).ok()?;
+        let stop = stop_strings(k.stop).ok()?;
         let tools = k
             .tools
             .unwrap_or_default()
@@ -392,6 +349,43 @@ fn positive_u32(v: i64, param: &str) -> Result<u32, GatewayError> {
             Some(param.to_string()),
         )
     })
+}
+
+/// The output-token limit and the parameter that set it (`max_completion_tokens` wins).
+fn max_output(
+    max_completion_tokens: Option<i64>,
+    max_tokens: Option<i64>,
+) -> Result<(Option<u32>, &'static str), GatewayError> {
+    Ok(match (max_completion_tokens, max_tokens) {
+        (Some(v), _) => (
+            Some(positive_u32(v, "max_completion_tokens")?),
+            "max_completion_tokens",
+        ),
+        (None, Some(v)) => (Some(positive_u32(v, "max_tokens")?), "max_tokens"),
+        (None, None) => (None, "max_tokens"),
+    })
+}
+
+/// `stop` as a list: absent or null → none; a string or an array of strings.
+fn stop_strings(v: Option<Value>) -> Result<Vec<String>, GatewayError> {
+    let bad = || {
+        GatewayError::invalid(
+            "stop must be a string or an array of strings",
+            Some("stop".into()),
+        )
+    };
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s]),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
 }
 
 pub(crate) fn parse_tool(i: usize, t: Value) -> Result<Tool, GatewayError> {
