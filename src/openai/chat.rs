@@ -696,6 +696,13 @@ mod tests {
 
     /// The typed path gives exactly what the field-by-field path gives (including the order of
     /// `extra`, which goes upstream), and declines whatever that path refuses.
+    /// The typed parse gave the same request as the field-by-field one, `extra` order included.
+    fn assert_same(f: &ChatRequest, s: &ChatRequest, body: &str) {
+        assert_eq!(format!("{f:?}"), format!("{s:?}"), "{body}");
+        let (fk, sk): (Vec<_>, Vec<_>) = (f.extra.keys().collect(), s.extra.keys().collect());
+        assert_eq!(fk, sk, "{body}");
+    }
+
     #[test]
     fn typed_path_matches_the_field_by_field_path() {
         let bodies = [
@@ -732,10 +739,7 @@ mod tests {
             match (fast::parse(b.as_bytes()), slow) {
                 (Some(f), Ok(s)) => {
                     accepted += 1;
-                    assert_eq!(format!("{f:?}"), format!("{s:?}"), "{b}");
-                    let (fk, sk): (Vec<_>, Vec<_>) =
-                        (f.extra.keys().collect(), s.extra.keys().collect());
-                    assert_eq!(fk, sk, "{b}");
+                    assert_same(&f, &s, b);
                 }
                 // declined (e.g. a repeated key whose first value is wrong): the fallback parses it
                 (None, _) => {}
@@ -838,10 +842,7 @@ mod tests {
             match (fast::parse(b.as_bytes()), chat_request_from(&mut obj)) {
                 (Some(f), Ok(s)) => {
                     accepted += 1;
-                    assert_eq!(format!("{f:?}"), format!("{s:?}"), "{b}");
-                    let (fk, sk): (Vec<_>, Vec<_>) =
-                        (f.extra.keys().collect(), s.extra.keys().collect());
-                    assert_eq!(fk, sk, "{b}");
+                    assert_same(&f, &s, &b);
                 }
                 (None, Ok(_)) => declined += 1,
                 (None, Err(_)) => {}
