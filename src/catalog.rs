@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::config::{Config, ModelConfig, Price};
+use crate::gateway::prices::PriceBook;
 
 /// Every configured model, indexed by id and alias.
 #[derive(Debug, Clone)]
@@ -71,9 +72,11 @@ impl Catalog {
         out
     }
 
-    /// The OpenAI `model` object, extended like OpenRouter's models API.
-    pub fn card(&self, m: &ModelConfig) -> Value {
-        let price = m.routes.first().map(|r| r.price).unwrap_or_default();
+    /// The OpenAI `model` object, extended like OpenRouter's models API; each route priced as
+    /// `prices` says (the store's price in effect with billing on, else the config's).
+    pub fn card(&self, m: &ModelConfig, prices: &PriceBook) -> Value {
+        let route_prices: Vec<Price> = m.routes.iter().map(|r| prices.of(&m.id, r).0).collect();
+        let price = route_prices.first().copied().unwrap_or_default();
         json!({
             "id": m.id,
             "object": "model",
@@ -94,10 +97,10 @@ impl Catalog {
                 "max_completion_tokens": m.max_output_tokens,
             },
             "pricing": pricing_json(&price),
-            "providers": m.routes.iter().map(|r| json!({
+            "providers": m.routes.iter().zip(&route_prices).map(|(r, p)| json!({
                 "provider": r.provider,
                 "upstream_model": r.upstream_model,
-                "pricing": pricing_json(&r.price),
+                "pricing": pricing_json(p),
             })).collect::<Vec<_>>(),
         })
     }
@@ -156,7 +159,7 @@ fn supported_parameters(m: &ModelConfig) -> Vec<&'static str> {
 
 /// Prices as USD-per-token decimal strings (OpenRouter's convention) and per million tokens.
 /// The `pricing` object of a model card (OpenRouter's per-token USD strings, plus per-1M).
-pub fn pricing_json(p: &Price) -> Value {
+fn pricing_json(p: &Price) -> Value {
     json!({
         "prompt": per_token_usd(p.input),
         "completion": per_token_usd(p.output),

@@ -127,20 +127,12 @@ async fn list_models(
 /// A model's card; with billing on, its prices are the ones charged now (the store's current
 /// versions, which the admin API can change), not the config file's.
 async fn card(state: &AppState, m: &crate::config::ModelConfig) -> serde_json::Value {
-    let mut card = state.gateway.catalog().card(m);
-    let Some(b) = &state.billing else { return card };
-    if let Err(e) = b.reload_prices_if_stale().await {
-        tracing::warn!(model = %m.id, error = %e, "model card: prices not reloaded");
-    }
-    let book = state.gateway.prices();
-    for (i, r) in m.routes.iter().enumerate() {
-        let pricing = crate::catalog::pricing_json(&book.of(&m.id, r).0);
-        if i == 0 {
-            card["pricing"] = pricing.clone();
+    if let Some(b) = &state.billing {
+        if let Err(e) = b.reload_prices_if_stale().await {
+            tracing::warn!(model = %m.id, error = %e, "model card: prices not reloaded");
         }
-        card["providers"][i]["pricing"] = pricing;
     }
-    card
+    state.gateway.catalog().card(m, state.gateway.prices())
 }
 
 async fn get_model(
