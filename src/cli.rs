@@ -74,6 +74,7 @@ pub fn main() -> ExitCode {
                 }
             };
             let served = runtime.block_on(serve(config, listen, database_url, redis_url));
+            crate::gateway::usage::flush_outcomes();
             telemetry::flush_logs();
             match served {
                 Ok(()) => ExitCode::SUCCESS,

@@ -99,19 +99,134 @@ pub trait OutcomeSink: Send + Sync {
 }
 
 /// The default sink: structured log line and Prometheus metrics (no prompt or completion text).
+///
+/// A request only queues its outcome; the `access-log` thread takes the queue every
+/// [`ACCESS_TICK`] and writes the lines and counts the metrics. So neither the formatting nor a
+/// task spawn is on the answer's path: a spawned task pushed the upstream connection's task out
+/// of the worker's next-task slot, and the runtime woke its idle second worker for it (a futex
+/// call and a cross-CPU wake-up between reading the upstream answer and writing the client's).
+/// An idle thread sleeps until the next outcome; [`flush_outcomes`] writes out what is queued.
 pub struct LogSink;
 
 impl OutcomeSink for LogSink {
     fn record(&self, o: Outcome) {
-        // Formatting the line is most of this sink's cost; on a task of its own it runs after the
-        // answer is written instead of before (the task waits in the worker's next-task slot).
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(async move { log_outcome(&o) });
-            }
-            Err(_) => log_outcome(&o),
+        AccessLog::get().push(o);
+    }
+}
+
+/// How long a finished request's outcome may wait for its access line and metrics.
+pub const ACCESS_TICK: std::time::Duration = std::time::Duration::from_millis(5);
+/// Ticks without any outcome (about a second) after which the thread sleeps until the next one.
+const ACCESS_IDLE_TICKS: u32 = 200;
+/// Outcomes queued beyond this (the thread cannot keep up) are written by the request itself.
+const ACCESS_QUEUE_CAP: usize = 65_536;
+
+/// The queue of finished outcomes and the thread that writes them.
+struct AccessLog {
+    queue: std::sync::Mutex<AccessQueue>,
+    wake: std::sync::Condvar,
+    /// Held while a batch is written, so [`flush_outcomes`] returns only when all are out.
+    writing: std::sync::Mutex<()>,
+    /// The thread runs; without it (it could not be started) outcomes are written at once.
+    threaded: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct AccessQueue {
+    items: Vec<Outcome>,
+    /// The thread sleeps until the next outcome (the pusher wakes it).
+    parked: bool,
+}
+
+impl AccessLog {
+    fn get() -> &'static AccessLog {
+        static LOG: std::sync::OnceLock<AccessLog> = std::sync::OnceLock::new();
+        static THREAD: std::sync::Once = std::sync::Once::new();
+        let log = LOG.get_or_init(|| AccessLog {
+            queue: Default::default(),
+            wake: std::sync::Condvar::new(),
+            writing: std::sync::Mutex::new(()),
+            threaded: std::sync::atomic::AtomicBool::new(false),
+        });
+        THREAD.call_once(|| {
+            let started = std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || log.run())
+                .is_ok();
+            log.threaded
+                .store(started, std::sync::atomic::Ordering::Release);
+        });
+        log
+    }
+
+    fn push(&self, o: Outcome) {
+        if !self.threaded.load(std::sync::atomic::Ordering::Acquire) {
+            return self.write(&[o]);
+        }
+        let Ok(mut q) = self.queue.lock() else {
+            return self.write(&[o]);
+        };
+        if q.items.len() >= ACCESS_QUEUE_CAP {
+            drop(q);
+            return self.write(&[o]);
+        }
+        q.items.push(o);
+        let wake = std::mem::replace(&mut q.parked, false);
+        drop(q);
+        if wake {
+            self.wake.notify_one();
         }
     }
+
+    /// The thread: every tick, writes what was queued; after a quiet second, sleeps until woken.
+    fn run(&self) {
+        let mut batch: Vec<Outcome> = Vec::new();
+        let mut idle = 0u32;
+        loop {
+            std::thread::sleep(ACCESS_TICK);
+            {
+                let Ok(mut q) = self.queue.lock() else { return };
+                if q.items.is_empty() {
+                    idle += 1;
+                    if idle < ACCESS_IDLE_TICKS {
+                        continue;
+                    }
+                    q.parked = true;
+                    while q.items.is_empty() {
+                        q = match self.wake.wait(q) {
+                            Ok(q) => q,
+                            Err(_) => return,
+                        };
+                    }
+                }
+                idle = 0;
+            }
+            self.write_queued(&mut batch);
+        }
+    }
+
+    /// Takes the queue (into `batch`, whose buffer is reused) and writes it.
+    fn write_queued(&self, batch: &mut Vec<Outcome>) {
+        let Ok(_w) = self.writing.lock() else { return };
+        match self.queue.lock() {
+            Ok(mut q) => std::mem::swap(&mut q.items, batch),
+            Err(_) => return,
+        }
+        self.write(batch);
+        batch.clear();
+    }
+
+    fn write(&self, outcomes: &[Outcome]) {
+        for o in outcomes {
+            log_outcome(o);
+        }
+    }
+}
+
+/// Writes the access lines and metrics of every outcome queued so far (the server calls it on its
+/// way out, before the log buffer's last flush).
+pub fn flush_outcomes() {
+    AccessLog::get().write_queued(&mut Vec::new());
 }
 
 /// The access line and the metrics of one finished request.
