@@ -13,7 +13,7 @@ APT_TEST := redis-server postgresql python3-venv
 # native build does: see scripts/ggml-cpu-flags.sh. Exported to every cargo run below.
 $(foreach v,$(shell scripts/ggml-cpu-flags.sh),$(eval export $(v)))
 
-.PHONY: run test deps-build deps-test model build lint clean bench bench-engine
+.PHONY: run test deps-build deps-test model build release-pgo lint clean bench bench-engine
 
 $(STAMP):
 	@mkdir -p $(STAMP)
@@ -40,6 +40,12 @@ $(MODEL):
 
 build: deps-build
 	$(CARGO) build
+
+# The release binary operators should run: profile-guided (a training run of the bench tools'
+# fake upstream and load generator through an instrumented build, then a rebuild with that
+# profile; scripts/pgo-build.sh). ~20 min on 2 cores from scratch; the binary: target/pgo/tollgate.
+release-pgo: deps-build
+	scripts/pgo-build.sh
 
 run: deps-build model
 	$(CARGO) run -- serve

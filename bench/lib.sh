@@ -19,7 +19,14 @@ FLOOR_SRC=${FLOOR_SRC:-$ROOT/../shared/bench-floor}
 GWBENCH=${GWBENCH:-$TOOLS/gwbench-target/release/gwbench}
 OHA=${OHA:-$TOOLS/bin/oha}
 VENV=${VENV:-$BENCH_DIR/.venv}
-TOLLGATE=${TOLLGATE:-$ROOT/target/release/tollgate}
+# PGO=1: the profile-guided build of `make release-pgo` (scripts/pgo-build.sh) instead of
+# `cargo build --release`'s.
+PGO=${PGO:-0}
+if [ "$PGO" = 1 ]; then
+    TOLLGATE=${TOLLGATE:-$ROOT/target/pgo/tollgate}
+else
+    TOLLGATE=${TOLLGATE:-$ROOT/target/release/tollgate}
+fi
 HOST=127.0.0.1
 PORT_BASE=${PORT_BASE:-19100}
 # pinned: the server under test on CPU1, fake upstream + load generator on CPU0 (performance.md
@@ -91,7 +98,10 @@ TOML
 }
 
 ensure_tollgate() {
-    if [ "${BUILD:-1}" = 1 ]; then
+    if [ "${BUILD:-1}" = 1 ] && [ "$PGO" = 1 ]; then
+        log "scripts/pgo-build.sh (tollgate, profile-guided)"
+        "$ROOT/scripts/pgo-build.sh" >&2
+    elif [ "${BUILD:-1}" = 1 ]; then
         log "cargo build --release (tollgate)"
         (cd "$ROOT" && cargo build --release --quiet --bin tollgate)
     fi
