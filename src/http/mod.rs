@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod billing;
 pub mod chat;
+mod conn;
 pub mod error;
 mod events;
 pub mod limits;
@@ -274,19 +275,15 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
     let grace = state.config.server.shutdown_grace;
     let addr: SocketAddr = listener.local_addr()?;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        let mut rx = rx;
-        let _ = rx.wait_for(|v| *v).await;
-    });
+    let server = conn::run(listener, app(state), rx);
     tracing::info!("listening on {addr}");
-    let mut handle = tokio::spawn(async move { server.await });
+    let mut handle = tokio::spawn(async move {
+        server.await;
+        Ok::<(), std::io::Error>(())
+    });
     tokio::select! {
         r = &mut handle => return r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
         _ = shutdown => {}
