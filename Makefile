@@ -60,8 +60,9 @@ test: deps-test model
 	@if [ -x scripts/test-services.sh ]; then source scripts/test-services.sh; fi; \
 	  $(CARGO) test --all-targets -- --test-threads=4
 
-# What tollgate adds per request vs direct, the bench-floor proxy and LiteLLM (see BENCHMARKS.md).
-# Installs oha, builds the bench-floor and a LiteLLM venv on first use (all gitignored); ~12 min.
+# What tollgate adds per request vs direct, the bench-floor proxy and LiteLLM (see BENCHMARKS.md),
+# measured on the release-pgo binary (PGO=0 for the plain release build). Installs oha, builds
+# the bench-floor and a LiteLLM venv on first use (all gitignored); ~14 min plus the build.
 bench: deps-build
 	bench/run.sh gateway
 

@@ -5,10 +5,14 @@
 #
 # Usage: bench/run.sh gateway          (or directly: bench/gateway.sh)
 # Knobs (environment): TARGETS="direct floor tollgate litellm", PLACEMENT=pinned|unpinned,
-#   QUICK=1 (shorter steps), BUILD=0 (use the existing target/release/tollgate), PORT_BASE=19100,
+#   QUICK=1 (shorter steps), BUILD=0 (use the existing binary, no build), PORT_BASE=19100,
 #   LITELLM_STREAMS=1 (also hold OPEN_STREAMS streams open through LiteLLM),
 #   TESTS="c1 sat open ttft chunk streams" (a subset runs only those steps), and the step knobs below.
+#   PGO=1 (default): tollgate is the profile-guided build of `make release-pgo`
+#   (target/pgo/tollgate, built by scripts/pgo-build.sh unless BUILD=0); PGO=0: the plain
+#   `cargo build --release` binary. TOLLGATE=path measures any other binary.
 
+PGO=${PGO:-1} # before lib.sh, whose default is the plain release build
 . "$(dirname "$0")/lib.sh"
 
 QUICK=${QUICK:-0}
@@ -166,7 +170,7 @@ machine_info() {
     local cpu load
     cpu=$(awk -F: '/model name/{gsub(/^ /,"",$2); print $2; exit}' /proc/cpuinfo)
     load=$(cut -d' ' -f1-3 /proc/loadavg)
-    record "{\"test\":\"meta\",\"run_id\":\"$RUN_ID\",\"placement\":\"$PLACEMENT\",\"nproc\":$NCPU,\"cpu\":\"$cpu\",\"loadavg_start\":\"$load\",\"quick\":$QUICK,\"targets\":\"$TARGETS\",\"git\":\"$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)\",\"litellm\":\"$("$VENV/bin/pip" show litellm 2>/dev/null | awk '/^Version/{print $2}')\",\"frames\":{\"zero\":${MOCK_FRAMES[zero]},\"sse0\":${MOCK_FRAMES[sse0]},\"slow\":${MOCK_FRAMES[slow]}},\"open_streams\":$OPEN_STREAMS,\"nice\":$NICE}"
+    record "{\"test\":\"meta\",\"run_id\":\"$RUN_ID\",\"placement\":\"$PLACEMENT\",\"nproc\":$NCPU,\"cpu\":\"$cpu\",\"loadavg_start\":\"$load\",\"quick\":$QUICK,\"targets\":\"$TARGETS\",\"git\":\"$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)\",\"tollgate_bin\":\"$TOLLGATE\",\"litellm\":\"$("$VENV/bin/pip" show litellm 2>/dev/null | awk '/^Version/{print $2}')\",\"frames\":{\"zero\":${MOCK_FRAMES[zero]},\"sse0\":${MOCK_FRAMES[sse0]},\"slow\":${MOCK_FRAMES[slow]}},\"open_streams\":$OPEN_STREAMS,\"nice\":$NICE}"
 }
 
 # rotate LIST N: the list rotated left by N (interleaved order changes every round)

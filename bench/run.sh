@@ -7,7 +7,7 @@
 # bench/results/<run-id>/results.jsonl (gitignored). Available:
 #   gateway   what tollgate adds vs direct / the bench-floor proxy / LiteLLM (issue 2)
 # Environment knobs are listed at the top of each bench script; the common ones live in lib.sh:
-#   PLACEMENT=pinned|unpinned   PORT_BASE=19100   BUILD=0   QUICK=1
+#   PLACEMENT=pinned|unpinned   PORT_BASE=19100   BUILD=0   QUICK=1   PGO=0 (gateway: plain release build)
 # Loopback only. Every load step is bounded in time; a full gateway run takes ~12 minutes.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
