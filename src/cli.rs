@@ -239,13 +239,20 @@ async fn serve(
         }
     }
     let listen = cfg.server.listen;
+    let at_exit = billing.clone();
     let state = crate::build_state_with(cfg, billing)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    crate::http::serve(state, listener, shutdown)
+    let served = crate::http::serve(state, listener, shutdown)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    if let Some(b) = at_exit {
+        if let Err(e) = b.flush().await {
+            tracing::warn!(error = %e, "billing: could not write everything at shutdown; the journal keeps it for the next start");
+        }
+    }
+    served
 }
 
 fn print_catalog(c: &Config) {

@@ -67,7 +67,7 @@ pub async fn open_billing(
         return Ok(None);
     }
     let settings = billing::BillingSettings::from_config(config);
-    let b = billing::Billing::open(settings).await.map_err(|e| {
+    let mut b = billing::Billing::open(settings).await.map_err(|e| {
         format!(
             "billing store {}: {e}",
             store::redact_url(&config.database_url)
@@ -97,6 +97,9 @@ pub async fn open_billing(
     b.sync_config_price_rows(&rows)
         .await
         .map_err(|e| format!("recording config prices: {e}"))?;
+    b.start_leases()
+        .await
+        .map_err(|e| format!("lease admission: {e}"))?;
     b.sweep_expired()
         .await
         .map_err(|e| format!("releasing expired holds: {e}"))?;

@@ -21,7 +21,7 @@ use tollgate::billing::keys::ServerSecret;
 use tollgate::billing::{Billing, BillingSettings};
 use tollgate::store::{now_ms, Store};
 
-use billing_support::Db;
+use billing_support::{applied, Db};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 const SECRET: &str = "gateway-test-secret-0123456789abcdef-xyz";
@@ -108,7 +108,7 @@ async fn start_upstream() -> (SocketAddr, Arc<Upstream>) {
 
 // ---- the binary --------------------------------------------------------------------------------
 
-fn config_text(up: SocketAddr, db_url: &str, hold_ttl_secs: u64) -> String {
+fn config_text(up: SocketAddr, db_url: &str, hold_ttl_secs: u64, admission: &str) -> String {
     format!(
         r#"
 [auth]
@@ -118,7 +118,7 @@ url = "{db_url}"
 [billing]
 hold_ttl_secs = {hold_ttl_secs}
 sweep_interval_secs = 1
-[[providers]]
+{admission}[[providers]]
 name = "fake"
 dialect = "openai"
 base_url = "http://{up}/v1"
@@ -230,8 +230,11 @@ async fn wait_ready(addr: SocketAddr) {
 
 async fn start_gw(db: &Db, up: SocketAddr, hold_ttl_secs: u64) -> Gw {
     let config = db.dir.path().join("tollgate.toml");
-    std::fs::write(&config, config_text(up, &db.url, hold_ttl_secs))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        &config,
+        config_text(up, &db.url, hold_ttl_secs, &db.admission_toml()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let log = db.dir.path().join("tollgate.log");
     let (child, addr) = spawn_gw(&config, &log);
     wait_ready(addr).await;
@@ -265,6 +268,17 @@ fn header_of(r: &reqwest::Response, name: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string()
+}
+
+/// A request's record as the test's own handle reads it from the database (see [`applied`]).
+async fn record(db: &Db, b: &Billing, id: &str) -> tollgate::store::RequestRow {
+    match applied(db, || async { b.request_record(id).await.ok() }).await {
+        Some(r) => r,
+        None => panic!(
+            "request {id}: {:?}",
+            b.request_record(id).await.map(|r| r.state)
+        ),
+    }
 }
 
 /// A new account with `micros` of credit, and a customer key for it.
@@ -372,10 +386,7 @@ async fn gateway_flow(db: &Db) -> Billing {
     );
     let v: Value = r.json().await.unwrap_or_default();
     assert_eq!(v["usage"]["cost"].as_f64(), Some(0.000088), "{v}");
-    let rec = b
-        .request_record(&rid)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rec = record(db, &b, &rid).await;
     assert_eq!(
         (rec.state.as_str(), rec.cost_micros),
         ("settled", COMPLETE_COST)
@@ -440,10 +451,7 @@ async fn gateway_flow(db: &Db) -> Billing {
     let cost = stream_cost(&text);
     // 10 × $1 + 15 × $4 = 70 micros
     assert_eq!(cost, Some(70), "{text}");
-    let rec = b
-        .request_record(&rid)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rec = record(db, &b, &rid).await;
     assert_eq!((rec.state.as_str(), rec.cost_micros), ("settled", 70));
 
     // Streamed Anthropic Messages and Responses answers carry the same charge as `usage.cost` in
@@ -485,10 +493,7 @@ async fn gateway_flow(db: &Db) -> Billing {
             })
             .map(|c| (c * 1_000_000.0).round() as i64)
             .next_back();
-        let rec = b
-            .request_record(&rid)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let rec = record(db, &b, &rid).await;
         assert_eq!(rec.state, "settled", "{path}: {text}");
         assert!(rec.cost_micros > 0, "{path}");
         assert_eq!(cost, Some(rec.cost_micros), "{path}: {text}");
@@ -507,19 +512,13 @@ async fn gateway_flow(db: &Db) -> Billing {
     let text = r.text().await.unwrap_or_default();
     assert!(text.contains("t9 ") && text.contains("\"error\""), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
-    let mut rec = b
-        .request_record(&rid)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut rec = record(db, &b, &rid).await;
     for _ in 0..100 {
         if rec.state != "held" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        rec = b
-            .request_record(&rid)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        rec = record(db, &b, &rid).await;
     }
     assert_eq!(rec.state, "settled", "{rec:?}");
     assert!(rec.estimated && rec.delivered, "{rec:?}");
@@ -543,10 +542,7 @@ async fn gateway_flow(db: &Db) -> Billing {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(r.status().is_server_error(), "{}", r.status());
     let rid = header_of(&r, "x-request-id");
-    let rec = b
-        .request_record(&rid)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rec = record(db, &b, &rid).await;
     assert_eq!((rec.state.as_str(), rec.cost_micros), ("released", 0));
 
     // Revocation takes effect on the next request.
@@ -581,7 +577,7 @@ async fn gateway_flow(db: &Db) -> Billing {
     drop(gw);
     b
 }
-both_backends!(gateway_bills_and_reports, gateway_flow);
+all_admissions!(gateway_bills_and_reports, gateway_flow);
 
 /// The charge from the final usage chunk of an SSE body, in micro-USD.
 fn stream_cost(text: &str) -> Option<i64> {
@@ -711,13 +707,34 @@ async fn kill9(db: &Db) -> Billing {
     // A client that saw a cost was charged exactly that, once.
     for o in &completed {
         let Some(id) = &o.request_id else { continue };
-        let rec = b.request_record(id).await.unwrap_or_else(|e| panic!("{e}"));
+        let rec = record(db, &b, id).await;
         assert_eq!(rec.state, "settled", "{id} (seed {seed0:#x})");
         assert_eq!(
             Some(rec.cost_micros),
             o.completed_cost,
             "{id} (seed {seed0:#x})"
         );
+    }
+    // Every request id a client saw (its answer started, so it was admitted) has a row in a final
+    // state: under lease admission there are no held rows at all, so `open_holds == 0` alone
+    // would prove nothing.
+    let mut seen = 0;
+    for o in &outcomes {
+        let Some(id) = &o.request_id else { continue };
+        let rec = record(db, &b, id).await;
+        assert!(
+            matches!(rec.state.as_str(), "settled" | "released" | "expired"),
+            "{id}: {} (seed {seed0:#x})",
+            rec.state
+        );
+        seen += 1;
+    }
+    assert!(seen > 0, "clients saw request ids (seed {seed0:#x})");
+    if db.lease {
+        assert!(rep.leases > 0, "the lease path was used: {rep:?}");
+        // A restarted instance gave back its predecessors' leases; at most the running one
+        // holds one (none if it was started after the last request).
+        assert!(rep.open_leases <= 1, "only the running instance holds a lease: {rep:?}");
     }
     // Every request the gateway saw has exactly one row and one final state (checked above);
     // requests cut by a kill were never charged more than their hold.
@@ -735,7 +752,7 @@ async fn kill9(db: &Db) -> Billing {
     drop(gw);
     b
 }
-both_backends!(kill9_recovery, kill9);
+all_admissions!(kill9_recovery, kill9);
 
 /// Route 1 fails (500), route 2 serves: the request is settled once, at route 2's prices, and
 /// the request record names route 2 (issue 6: "billed once at the route that served it").
@@ -783,10 +800,7 @@ async fn failover_flow(db: &Db) -> Billing {
             );
             assert_eq!(v["provider"], "fake2", "{v}");
         }
-        let rec = b
-            .request_record(&rid)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let rec = record(db, &b, &rid).await;
         assert_eq!(
             (rec.state.as_str(), rec.cost_micros),
             ("settled", expected),
@@ -836,6 +850,11 @@ async fn failover_flow(db: &Db) -> Billing {
     }
     // Two attempts per request (route 1's 500, then route 2), and exactly the two charges.
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 4);
+    applied(db, || async {
+        let a = b.account("fo").await.ok()?;
+        (a.balance_micros == 1_000_000 - charged && a.held_micros == 0).then_some(())
+    })
+    .await;
     let acct = b.account("fo").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         (acct.balance_micros, acct.held_micros),
@@ -844,7 +863,7 @@ async fn failover_flow(db: &Db) -> Billing {
     drop(gw);
     b
 }
-both_backends!(failover_bills_the_serving_route, failover_flow);
+all_admissions!(failover_bills_the_serving_route, failover_flow);
 
 // ---- model cards show the prices charged ------------------------------------------------------
 

@@ -165,7 +165,7 @@ async fn concurrent_admission(db: &Db) -> Billing {
     assert_eq!(a.held_micros, 0);
     Arc::try_unwrap(b).unwrap_or_else(|_| panic!("billing still shared"))
 }
-both_backends!(d1_concurrent_admission, concurrent_admission);
+all_admissions!(d1_concurrent_admission, concurrent_admission);
 
 // Each request id settles exactly once, whatever races or retries.
 async fn exactly_once(db: &Db) -> Billing {
@@ -228,7 +228,7 @@ async fn exactly_once(db: &Db) -> Billing {
     assert_eq!(a.held_micros, 0);
     Arc::try_unwrap(b).unwrap_or_else(|_| panic!("billing still shared"))
 }
-both_backends!(exactly_once_settlement, exactly_once);
+all_admissions!(exactly_once_settlement, exactly_once);
 
 // Charging rules: nothing delivered → 0; usage beyond the hold → capped; estimated flag kept.
 async fn charging_rules(db: &Db) -> Billing {
@@ -334,7 +334,7 @@ async fn charging_rules(db: &Db) -> Billing {
     assert!(r.latency_ms.is_some());
     b
 }
-both_backends!(charging_rules_apply, charging_rules);
+all_admissions!(charging_rules_apply, charging_rules);
 
 // A crash leaves holds open; the sweeper releases them after expiry, idempotently.
 async fn sweeper(db: &Db) -> Billing {
@@ -566,7 +566,7 @@ async fn keys(db: &Db) -> Billing {
     assert_no_secret_in_db(db, &b, &[&raw, &raw2]).await;
     b
 }
-both_backends!(keys_auth_revoke_caps, keys);
+all_admissions!(keys_auth_revoke_caps, keys);
 
 async fn assert_no_secret_in_db(db: &Db, b: &Billing, raws: &[&str]) {
     if let Some(path) = db.sqlite_file() {
@@ -813,7 +813,7 @@ async fn usage(db: &Db) -> Billing {
     assert!(none.is_empty());
     b
 }
-both_backends!(usage_grouping, usage);
+all_admissions!(usage_grouping, usage);
 
 // The ledger tables refuse UPDATE and DELETE.
 async fn append_only(db: &Db) -> Billing {

@@ -6,7 +6,9 @@
 pub mod attempts;
 pub mod cli;
 pub mod dates;
+pub mod journal;
 pub mod keys;
+pub mod lease;
 pub mod money;
 pub mod pricing;
 pub mod service;

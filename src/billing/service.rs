@@ -15,8 +15,10 @@ use crate::store::{
 };
 
 use super::keys::{self, SecretError, ServerSecret};
+use super::lease::Leases;
 use super::money::{format_usd, Micros};
 use super::pricing::{compute_cost, hold_amount, Cost, PriceSpec, Usage};
+use crate::store::leases::LeaseFinal;
 
 /// Where the store is and how billing behaves.
 #[derive(Debug, Clone)]
@@ -33,6 +35,8 @@ pub struct BillingSettings {
     pub sweep_interval: Duration,
     /// Models with no price are refused (false, default) or served free (true).
     pub allow_unpriced: bool,
+    /// Lease admission instead of a database hold per request (see [`super::lease`]).
+    pub lease: Option<crate::config::LeaseConfig>,
 }
 
 impl Default for BillingSettings {
@@ -44,6 +48,7 @@ impl Default for BillingSettings {
             hold_ttl: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(30),
             allow_unpriced: false,
+            lease: None,
         }
     }
 }
@@ -58,7 +63,24 @@ impl BillingSettings {
             hold_ttl: cfg.billing.hold_ttl,
             sweep_interval: cfg.billing.sweep_interval,
             allow_unpriced: cfg.billing.allow_unpriced,
+            lease: cfg.billing.lease.clone(),
         }
+    }
+
+    /// The lease journal directory: configured, else next to the SQLite database
+    /// (`<file>.journal`), else `tollgate-journal` in the working directory.
+    pub fn journal_dir(&self) -> Option<PathBuf> {
+        let l = self.lease.as_ref()?;
+        Some(l.journal_dir.clone().unwrap_or_else(|| {
+            sqlite_file_of(&self.database_url).map_or_else(
+                || PathBuf::from("tollgate-journal"),
+                |p| {
+                    let mut s = p.into_os_string();
+                    s.push(".journal");
+                    PathBuf::from(s)
+                },
+            )
+        }))
     }
 
     /// The secret file actually used: configured, or next to the SQLite database.
@@ -183,6 +205,10 @@ pub struct Hold {
     pub provider: Option<String>,
     pub expires_at: i64,
     pub started: Instant,
+    /// Admitted under this credit lease (lease admission) instead of a hold of its own.
+    pub lease_id: Option<String>,
+    /// The lease book it came from (see [`super::lease::book_of`]).
+    pub lease_book: Option<String>,
 }
 
 /// What happened, reported after the upstream call.
@@ -239,6 +265,8 @@ pub struct Billing {
     prices: RwLock<PriceCache>,
     /// Where the gateway reads route prices for routing and limits; kept current on every reload.
     price_book: std::sync::OnceLock<Arc<PriceBook>>,
+    /// Lease admission, when configured and started ([`Billing::start_leases`]).
+    leases: Option<Arc<Leases>>,
 }
 
 impl std::fmt::Debug for Billing {
@@ -269,6 +297,36 @@ impl Billing {
                 by_route: HashMap::new(),
             }),
             price_book: std::sync::OnceLock::new(),
+            leases: None,
+        }
+    }
+
+    /// Starts lease admission when the settings ask for it: opens the journal, applies what a
+    /// previous run left in it, and starts the writer and renewer tasks. Needs a Tokio runtime.
+    pub async fn start_leases(&mut self) -> Result<(), BillingError> {
+        let (Some(cfg), Some(dir)) = (self.settings.lease.clone(), self.settings.journal_dir())
+        else {
+            return Ok(());
+        };
+        let leases = Leases::open(self.store.clone(), &dir, cfg.slice_micros, cfg.ttl).await?;
+        leases.spawn();
+        self.leases = Some(leases);
+        Ok(())
+    }
+
+    /// Under lease admission, writes the charges already answered that are still queued, so a
+    /// read of balances or usage on this instance sees them (bounded; no-op otherwise).
+    async fn written_charges(&self) {
+        if let Some(l) = &self.leases {
+            l.write_all_pending(Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Writes what lease admission still has pending and gives its idle leases back (shutdown).
+    pub async fn flush(&self) -> Result<(), BillingError> {
+        match &self.leases {
+            Some(l) => l.flush().await,
+            None => Ok(()),
         }
     }
 
@@ -499,6 +557,54 @@ impl Billing {
         );
         let ttl_ms = i64::try_from(self.settings.hold_ttl.as_millis()).unwrap_or(i64::MAX / 4);
         let expires_at = now_ms().saturating_add(ttl_ms);
+        if let Some(leases) = &self.leases {
+            let now = now_ms();
+            let row = LeaseFinal {
+                id: params.request_id.clone(),
+                lease_id: String::new(),
+                account_id: p.account_id.clone(),
+                key_id: Some(p.key_id.clone()),
+                model: params.model.clone(),
+                provider: params.provider.clone(),
+                upstream_model: None,
+                price_id: price.id,
+                state: "held".to_string(),
+                hold_micros: amount,
+                hold_expires_at: expires_at,
+                status: None,
+                http_status: None,
+                prompt_tokens: 0,
+                cached_tokens: 0,
+                completion_tokens: 0,
+                reasoning_tokens: 0,
+                cost_micros: 0,
+                computed_cost_micros: 0,
+                input_cost_micros: 0,
+                cached_cost_micros: 0,
+                output_cost_micros: 0,
+                network_cost_micros: 0,
+                estimated: false,
+                delivered: false,
+                latency_ms: None,
+                created_at: now,
+                finished_at: now,
+            };
+            let lease_id = leases.admit(p, row).await?;
+            return Ok(Hold {
+                request_id: params.request_id.clone(),
+                account_id: p.account_id.clone(),
+                key_id: Some(p.key_id.clone()),
+                amount,
+                price,
+                route_prices: Vec::new(),
+                model: params.model.clone(),
+                provider: params.provider.clone(),
+                expires_at,
+                started: Instant::now(),
+                lease_id: Some(lease_id),
+                lease_book: Some(super::lease::book_of(p)),
+            });
+        }
         let ins = HoldInsert {
             request_id: params.request_id.clone(),
             account_id: p.account_id.clone(),
@@ -522,6 +628,8 @@ impl Billing {
                 provider: params.provider.clone(),
                 expires_at,
                 started: Instant::now(),
+                lease_id: None,
+                lease_book: None,
             }),
             HoldOutcome::InsufficientCredits { available_micros } => {
                 Err(BillingError::InsufficientCredits {
@@ -577,6 +685,20 @@ impl Billing {
             http_status: input.http_status.map(i64::from),
             latency_ms: latency,
         };
+        if let (Some(leases), Some(lease_id)) = (&self.leases, &hold.lease_id) {
+            let row = leased_row(hold, lease_id, state, &w);
+            return match leases.finish(hold, row).await? {
+                Some(()) => Ok(Settlement {
+                    request_id: hold.request_id.clone(),
+                    state,
+                    charged,
+                    cost,
+                    estimated: input.estimated,
+                    replayed: false,
+                }),
+                None => self.stored_settlement(&hold.request_id).await,
+            };
+        }
         match self
             .store
             .finalize(&hold.request_id, state, &w, None)
@@ -608,11 +730,7 @@ impl Billing {
     }
 
     async fn stored_settlement(&self, request_id: &str) -> Result<Settlement, BillingError> {
-        let r = self
-            .store
-            .request_by_id(request_id)
-            .await?
-            .ok_or_else(|| BillingError::NotFound(format!("request {request_id}")))?;
+        let r = self.request_record(request_id).await?;
         let state = match r.state.as_str() {
             "settled" => FinalState::Settled,
             "released" => FinalState::Released,
@@ -668,8 +786,25 @@ impl Billing {
                 break;
             }
         }
+        loop {
+            let ids = self.store.expired_leases(now, 500).await?;
+            let batch = ids.len();
+            for id in ids {
+                if self
+                    .store
+                    .release_lease(&id, None, true, "expire", Some(now))
+                    .await?
+                    .is_some()
+                {
+                    n += 1;
+                }
+            }
+            if batch < 500 {
+                break;
+            }
+        }
         if n > 0 {
-            tracing::info!(released = n, "released expired holds");
+            tracing::info!(released = n, "released expired holds and leases");
         }
         Ok(n)
     }
@@ -719,10 +854,12 @@ impl Billing {
     }
 
     pub async fn list_accounts(&self) -> Result<Vec<AccountRow>, BillingError> {
+        self.written_charges().await;
         Ok(self.store.list_accounts().await?)
     }
 
     pub async fn account(&self, name: &str) -> Result<AccountRow, BillingError> {
+        self.written_charges().await;
         self.store
             .account_by_name(name)
             .await?
@@ -730,6 +867,7 @@ impl Billing {
     }
 
     pub async fn account_by_id(&self, id: &str) -> Result<AccountRow, BillingError> {
+        self.written_charges().await;
         self.store
             .account_by_id(id)
             .await?
@@ -853,6 +991,7 @@ impl Billing {
     }
 
     pub async fn list_keys(&self, account: Option<&str>) -> Result<Vec<KeyRow>, BillingError> {
+        self.written_charges().await;
         let id = match account {
             Some(name) => Some(self.account(name).await?.id),
             None => None,
@@ -861,6 +1000,7 @@ impl Billing {
     }
 
     pub async fn key(&self, prefix: &str) -> Result<KeyRow, BillingError> {
+        self.written_charges().await;
         self.store
             .key_by_prefix(prefix)
             .await?
@@ -898,14 +1038,52 @@ impl Billing {
         if q.to_ms <= q.from_ms {
             return Err(BillingError::Invalid("`to` must be after `from`".into()));
         }
+        self.written_charges().await;
         Ok(self.store.usage(q).await?)
     }
 
     pub async fn request_record(&self, id: &str) -> Result<RequestRow, BillingError> {
+        if let Some(f) = self.leases.as_ref().and_then(|l| l.pending_row(id)) {
+            return Ok(f.into_row());
+        }
         self.store
             .request_by_id(id)
             .await?
             .ok_or_else(|| BillingError::NotFound(format!("request {id}")))
+    }
+}
+
+/// A leased request's final row from its hold and settlement.
+fn leased_row(hold: &Hold, lease_id: &str, state: FinalState, w: &SettleWrite) -> LeaseFinal {
+    LeaseFinal {
+        id: hold.request_id.clone(),
+        lease_id: lease_id.to_string(),
+        account_id: hold.account_id.clone(),
+        key_id: hold.key_id.clone(),
+        model: hold.model.clone(),
+        provider: w.provider.clone(),
+        upstream_model: w.upstream_model.clone(),
+        price_id: hold.price.id,
+        state: state.as_str().to_string(),
+        hold_micros: hold.amount,
+        hold_expires_at: hold.expires_at,
+        status: w.status.clone(),
+        http_status: w.http_status,
+        prompt_tokens: w.prompt_tokens,
+        cached_tokens: w.cached_tokens,
+        completion_tokens: w.completion_tokens,
+        reasoning_tokens: w.reasoning_tokens,
+        cost_micros: w.captured_micros,
+        computed_cost_micros: w.computed_cost_micros,
+        input_cost_micros: w.input_cost_micros,
+        cached_cost_micros: w.cached_cost_micros,
+        output_cost_micros: w.output_cost_micros,
+        network_cost_micros: w.network_cost_micros,
+        estimated: w.estimated,
+        delivered: w.delivered,
+        latency_ms: w.latency_ms,
+        created_at: now_ms() - w.latency_ms.unwrap_or(0),
+        finished_at: now_ms(),
     }
 }
 

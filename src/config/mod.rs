@@ -178,6 +178,12 @@ struct RawBilling {
     hold_ttl_secs: Option<u64>,
     sweep_interval_secs: Option<u64>,
     allow_unpriced: Option<bool>,
+    /// `hold` (default) or `lease`.
+    admission: Option<String>,
+    /// Lease slice, USD string.
+    lease_usd: Option<String>,
+    lease_ttl_secs: Option<u64>,
+    journal_dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -477,6 +483,21 @@ pub struct BillingConfig {
     pub hold_ttl: Duration,
     pub sweep_interval: Duration,
     pub allow_unpriced: bool,
+    /// Lease admission (`admission = "lease"`): its settings; `None` holds per request.
+    pub lease: Option<LeaseConfig>,
+}
+
+/// `[billing] admission = "lease"`: admit against leased credit, journal locally, write the
+/// database in batches (see docs/billing.md "Lease admission").
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// How much credit one lease takes from an account at a time (micro-USD).
+    pub slice_micros: i64,
+    /// A lease not renewed for this long is released by any instance's sweeper.
+    pub ttl: Duration,
+    /// The journal directory; `None`: next to the SQLite file, or `tollgate-journal` beside the
+    /// config file.
+    pub journal_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -668,6 +689,32 @@ fn resolve(
         hold_ttl: Duration::from_secs(raw.billing.hold_ttl_secs.unwrap_or(3600).max(1)),
         sweep_interval: Duration::from_secs(raw.billing.sweep_interval_secs.unwrap_or(30).max(1)),
         allow_unpriced: raw.billing.allow_unpriced.unwrap_or(false),
+        lease: match raw.billing.admission.as_deref() {
+            None | Some("hold") => None,
+            Some("lease") => Some(LeaseConfig {
+                slice_micros: match raw.billing.lease_usd.as_deref() {
+                    None => 5_000_000,
+                    Some(v) => match crate::billing::parse_usd(v) {
+                        Ok(m) if m > 0 => m,
+                        _ => {
+                            return Err(format!(
+                                "[billing] lease_usd = \"{v}\": expected a positive amount such as \"5.00\""
+                            ))
+                        }
+                    },
+                },
+                ttl: Duration::from_secs(raw.billing.lease_ttl_secs.unwrap_or(60).max(3)),
+                journal_dir: raw.billing.journal_dir.map(|f| match base_dir {
+                    Some(d) if Path::new(&f).is_relative() => d.join(f),
+                    _ => PathBuf::from(f),
+                }),
+            }),
+            Some(other) => {
+                return Err(format!(
+                    "[billing] admission = \"{other}\": expected \"hold\" or \"lease\""
+                ))
+            }
+        },
     };
     let plans = resolve_plans(raw.plans)?;
     let limits = resolve_limits(raw.limits)?;

@@ -6,7 +6,9 @@ use sqlx::Row;
 
 use super::{new_id, now_ms, Store, StoreError};
 
-/// One customer account with its available and held balance (micro-USD).
+/// One customer account with its available and held balance (micro-USD). Credit that gateway
+/// instances have leased (lease admission) but not yet spent counts as available here, as it is
+/// to the customer; the `accounts` columns themselves count it as held.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AccountRow {
     pub id: String,
@@ -50,13 +52,22 @@ pub struct KeyAuthRow {
     pub limits: crate::limits::overrides::SubjectRow,
 }
 
+/// The account columns [`account_from`] reads, from `accounts a`.
+const ACCOUNT_SELECT: &str = "SELECT a.id, a.name, a.plan, a.balance_micros, a.held_micros, \
+     a.created_at, CAST(COALESCE((SELECT SUM(l.granted_micros - l.captured_micros - l.released_micros) \
+     FROM credit_leases l WHERE l.account_id = a.id AND l.state = 'open'), 0) AS BIGINT) AS leased \
+     FROM accounts a";
+
 fn account_from(row: &sqlx::any::AnyRow) -> Result<AccountRow, sqlx::Error> {
+    let leased: i64 = row.try_get("leased")?;
+    let balance: i64 = row.try_get("balance_micros")?;
+    let held: i64 = row.try_get("held_micros")?;
     Ok(AccountRow {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
         plan: row.try_get("plan")?,
-        balance_micros: row.try_get("balance_micros")?,
-        held_micros: row.try_get("held_micros")?,
+        balance_micros: balance + leased,
+        held_micros: held - leased,
         created_at: row.try_get("created_at")?,
     })
 }
@@ -128,31 +139,25 @@ impl Store {
     }
 
     pub async fn list_accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, name, plan, balance_micros, held_micros, created_at FROM accounts ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&format!("{ACCOUNT_SELECT} ORDER BY a.name"))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(account_from).collect::<Result<_, _>>()?)
     }
 
     pub async fn account_by_name(&self, name: &str) -> Result<Option<AccountRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, name, plan, balance_micros, held_micros, created_at FROM accounts WHERE name = $1",
-        )
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(&format!("{ACCOUNT_SELECT} WHERE a.name = $1"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.as_ref().map(account_from).transpose()?)
     }
 
     pub async fn account_by_id(&self, id: &str) -> Result<Option<AccountRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, name, plan, balance_micros, held_micros, created_at FROM accounts WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(&format!("{ACCOUNT_SELECT} WHERE a.id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.as_ref().map(account_from).transpose()?)
     }
 

@@ -216,7 +216,7 @@ async fn batch_loop<O: Batched>(
 ///   but named parameters such as `$7` are looked up by sqlx through a linear scan each, which
 ///   costs quadratic time in a batch of hundreds of values; and JSON would be parsed once per
 ///   column.)
-fn batch_rows(backend: Backend, rows: usize, cols: &[(&str, &str)]) -> String {
+pub(super) fn batch_rows(backend: Backend, rows: usize, cols: &[(&str, &str)]) -> String {
     match backend {
         Backend::Postgres => {
             let sel: Vec<String> = cols
@@ -279,7 +279,11 @@ fn bind_all(q: AnyQuery<'_>, args: Vec<serde_json::Value>) -> AnyQuery<'_> {
 }
 
 /// Binds the rows of [`batch_rows`].
-fn bind_rows(q: AnyQuery<'_>, backend: Backend, rows: Vec<serde_json::Value>) -> AnyQuery<'_> {
+pub(super) fn bind_rows(
+    q: AnyQuery<'_>,
+    backend: Backend,
+    rows: Vec<serde_json::Value>,
+) -> AnyQuery<'_> {
     bind_all(q, row_args(backend, rows))
 }
 

@@ -15,6 +15,8 @@ pub struct LedgerReport {
     pub requests: i64,
     pub open_holds: i64,
     pub expired_open_holds: i64,
+    pub leases: i64,
+    pub open_leases: i64,
     pub revenue_micros: i64,
     pub problems: Vec<String>,
 }
@@ -37,7 +39,12 @@ impl Store {
     /// 4. every request has exactly one hold transaction, open holds have no final transaction,
     ///    final requests have exactly one, and captured ≤ held;
     /// 5. no balance is negative; no open hold is older than `now_ms` + `grace_ms` past expiry
-    ///    (pass `None` to skip this check).
+    ///    (pass `None` to skip this check);
+    /// 6. credit leases (see [`leases`](super::leases)): each lease's granted, captured and
+    ///    released totals equal its `hold`, `capture` and `release`/`expire` transactions, its
+    ///    captured total equals the charges of its request rows, a closed lease holds nothing, and
+    ///    no open lease is past its expiry at the cutoff. A leased request has no transactions of
+    ///    its own: it is final, charged at most its hold, and only `settled` ones cost anything.
     pub async fn check_ledger(
         &self,
         expiry_cutoff_ms: Option<i64>,
@@ -92,6 +99,17 @@ impl Store {
         .map(|r| Ok((r.try_get::<String, _>(0)?, get_i64(r, 1)?)))
         .collect::<Result<_, sqlx::Error>>()?;
 
+        let mut open = open;
+        for r in sqlx::query(
+            "SELECT account_id, CAST(SUM(granted_micros - captured_micros - released_micros) AS BIGINT) \
+             FROM credit_leases WHERE state = 'open' GROUP BY account_id",
+        )
+        .fetch_all(p)
+        .await?
+        {
+            *open.entry(r.try_get::<String, _>(0)?).or_insert(0) += get_i64(&r, 1)?;
+        }
+
         for r in sqlx::query("SELECT id, balance_micros, held_micros FROM accounts")
             .fetch_all(p)
             .await?
@@ -120,8 +138,54 @@ impl Store {
             }
         }
 
+        // Leases: their totals against their transactions.
+        let mut leased: HashMap<String, i64> = HashMap::new();
+        let mut lease_totals: Vec<(String, i64, i64, i64, String, i64)> = Vec::new();
+        for r in sqlx::query(
+            "SELECT l.id, l.granted_micros, l.captured_micros, l.released_micros, l.state, l.expires_at, \
+             CAST(COALESCE((SELECT SUM(t.amount_micros) FROM ledger_transactions t WHERE t.request_id = l.id AND t.kind = 'hold'), 0) AS BIGINT), \
+             CAST(COALESCE((SELECT SUM(t.amount_micros) FROM ledger_transactions t WHERE t.request_id = l.id AND t.kind = 'capture'), 0) AS BIGINT), \
+             CAST(COALESCE((SELECT SUM(t.amount_micros) FROM ledger_transactions t WHERE t.request_id = l.id AND t.kind IN ('release', 'expire')), 0) AS BIGINT) \
+             FROM credit_leases l",
+        )
+        .fetch_all(p)
+        .await?
+        {
+            let id: String = r.try_get(0)?;
+            let (granted, captured, released) = (get_i64(&r, 1)?, get_i64(&r, 2)?, get_i64(&r, 3)?);
+            let state: String = r.try_get(4)?;
+            let expires = get_i64(&r, 5)?;
+            let (tg, tc, tr) = (get_i64(&r, 6)?, get_i64(&r, 7)?, get_i64(&r, 8)?);
+            rep.leases += 1;
+            if (granted, captured, released) != (tg, tc, tr) {
+                rep.problems.push(format!(
+                    "lease {id}: granted/captured/released {granted}/{captured}/{released} != ledger {tg}/{tc}/{tr}"
+                ));
+            }
+            let outstanding = granted - captured - released;
+            if outstanding < 0 {
+                rep.problems
+                    .push(format!("lease {id}: over-drawn by {}", -outstanding));
+            }
+            match state.as_str() {
+                "closed" if outstanding != 0 => rep
+                    .problems
+                    .push(format!("lease {id}: closed but still holds {outstanding}")),
+                "open" => {
+                    rep.open_leases += 1;
+                    if expiry_cutoff_ms.is_some_and(|cut| expires < cut) {
+                        rep.problems
+                            .push(format!("lease {id}: open past its expiry"));
+                    }
+                }
+                _ => {}
+            }
+            leased.insert(id.clone(), 0);
+            lease_totals.push((id, granted, captured, released, state, expires));
+        }
+
         let rows = sqlx::query(
-            "SELECT r.id, r.state, r.hold_micros, r.cost_micros, r.hold_expires_at, \
+            "SELECT r.id, r.state, r.hold_micros, r.cost_micros, r.hold_expires_at, r.lease_id, \
              CAST((SELECT COUNT(*) FROM ledger_transactions t WHERE t.request_id = r.id AND t.phase = 'hold') AS BIGINT), \
              CAST((SELECT COUNT(*) FROM ledger_transactions t WHERE t.request_id = r.id AND t.phase = 'final') AS BIGINT), \
              CAST(COALESCE((SELECT SUM(t.amount_micros) FROM ledger_transactions t WHERE t.request_id = r.id AND t.phase = 'final'), 0) AS BIGINT) \
@@ -136,9 +200,38 @@ impl Store {
             let hold = get_i64(r, 2)?;
             let cost = get_i64(r, 3)?;
             let expires = get_i64(r, 4)?;
-            let holds = get_i64(r, 5)?;
-            let finals = get_i64(r, 6)?;
-            let captured = get_i64(r, 7)?;
+            let lease: Option<String> = r.try_get(5)?;
+            let holds = get_i64(r, 6)?;
+            let finals = get_i64(r, 7)?;
+            let captured = get_i64(r, 8)?;
+            if let Some(lease) = lease {
+                if let Some(e) = leased.get_mut(&lease) {
+                    *e += cost;
+                } else {
+                    rep.problems
+                        .push(format!("request {id}: unknown lease {lease}"));
+                }
+                if holds != 0 || finals != 0 {
+                    rep.problems.push(format!(
+                        "request {id}: leased but has transactions of its own"
+                    ));
+                }
+                match state.as_str() {
+                    "settled" | "released" | "expired" => {}
+                    other => rep
+                        .problems
+                        .push(format!("request {id}: leased request in state {other}")),
+                }
+                if cost > hold {
+                    rep.problems
+                        .push(format!("request {id}: cost {cost} > hold {hold}"));
+                }
+                if state != "settled" && cost != 0 {
+                    rep.problems
+                        .push(format!("request {id}: {state} with cost {cost}"));
+                }
+                continue;
+            }
             if holds != 1 {
                 rep.problems
                     .push(format!("request {id}: {holds} hold transactions"));
@@ -179,6 +272,14 @@ impl Store {
                 other => rep
                     .problems
                     .push(format!("request {id}: unknown state {other}")),
+            }
+        }
+        for (id, _, captured, _, _, _) in &lease_totals {
+            let charged = leased.get(id).copied().unwrap_or(0);
+            if *captured != charged {
+                rep.problems.push(format!(
+                    "lease {id}: captured {captured} != its requests' charges {charged}"
+                ));
             }
         }
         Ok(rep)

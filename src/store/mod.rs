@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod attempts;
 mod batch;
 pub mod check;
+pub mod leases;
 pub mod ledger;
 pub mod prices;
 pub mod usage;

@@ -15,6 +15,8 @@ pub struct Db {
     pub url: String,
     pub backend: &'static str,
     pub dir: tempfile::TempDir,
+    /// Lease admission (`[billing] admission = "lease"`) instead of a hold per request.
+    pub lease: bool,
 }
 
 impl Db {
@@ -25,6 +27,7 @@ impl Db {
             url,
             backend: "sqlite",
             dir,
+            lease: false,
         }
     }
 
@@ -57,7 +60,27 @@ impl Db {
             url,
             backend: "postgres",
             dir: tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")),
+            lease: false,
         })
+    }
+
+    /// The same database, used with lease admission.
+    pub fn leased(mut self) -> Db {
+        self.lease = true;
+        self
+    }
+
+    /// The `[billing]` lines that select this database's admission mode (a journal in the test's
+    /// directory, short lease expiry so the recovery tests see expired leases released).
+    pub fn admission_toml(&self) -> String {
+        if self.lease {
+            format!(
+                "admission = \"lease\"\nlease_ttl_secs = 6\njournal_dir = \"{}\"\n",
+                self.dir.path().join("journal").display()
+            )
+        } else {
+            String::new()
+        }
     }
 
     pub fn settings(&self) -> BillingSettings {
@@ -68,6 +91,11 @@ impl Db {
             hold_ttl: Duration::from_secs(600),
             sweep_interval: Duration::from_millis(200),
             allow_unpriced: false,
+            lease: self.lease.then(|| tollgate::config::LeaseConfig {
+                slice_micros: 5_000_000,
+                ttl: Duration::from_secs(6),
+                journal_dir: Some(self.dir.path().join("journal")),
+            }),
         }
     }
 
@@ -80,7 +108,11 @@ impl Db {
             .await
             .unwrap_or_else(|e| panic!("connect {}: {e}", self.url));
         let secret = ServerSecret::from_bytes(b"test-secret-test-secret-test-secret!".to_vec());
-        Billing::with_store(store, secret, settings)
+        let mut b = Billing::with_store(store, secret, settings);
+        b.start_leases()
+            .await
+            .unwrap_or_else(|e| panic!("lease admission: {e}"));
+        b
     }
 
     pub fn sqlite_file(&self) -> Option<PathBuf> {
@@ -104,6 +136,69 @@ pub async fn assert_ledger_ok_no_stale_holds(b: &Billing) {
         .await
         .unwrap_or_else(|e| panic!("ledger check failed to run: {e}"));
     assert!(rep.is_ok(), "ledger problems: {:#?}", rep.problems);
+}
+
+/// Declares one test per backend and admission mode: `NAME::sqlite`, `NAME::postgres`,
+/// `NAME::sqlite_lease` and `NAME::postgres_lease`. The body gets a `Db` (whose `lease` says the
+/// mode) and returns the `Billing` it used; the ledger checker runs afterwards.
+#[macro_export]
+macro_rules! all_admissions {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let db = $crate::billing_support::Db::sqlite().await;
+                let b = super::$body(&db).await;
+                $crate::billing_support::assert_ledger_ok(&b).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some(db) = $crate::billing_support::Db::postgres().await {
+                    let b = super::$body(&db).await;
+                    $crate::billing_support::assert_ledger_ok(&b).await;
+                    b.store().close().await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite_lease() {
+                let db = $crate::billing_support::Db::sqlite().await.leased();
+                let b = super::$body(&db).await;
+                $crate::billing_support::assert_ledger_ok(&b).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres_lease() {
+                if let Some(db) = $crate::billing_support::Db::postgres().await {
+                    let db = db.leased();
+                    let b = super::$body(&db).await;
+                    $crate::billing_support::assert_ledger_ok(&b).await;
+                    b.store().close().await;
+                }
+            }
+        }
+    };
+}
+
+/// Reads with `f` once under hold admission (everything is written before the answer), or until
+/// it returns `Some` within 5 s under lease admission (request rows and charges are written in
+/// batches just after the answer).
+pub async fn applied<T, F, Fut>(db: &Db, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    if !db.lease {
+        return f().await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Declares one test per backend: `NAME::sqlite` and `NAME::postgres`. The body gets a `Db` and

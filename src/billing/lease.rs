@@ -1,0 +1,519 @@
+//! Lease admission (`[billing] admission = "lease"`): requests are admitted in memory against a
+//! durable credit lease, each hold and charge is appended to the local journal before the caller
+//! goes on, and a background task writes request rows and aggregated captures in batches.
+//!
+//! Guarantees (docs/billing.md "Lease admission"):
+//! * no overdraft: a lease is a durable hold on the account (and the key's cap) taken before any
+//!   request is admitted against it, and admission never exceeds what the lease holds;
+//! * exactly once: a request's row and its charge are written in one transaction that skips ids
+//!   already present, so a replay of the journal never charges twice;
+//! * `kill -9`: the journal survives (each record is one `write(2)`); on restart the instance
+//!   applies it — finished requests are charged, interrupted ones recorded `expired` at no
+//!   charge — and gives back the leases of its previous run;
+//! * an instance that never comes back: its leases expire and any sweeper returns what they still
+//!   hold; charges in its lost journal are lost (never double-charged), at most one lease slice
+//!   per key.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, Notify};
+
+use super::journal::{Journal, JournalOptions};
+use super::service::{BillingError, Hold, Principal};
+use crate::store::leases::{GrantOutcome, LeaseFinal, LeaseGrant, MAX_FINALS};
+use crate::store::{now_ms, Store, StoreError};
+
+/// One journal line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Entry {
+    /// Admitted: the request's row as it would be if it never finished.
+    Hold(LeaseFinal),
+    /// Finished: the row to write.
+    Final(LeaseFinal),
+}
+
+/// A key's lease as this instance sees it.
+struct Book {
+    lease_id: Option<String>,
+    /// Credit of the lease not promised to a request in flight.
+    free: i64,
+    in_flight: u64,
+    last_used: Instant,
+    /// Admission against the lease stops here unless it is renewed (its database expiry is
+    /// `ttl` after the last renewal; this leaves a third of it as margin).
+    valid_until: Instant,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Journal sequence numbers not yet reflected in the database.
+    outstanding: BTreeSet<u64>,
+    last_seq: u64,
+    /// Requests in flight: id → sequence number of their hold record.
+    open: HashMap<String, u64>,
+    /// Finished, not yet written: (final seq, hold seq, row).
+    pending: Vec<(u64, u64, LeaseFinal)>,
+}
+
+/// The lease admission machinery of one instance.
+pub struct Leases {
+    store: Store,
+    owner: String,
+    slice: i64,
+    ttl: Duration,
+    journal: Journal<Entry>,
+    books: StdMutex<HashMap<String, Arc<Mutex<Book>>>>,
+    queue: StdMutex<Queue>,
+    /// One batch writer at a time (the background task, or a read that needs every charge).
+    writer: Mutex<()>,
+    wake: Notify,
+    /// Held for the life of the process: one instance per journal directory.
+    _lock: std::fs::File,
+}
+
+fn io_err(e: impl std::fmt::Display) -> BillingError {
+    BillingError::Store(StoreError::Invariant(format!("billing journal: {e}")))
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// Idle leases (nothing in flight, nothing admitted for this long) are given back.
+const IDLE: Duration = Duration::from_secs(30);
+
+impl Leases {
+    /// Opens the journal in `dir` (one instance per directory), applies what it holds from a
+    /// previous run, and gives back that run's leases.
+    pub async fn open(
+        store: Store,
+        dir: &Path,
+        slice: i64,
+        ttl: Duration,
+    ) -> Result<Arc<Leases>, BillingError> {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .map_err(io_err)?;
+        lock.try_lock().map_err(|_| {
+            io_err(format!(
+                "{} is in use by another tollgate (one journal directory per instance)",
+                dir.display()
+            ))
+        })?;
+        let owner = owner_id(dir)?;
+        let (journal, replayed) =
+            Journal::<Entry>::open(dir, JournalOptions::default()).map_err(io_err)?;
+        if replayed.torn_tails > 0 {
+            tracing::warn!(
+                torn = replayed.torn_tails,
+                "billing journal: dropped a record torn by a crash"
+            );
+        }
+        // The previous run's requests: finished ones as recorded, the others interrupted.
+        let mut rows: HashMap<String, LeaseFinal> = HashMap::new();
+        let mut last = 0;
+        for (seq, e) in replayed.records {
+            last = last.max(seq);
+            match e {
+                Entry::Hold(f) => {
+                    rows.entry(f.id.clone())
+                        .or_insert_with(|| f.expired("interrupted"));
+                }
+                Entry::Final(f) => {
+                    rows.insert(f.id.clone(), f);
+                }
+            }
+        }
+        let n = rows.len();
+        let mut rows: Vec<LeaseFinal> = rows.into_values().collect();
+        rows.sort_by_key(|r| r.created_at);
+        for chunk in rows.chunks(MAX_FINALS) {
+            store.apply_lease_finals(chunk.to_vec()).await?;
+        }
+        for id in store.open_leases_of(&owner).await? {
+            store
+                .release_lease(&id, None, true, "release", None)
+                .await?;
+        }
+        journal.checkpoint(last).map_err(io_err)?;
+        if n > 0 {
+            tracing::info!(
+                requests = n,
+                "billing journal: applied the previous run's records"
+            );
+        }
+        Ok(Arc::new(Leases {
+            store,
+            owner,
+            slice,
+            ttl,
+            journal,
+            books: StdMutex::new(HashMap::new()),
+            queue: StdMutex::new(Queue {
+                last_seq: last,
+                ..Default::default()
+            }),
+            writer: Mutex::new(()),
+            wake: Notify::new(),
+            _lock: lock,
+        }))
+    }
+
+    /// Starts the writer and the renewer; they stop when the last `Arc` is dropped.
+    pub fn spawn(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(me) = weak.upgrade() else { return };
+                let wait = me.wake.notified();
+                let wrote = me.write_pending().await;
+                if !wrote {
+                    // A missed wake costs at most this delay (the `Arc` is kept that long).
+                    let _ = tokio::time::timeout(Duration::from_millis(20), wait).await;
+                }
+            }
+        });
+        let weak = Arc::downgrade(self);
+        let every = self.ttl / 3;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else { return };
+                if let Err(e) = me.renew().await {
+                    tracing::warn!(error = %e, "could not renew credit leases");
+                }
+            }
+        });
+    }
+
+    fn book(&self, key_id: &str) -> Arc<Mutex<Book>> {
+        let mut books = self.books.lock().unwrap_or_else(|e| e.into_inner());
+        books
+            .entry(key_id.to_string())
+            .or_insert_with(|| {
+                let now = Instant::now();
+                Arc::new(Mutex::new(Book {
+                    lease_id: None,
+                    free: 0,
+                    in_flight: 0,
+                    last_used: now,
+                    valid_until: now,
+                }))
+            })
+            .clone()
+    }
+
+    /// Admits a request of `hold.amount` against the key's lease (taking or topping up the lease
+    /// when it is short), and journals it. Returns the lease id.
+    pub async fn admit(&self, p: &Principal, row: LeaseFinal) -> Result<String, BillingError> {
+        let amount = row.hold_micros;
+        let book = self.book(&book_of(p));
+        let mut b = book.lock().await;
+        let now = Instant::now();
+        if b.lease_id.is_some() && now >= b.valid_until {
+            self.revalidate(&mut b).await?;
+        }
+        if b.lease_id.is_none() || b.free < amount {
+            self.grow(p, &mut b, amount).await?;
+        }
+        b.free -= amount;
+        b.in_flight += 1;
+        b.last_used = now;
+        let lease_id = b.lease_id.clone().unwrap_or_default();
+        drop(b);
+        let mut row = row;
+        row.lease_id = lease_id.clone();
+        let id = row.id.clone();
+        // Checked, journaled and registered under one lock, so a concurrent `finish` or a
+        // duplicate id sees either nothing or all of it.
+        let res = {
+            let mut guard = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let q = &mut *guard;
+            match q.open.entry(id) {
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    Err(BillingError::DuplicateRequest(o.key().clone()))
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    match self.journal.append(&Entry::Hold(row)) {
+                        Ok(seq) => {
+                            v.insert(seq);
+                            q.outstanding.insert(seq);
+                            q.last_seq = q.last_seq.max(seq);
+                            Ok(lease_id)
+                        }
+                        Err(e) => Err(io_err(e)),
+                    }
+                }
+            }
+        };
+        if res.is_err() {
+            self.give_back(&book_of(p), amount, 0).await;
+        }
+        res
+    }
+
+    /// Returns `amount - charged` of a finished (or refused) request to its lease.
+    async fn give_back(&self, book: &str, amount: i64, charged: i64) {
+        let book = self.book(book);
+        let mut b = book.lock().await;
+        b.free += amount - charged;
+        b.in_flight = b.in_flight.saturating_sub(1);
+    }
+
+    /// Renews a lease whose local validity lapsed (a renewal failed); forgets it if it was
+    /// closed meanwhile.
+    async fn revalidate(&self, b: &mut Book) -> Result<(), BillingError> {
+        let Some(id) = b.lease_id.clone() else {
+            return Ok(());
+        };
+        let renewed = self
+            .store
+            .renew_leases(std::slice::from_ref(&id), now_ms() + ms(self.ttl))
+            .await?;
+        if renewed.is_empty() {
+            b.lease_id = None;
+            b.free = 0;
+        } else {
+            b.valid_until = Instant::now() + self.ttl * 2 / 3;
+        }
+        Ok(())
+    }
+
+    /// Takes more credit so that `amount` fits: up to one slice beyond it.
+    async fn grow(&self, p: &Principal, b: &mut Book, amount: i64) -> Result<(), BillingError> {
+        for _ in 0..2 {
+            let free = if b.lease_id.is_some() { b.free } else { 0 };
+            let capped = p.spend_cap_micros.is_some();
+            let g = LeaseGrant {
+                lease_id: b.lease_id.clone(),
+                account_id: p.account_id.clone(),
+                key_id: capped.then(|| p.key_id.clone()),
+                key_capped: capped,
+                owner: self.owner.clone(),
+                want_micros: self.slice.max(amount) - free,
+                min_micros: amount - free,
+                expires_at: now_ms() + ms(self.ttl),
+            };
+            match self.store.grant_lease(&g).await? {
+                GrantOutcome::Granted { lease_id, micros } => {
+                    if b.lease_id.as_deref() != Some(lease_id.as_str()) {
+                        b.free = 0;
+                    }
+                    b.lease_id = Some(lease_id);
+                    b.free += micros;
+                    b.valid_until = Instant::now() + self.ttl * 2 / 3;
+                    return Ok(());
+                }
+                GrantOutcome::LeaseClosed => {
+                    b.lease_id = None;
+                    b.free = 0;
+                }
+                GrantOutcome::InsufficientCredits { available_micros } => {
+                    return Err(BillingError::InsufficientCredits {
+                        needed: super::format_usd(amount),
+                        available: super::format_usd(available_micros + free.max(0)),
+                    })
+                }
+                GrantOutcome::KeySpendCapReached => return Err(BillingError::KeySpendCapReached),
+                GrantOutcome::NoAccount => return Err(BillingError::Unauthorized),
+            }
+        }
+        Err(io_err("the lease was closed twice in a row"))
+    }
+
+    /// Records a leased request's end: journals its final row and queues it for the database.
+    /// `None` when the request was already finished (nothing written).
+    pub async fn finish(&self, hold: &Hold, row: LeaseFinal) -> Result<Option<()>, BillingError> {
+        let charged = row.cost_micros;
+        let book = hold.lease_book.clone().unwrap_or_default();
+        {
+            // Under the queue lock: a concurrent second `finish` of the same request, or a read
+            // of it, sees it either open or pending, never in between.
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(hold_seq) = q.open.get(&hold.request_id).copied() else {
+                return Ok(None);
+            };
+            // Not journaled → stays open: recorded as interrupted (uncharged) at the next start,
+            // and its credit stays promised until then.
+            let seq = self
+                .journal
+                .append(&Entry::Final(row.clone()))
+                .map_err(io_err)?;
+            q.open.remove(&hold.request_id);
+            q.outstanding.insert(seq);
+            q.last_seq = q.last_seq.max(seq);
+            q.pending.push((seq, hold_seq, row));
+        }
+        self.give_back(&book, hold.amount, charged).await;
+        self.wake.notify_one();
+        Ok(Some(()))
+    }
+
+    /// A finished request not yet in the database.
+    pub fn pending_row(&self, id: &str) -> Option<LeaseFinal> {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.pending
+            .iter()
+            .find(|(_, _, f)| f.id == id)
+            .map(|(_, _, f)| f.clone())
+    }
+
+    /// Writes one batch of finished requests; `false` when there was nothing to write. Rows stay
+    /// in `pending` (visible to [`Self::pending_row`]) until their transaction has committed;
+    /// one writer at a time takes them from the front.
+    async fn write_pending(&self) -> bool {
+        let _one = self.writer.lock().await;
+        let batch: Vec<(u64, u64, LeaseFinal)> = {
+            let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let n = q.pending.len().min(MAX_FINALS);
+            q.pending[..n].to_vec()
+        };
+        if batch.is_empty() {
+            return false;
+        }
+        let rows: Vec<LeaseFinal> = batch.iter().map(|(_, _, f)| f.clone()).collect();
+        let res =
+            tokio::time::timeout(Duration::from_secs(30), self.store.apply_lease_finals(rows))
+                .await;
+        match res {
+            Ok(Ok(_)) => {
+                let upto = {
+                    let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                    q.pending.drain(..batch.len());
+                    for (s, h, _) in &batch {
+                        q.outstanding.remove(s);
+                        q.outstanding.remove(h);
+                    }
+                    match q.outstanding.first() {
+                        Some(first) => first.saturating_sub(1),
+                        None => q.last_seq,
+                    }
+                };
+                if let Err(e) = self.journal.checkpoint(upto) {
+                    tracing::warn!(error = %e, "billing journal: checkpoint failed");
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "writing charged requests failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                false
+            }
+            Err(_) => {
+                tracing::warn!("writing charged requests timed out; retrying");
+                false
+            }
+        }
+    }
+
+    /// Renews this instance's leases and gives back idle ones.
+    async fn renew(&self) -> Result<(), BillingError> {
+        let books: Vec<Arc<Mutex<Book>>> = {
+            let b = self.books.lock().unwrap_or_else(|e| e.into_inner());
+            b.values().cloned().collect()
+        };
+        let mut ids = Vec::new();
+        for book in &books {
+            let mut b = book.lock().await;
+            let Some(id) = b.lease_id.clone() else {
+                continue;
+            };
+            if b.in_flight == 0 && b.last_used.elapsed() >= IDLE {
+                self.store
+                    .release_lease(&id, None, true, "release", None)
+                    .await?;
+                b.lease_id = None;
+                b.free = 0;
+                continue;
+            }
+            ids.push(id);
+        }
+        let renewed = self
+            .store
+            .renew_leases(&ids, now_ms() + ms(self.ttl))
+            .await?;
+        let until = Instant::now() + self.ttl * 2 / 3;
+        for book in &books {
+            let mut b = book.lock().await;
+            if let Some(id) = &b.lease_id {
+                if renewed.contains(id) {
+                    b.valid_until = until;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending now (reads that must see every answered charge call this first);
+    /// gives up after `within`.
+    pub async fn write_all_pending(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let empty = self
+                .queue
+                .lock()
+                .map(|q| q.pending.is_empty())
+                .unwrap_or(true);
+            if empty {
+                break;
+            }
+            if !self.write_pending().await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Writes everything pending and gives back every lease with nothing in flight (shutdown).
+    pub async fn flush(&self) -> Result<(), BillingError> {
+        self.write_all_pending(Duration::from_secs(30)).await;
+        let books: Vec<Arc<Mutex<Book>>> = {
+            let b = self.books.lock().unwrap_or_else(|e| e.into_inner());
+            b.values().cloned().collect()
+        };
+        for book in books {
+            let mut b = book.lock().await;
+            if let (Some(id), 0) = (b.lease_id.clone(), b.in_flight) {
+                self.store
+                    .release_lease(&id, None, true, "release", None)
+                    .await?;
+                b.lease_id = None;
+                b.free = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which lease a principal's requests use: the account's, shared by its keys; a key with a spend
+/// cap has its own, which also reserves against the cap.
+pub fn book_of(p: &Principal) -> String {
+    if p.spend_cap_micros.is_some() {
+        format!("key:{}", p.key_id)
+    } else {
+        format!("account:{}", p.account_id)
+    }
+}
+
+/// This directory's instance id (kept in `owner`, made on first use).
+fn owner_id(dir: &Path) -> Result<String, BillingError> {
+    let path: PathBuf = dir.join("owner");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let id = crate::store::new_id("gw");
+            std::fs::write(&path, &id).map_err(io_err)?;
+            Ok(id)
+        }
+    }
+}

@@ -1,0 +1,669 @@
+//! Credit leases: the database side of lease admission (`[billing] admission = "lease"`).
+//!
+//! A lease is one durable hold on a slice of an account's available balance (and of its key's
+//! spend cap), owned by one gateway instance, which admits requests against it in memory. The
+//! ledger sees, per lease: `hold` transactions for each grant (phase `grant:…`), `capture`
+//! transactions for the batched charges of its requests (phase `capture:…`), and `release` /
+//! `expire` transactions for what goes back (phase `release:…`). Request rows of leased
+//! requests are written once, already final, by [`Store::apply_lease_finals`], in the same
+//! transaction as the capture that charges them, so a request is charged exactly once even when
+//! the same batch is applied twice (the insert skips ids already present and only rows actually
+//! inserted are captured).
+
+use std::collections::BTreeMap;
+
+use sqlx::Row;
+
+use super::batch::{batch_rows, bind_rows, bind_strs, in_list};
+use super::ledger::{available_of, held_of, REVENUE_FEE, REVENUE_NETWORK};
+use super::{new_id, now_ms, Backend, Store, StoreError};
+
+/// A request for (more) lease credit.
+#[derive(Debug, Clone)]
+pub struct LeaseGrant {
+    /// Top up this open lease; `None` opens a new one.
+    pub lease_id: Option<String>,
+    pub account_id: String,
+    pub key_id: Option<String>,
+    /// The key has a spend cap: reserve against it too.
+    pub key_capped: bool,
+    pub owner: String,
+    /// Grant up to this much…
+    pub want_micros: i64,
+    /// …but at least this much, or nothing.
+    pub min_micros: i64,
+    pub expires_at: i64,
+}
+
+/// What a grant did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantOutcome {
+    Granted {
+        lease_id: String,
+        micros: i64,
+    },
+    InsufficientCredits {
+        available_micros: i64,
+    },
+    KeySpendCapReached,
+    /// The lease to top up is closed (released by a sweeper after it expired): open a new one.
+    LeaseClosed,
+    NoAccount,
+}
+
+/// A leased request's row, final, as the lease's owner recorded it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct LeaseFinal {
+    pub id: String,
+    pub lease_id: String,
+    pub account_id: String,
+    pub key_id: Option<String>,
+    pub model: String,
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    pub price_id: Option<i64>,
+    /// `settled`, `released` or `expired`.
+    pub state: String,
+    pub hold_micros: i64,
+    pub hold_expires_at: i64,
+    pub status: Option<String>,
+    pub http_status: Option<i64>,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cost_micros: i64,
+    pub computed_cost_micros: i64,
+    pub input_cost_micros: i64,
+    pub cached_cost_micros: i64,
+    pub output_cost_micros: i64,
+    pub network_cost_micros: i64,
+    pub estimated: bool,
+    pub delivered: bool,
+    pub latency_ms: Option<i64>,
+    pub created_at: i64,
+    pub finished_at: i64,
+}
+
+impl LeaseFinal {
+    /// The same request, never charged: its lease was closed before the charge reached the
+    /// database (or it never finished before its owner stopped).
+    /// The row as [`Store::request_by_id`] would return it once written.
+    pub fn into_row(self) -> super::RequestRow {
+        let net = self.network_cost_micros.min(self.cost_micros).max(0);
+        super::RequestRow {
+            id: self.id,
+            account_id: self.account_id,
+            key_id: self.key_id,
+            model: self.model,
+            provider: self.provider,
+            upstream_model: self.upstream_model,
+            price_id: self.price_id,
+            state: self.state,
+            hold_micros: self.hold_micros,
+            hold_expires_at: self.hold_expires_at,
+            status: self.status,
+            http_status: self.http_status,
+            prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
+            completion_tokens: self.completion_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            cost_micros: self.cost_micros,
+            computed_cost_micros: self.computed_cost_micros,
+            input_cost_micros: self.input_cost_micros,
+            cached_cost_micros: self.cached_cost_micros,
+            output_cost_micros: self.output_cost_micros,
+            network_cost_micros: net,
+            platform_fee_micros: self.cost_micros - net,
+            estimated: self.estimated,
+            delivered: self.delivered,
+            latency_ms: self.latency_ms,
+            created_at: self.created_at,
+            finished_at: Some(self.finished_at),
+        }
+    }
+
+    pub fn expired(mut self, status: &str) -> LeaseFinal {
+        self.state = "expired".to_string();
+        self.status = Some(status.to_string());
+        self.cost_micros = 0;
+        self.network_cost_micros = 0;
+        self
+    }
+}
+
+/// Most rows in one [`Store::apply_lease_finals`] statement (30 columns each: far below SQLite's
+/// 32,766 bind parameters).
+pub const MAX_FINALS: usize = 512;
+
+const FINAL_COLS: [(&str, &str); 30] = [
+    ("v_id", "text"),
+    ("v_lease", "text"),
+    ("v_account", "text"),
+    ("v_key", "text"),
+    ("v_model", "text"),
+    ("v_provider", "text"),
+    ("v_upstream", "text"),
+    ("v_price", "bigint"),
+    ("v_state", "text"),
+    ("v_hold", "bigint"),
+    ("v_expires", "bigint"),
+    ("v_status", "text"),
+    ("v_http", "bigint"),
+    ("v_pt", "bigint"),
+    ("v_ct", "bigint"),
+    ("v_cpt", "bigint"),
+    ("v_rt", "bigint"),
+    ("v_cost", "bigint"),
+    ("v_computed", "bigint"),
+    ("v_in", "bigint"),
+    ("v_cached", "bigint"),
+    ("v_out", "bigint"),
+    ("v_net", "bigint"),
+    ("v_fee", "bigint"),
+    ("v_est", "bigint"),
+    ("v_deliv", "bigint"),
+    ("v_lat", "bigint"),
+    ("v_created", "bigint"),
+    ("v_finished", "bigint"),
+    ("v_reserved", "bigint"),
+];
+
+fn for_update(b: Backend) -> &'static str {
+    match b {
+        Backend::Postgres => " FOR UPDATE",
+        Backend::Sqlite => "",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ledger_txn(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    kind: &str,
+    account_id: &str,
+    lease_id: &str,
+    phase: &str,
+    amount: i64,
+    lines: &[(&str, i64)],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let txn_id = new_id("tx");
+    sqlx::query(
+        "INSERT INTO ledger_transactions (id, kind, account_id, request_id, phase, amount_micros, \
+         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&txn_id)
+    .bind(kind)
+    .bind(account_id)
+    .bind(lease_id)
+    .bind(phase)
+    .bind(amount)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    for (acct, v) in lines.iter().filter(|(_, v)| *v != 0) {
+        sqlx::query(
+            "INSERT INTO ledger_entries (txn_id, ledger_account, amount_micros, created_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&txn_id)
+        .bind(*acct)
+        .bind(*v)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Grants lease credit: moves `min(want, available, key headroom)` from the account's
+    /// available balance to held (and reserves it on a capped key), if that is at least `min`.
+    pub async fn grant_lease(&self, g: &LeaseGrant) -> Result<GrantOutcome, StoreError> {
+        let b = self.backend;
+        let _gate = self.write_gate().await;
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let acct = sqlx::query(&format!(
+            "SELECT balance_micros FROM accounts WHERE id = $1{}",
+            for_update(b)
+        ))
+        .bind(&g.account_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(acct) = acct else {
+            tx.rollback().await?;
+            return Ok(GrantOutcome::NoAccount);
+        };
+        let available: i64 = acct.try_get(0)?;
+        // At most half of what is left once `min` is covered, so that other instances (and
+        // capped keys, which lease on their own) of the same account still find credit.
+        let mut grant = g
+            .want_micros
+            .min((available / 2).max(g.min_micros))
+            .min(available);
+        let capped = g.key_capped && g.key_id.is_some();
+        if let (Some(key_id), true) = (&g.key_id, capped) {
+            let k = sqlx::query(&format!(
+                "SELECT spend_cap_micros, spent_micros, reserved_micros FROM api_keys WHERE id = $1{}",
+                for_update(b)
+            ))
+            .bind(key_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(k) = k {
+                let cap: Option<i64> = k.try_get(0)?;
+                if let Some(cap) = cap {
+                    let used: i64 = k.try_get::<i64, _>(1)? + k.try_get::<i64, _>(2)?;
+                    let headroom = (cap - used).max(0);
+                    if headroom < g.min_micros {
+                        tx.rollback().await?;
+                        return Ok(GrantOutcome::KeySpendCapReached);
+                    }
+                    grant = grant.min(headroom);
+                }
+            }
+        }
+        if grant < g.min_micros || grant <= 0 {
+            tx.rollback().await?;
+            return Ok(GrantOutcome::InsufficientCredits {
+                available_micros: available,
+            });
+        }
+        let lease_id = match &g.lease_id {
+            Some(id) => {
+                let r = sqlx::query(
+                    "UPDATE credit_leases SET granted_micros = granted_micros + $1, \
+                     grants = grants + 1, expires_at = $2 WHERE id = $3 AND state = 'open'",
+                )
+                .bind(grant)
+                .bind(g.expires_at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                if r.rows_affected() != 1 {
+                    tx.rollback().await?;
+                    return Ok(GrantOutcome::LeaseClosed);
+                }
+                id.clone()
+            }
+            None => {
+                let id = new_id("lease");
+                sqlx::query(
+                    "INSERT INTO credit_leases (id, account_id, key_id, key_reserved, owner, state, \
+                     granted_micros, grants, expires_at, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, 'open', $6, 1, $7, $8)",
+                )
+                .bind(&id)
+                .bind(&g.account_id)
+                .bind(g.key_id.as_deref())
+                .bind(i64::from(capped))
+                .bind(&g.owner)
+                .bind(grant)
+                .bind(g.expires_at)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                id
+            }
+        };
+        sqlx::query(
+            "UPDATE accounts SET balance_micros = balance_micros - $1, held_micros = held_micros + $1 \
+             WHERE id = $2",
+        )
+        .bind(grant)
+        .bind(&g.account_id)
+        .execute(&mut *tx)
+        .await?;
+        if let (Some(key_id), true) = (&g.key_id, capped) {
+            sqlx::query("UPDATE api_keys SET reserved_micros = reserved_micros + $1 WHERE id = $2")
+                .bind(grant)
+                .bind(key_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let phase = format!("grant:{}", new_id("g"));
+        ledger_txn(
+            &mut tx,
+            "hold",
+            &g.account_id,
+            &lease_id,
+            &phase,
+            grant,
+            &[
+                (&available_of(&g.account_id), -grant),
+                (&held_of(&g.account_id), grant),
+            ],
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(GrantOutcome::Granted {
+            lease_id,
+            micros: grant,
+        })
+    }
+
+    /// Extends the expiry of open leases; returns the ids that were still open.
+    pub async fn renew_leases(
+        &self,
+        ids: &[String],
+        expires_at: i64,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let _gate = self.write_gate().await;
+        let list = in_list(self.backend, ids.len());
+        let ids = ids.iter().map(String::as_str);
+        // PostgreSQL: `$1` is the JSON list of ids, `$2` the expiry; SQLite: the expiry, then ids.
+        let sql = match self.backend {
+            Backend::Postgres => format!(
+                "UPDATE credit_leases SET expires_at = $2 WHERE state = 'open' AND id IN ({list}) RETURNING id"
+            ),
+            Backend::Sqlite => format!(
+                "UPDATE credit_leases SET expires_at = ? WHERE state = 'open' AND id IN ({list}) RETURNING id"
+            ),
+        };
+        let q = match self.backend {
+            Backend::Postgres => bind_strs(sqlx::query(&sql), self.backend, ids).bind(expires_at),
+            Backend::Sqlite => bind_strs(sqlx::query(&sql).bind(expires_at), self.backend, ids),
+        };
+        q.fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Gives back `amount` (all that is outstanding if `None`) of a lease to the account's
+    /// available balance, and closes the lease if `close`. `kind` is `release` (by its owner) or
+    /// `expire` (by a sweeper, after the owner stopped renewing it). Returns the amount released,
+    /// `None` if the lease is unknown or already closed (or, with `only_if_expired_before`, not
+    /// expired by then).
+    pub async fn release_lease(
+        &self,
+        lease_id: &str,
+        amount: Option<i64>,
+        close: bool,
+        kind: &str,
+        only_if_expired_before: Option<i64>,
+    ) -> Result<Option<i64>, StoreError> {
+        let b = self.backend;
+        let _gate = self.write_gate().await;
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT account_id, key_id, key_reserved, granted_micros, captured_micros, \
+             released_micros, expires_at FROM credit_leases WHERE id = $1 AND state = 'open'{}",
+            for_update(b)
+        ))
+        .bind(lease_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let account_id: String = row.try_get(0)?;
+        let key_id: Option<String> = row.try_get(1)?;
+        let key_reserved: i64 = row.try_get(2)?;
+        let outstanding: i64 =
+            row.try_get::<i64, _>(3)? - row.try_get::<i64, _>(4)? - row.try_get::<i64, _>(5)?;
+        let expires_at: i64 = row.try_get(6)?;
+        if only_if_expired_before.is_some_and(|t| expires_at > t) {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let amt = amount.map_or(outstanding, |a| a.min(outstanding)).max(0);
+        sqlx::query(
+            "UPDATE credit_leases SET released_micros = released_micros + $1, \
+             state = CASE WHEN $2 = 1 THEN 'closed' ELSE state END, \
+             closed_at = CASE WHEN $2 = 1 THEN $3 ELSE closed_at END WHERE id = $4",
+        )
+        .bind(amt)
+        .bind(i64::from(close))
+        .bind(now)
+        .bind(lease_id)
+        .execute(&mut *tx)
+        .await?;
+        if amt > 0 {
+            sqlx::query(
+                "UPDATE accounts SET held_micros = held_micros - $1, \
+                 balance_micros = balance_micros + $1 WHERE id = $2",
+            )
+            .bind(amt)
+            .bind(&account_id)
+            .execute(&mut *tx)
+            .await?;
+            if let (Some(k), true) = (&key_id, key_reserved != 0) {
+                sqlx::query(
+                    "UPDATE api_keys SET reserved_micros = reserved_micros - $1 WHERE id = $2",
+                )
+                .bind(amt)
+                .bind(k)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let phase = format!("release:{}", new_id("r"));
+            ledger_txn(
+                &mut tx,
+                kind,
+                &account_id,
+                lease_id,
+                &phase,
+                amt,
+                &[
+                    (&held_of(&account_id), -amt),
+                    (&available_of(&account_id), amt),
+                ],
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(amt))
+    }
+
+    /// Ids of open leases past their expiry (their owner stopped renewing them).
+    pub async fn expired_leases(&self, now: i64, limit: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM credit_leases WHERE state = 'open' AND expires_at <= $1 \
+             ORDER BY expires_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Ids of the open leases an owner holds (a restarted instance closes its predecessor's).
+    pub async fn open_leases_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM credit_leases WHERE state = 'open' AND owner = $1")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Writes final request rows of leased requests and captures their charges from their
+    /// leases, in one transaction. Rows whose id is already present are skipped (a replay after a
+    /// crash); rows of a lease that is closed are written `expired` and charge nothing. Returns
+    /// the number of rows inserted.
+    pub async fn apply_lease_finals(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
+        if finals.is_empty() {
+            return Ok(0);
+        }
+        let b = self.backend;
+        let _gate = self.write_gate().await;
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+
+        // The leases involved, locked (PostgreSQL) so a sweeper cannot close one meanwhile.
+        let mut lease_ids: Vec<&str> = finals.iter().map(|f| f.lease_id.as_str()).collect();
+        lease_ids.sort_unstable();
+        lease_ids.dedup();
+        let sql = format!(
+            "SELECT id, account_id, key_id, key_reserved, state FROM credit_leases WHERE id IN ({}){}",
+            in_list(b, lease_ids.len()),
+            for_update(b)
+        );
+        let mut leases: BTreeMap<String, (String, Option<String>, bool, bool)> = BTreeMap::new();
+        for r in bind_strs(sqlx::query(&sql), b, lease_ids.iter().copied())
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let id: String = r.try_get(0)?;
+            let state: String = r.try_get(4)?;
+            leases.insert(
+                id,
+                (
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get::<i64, _>(3)? != 0,
+                    state == "open",
+                ),
+            );
+        }
+        let finals: Vec<LeaseFinal> = finals
+            .into_iter()
+            .map(|f| match leases.get(&f.lease_id) {
+                Some((_, _, _, true)) => f,
+                _ if f.cost_micros == 0 => f,
+                _ => f.expired("lease_closed"),
+            })
+            .collect();
+
+        let rows_json: Vec<serde_json::Value> = finals
+            .iter()
+            .map(|f| {
+                let net = f.network_cost_micros.min(f.cost_micros).max(0);
+                serde_json::json!([
+                    f.id,
+                    f.lease_id,
+                    f.account_id,
+                    f.key_id,
+                    f.model,
+                    f.provider,
+                    f.upstream_model,
+                    f.price_id,
+                    f.state,
+                    f.hold_micros,
+                    f.hold_expires_at,
+                    f.status,
+                    f.http_status,
+                    f.prompt_tokens,
+                    f.cached_tokens,
+                    f.completion_tokens,
+                    f.reasoning_tokens,
+                    f.cost_micros,
+                    f.computed_cost_micros,
+                    f.input_cost_micros,
+                    f.cached_cost_micros,
+                    f.output_cost_micros,
+                    net,
+                    f.cost_micros - net,
+                    i64::from(f.estimated),
+                    i64::from(f.delivered),
+                    f.latency_ms,
+                    f.created_at,
+                    f.finished_at,
+                    0
+                ])
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO requests (id, lease_id, account_id, key_id, model, provider, upstream_model, \
+             price_id, state, hold_micros, hold_expires_at, status, http_status, prompt_tokens, \
+             cached_tokens, completion_tokens, reasoning_tokens, cost_micros, computed_cost_micros, \
+             input_cost_micros, cached_cost_micros, output_cost_micros, network_cost_micros, \
+             platform_fee_micros, estimated, delivered, latency_ms, created_at, finished_at, \
+             key_reserved) \
+             SELECT v_id, v_lease, v_account, v_key, v_model, v_provider, v_upstream, v_price, \
+             v_state, v_hold, v_expires, v_status, v_http, v_pt, v_ct, v_cpt, v_rt, v_cost, \
+             v_computed, v_in, v_cached, v_out, v_net, v_fee, v_est, v_deliv, v_lat, v_created, \
+             v_finished, v_reserved FROM ({}) AS v WHERE true \
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+            batch_rows(b, finals.len(), &FINAL_COLS)
+        );
+        let inserted: std::collections::HashSet<String> =
+            bind_rows(sqlx::query(&sql), b, rows_json)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<_, _>>()?;
+
+        // Per lease and per key: the charges of the rows actually inserted.
+        let mut per_lease: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        let mut per_key: BTreeMap<&str, i64> = BTreeMap::new();
+        for f in finals.iter().filter(|f| inserted.contains(&f.id)) {
+            if f.cost_micros > 0 {
+                let net = f.network_cost_micros.min(f.cost_micros).max(0);
+                let e = per_lease.entry(f.lease_id.as_str()).or_default();
+                e.0 += f.cost_micros;
+                e.1 += net;
+                if let Some(k) = &f.key_id {
+                    *per_key.entry(k.as_str()).or_default() += f.cost_micros;
+                }
+            }
+        }
+        for (key_id, spent) in per_key {
+            sqlx::query("UPDATE api_keys SET spent_micros = spent_micros + $1 WHERE id = $2")
+                .bind(spent)
+                .bind(key_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (lease_id, (captured, network)) in per_lease {
+            let Some((account_id, key_id, key_reserved, _)) = leases.get(lease_id) else {
+                continue;
+            };
+            let fee = captured - network;
+            sqlx::query(
+                "UPDATE credit_leases SET captured_micros = captured_micros + $1 WHERE id = $2",
+            )
+            .bind(captured)
+            .bind(lease_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE accounts SET held_micros = held_micros - $1 WHERE id = $2")
+                .bind(captured)
+                .bind(account_id)
+                .execute(&mut *tx)
+                .await?;
+            if let (Some(k), true) = (key_id, *key_reserved) {
+                sqlx::query(
+                    "UPDATE api_keys SET reserved_micros = reserved_micros - $1 WHERE id = $2",
+                )
+                .bind(captured)
+                .bind(k)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let phase = format!("capture:{}", new_id("c"));
+            ledger_txn(
+                &mut tx,
+                "capture",
+                account_id,
+                lease_id,
+                &phase,
+                captured,
+                &[
+                    (&held_of(account_id), -captured),
+                    (REVENUE_NETWORK, network),
+                    (REVENUE_FEE, fee),
+                ],
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(inserted.len() as u64)
+    }
+}
