@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Requests/s with billing on versus off, non-streamed, through a fake upstream, on SQLite and
-# PostgreSQL, from ONE release binary. Three gateways run side by side (billing off; on over a
-# SQLite file; on over a throwaway PostgreSQL from scripts/pg-test.sh, as the tests use) and are
-# measured in turn, round after round; prints a table of medians and the cost of billing.
+# PostgreSQL, from ONE release binary. Five gateways run side by side (billing off; on over a
+# SQLite file; on over a throwaway PostgreSQL from scripts/pg-test.sh, as the tests use; and the
+# same two with `[billing] admission = "lease"`) and are measured in turn, round after round;
+# prints a table of medians and the cost of billing.
 #
 #   bench/billing.sh [seconds-per-slot] [rounds] [concurrency] [upstream-delay-ms]  # defaults: 5 3 32 0
 #   PROFILE=dev bench/billing.sh ...                                # a debug build instead
@@ -30,5 +31,6 @@ echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 lock=()
 if [ -d /work/notes ]; then lock=(flock /work/notes/bench.lock); fi
 "${lock[@]}" "$dir/examples/billing_bench" --bin "$dir/tollgate" --secs "$secs" --rounds "$rounds" \
-    --concurrency "$conc" --delay-ms "$delay" --sqlite "sqlite://$tmp/bench.db" --pg "$TOLLGATE_TEST_PG_URL"
+    --concurrency "$conc" --delay-ms "$delay" --sqlite "sqlite://$tmp/bench.db" --pg "$TOLLGATE_TEST_PG_URL" \
+    --lease-sqlite "sqlite://$tmp/lease.db" --lease-pg "$TOLLGATE_TEST_PG_URL"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

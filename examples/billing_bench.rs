@@ -1,7 +1,8 @@
 //! Benchmark: requests/s through tollgate with billing on versus off (non-streamed, fake upstream).
 //!
-//! Usage: `billing_bench --bin PATH [--sqlite URL] [--pg URL] [--secs N] [--rounds N]
-//! [--concurrency N] [--delay-ms N]` (see bench/billing.sh). One gateway process per mode (billing off, billing on
+//! Usage: `billing_bench --bin PATH [--sqlite URL] [--pg URL] [--lease-sqlite URL] [--lease-pg URL]
+//! [--secs N] [--rounds N] [--concurrency N] [--delay-ms N]` (see bench/billing.sh). The
+//! `--lease-*` gateways bill with `[billing] admission = "lease"`. One gateway process per mode (billing off, billing on
 //! over SQLite, billing on over PostgreSQL) runs from the same binary for the whole run; the modes
 //! are measured in turn, round after round, so slow drift of the shared machine hits them alike.
 //! Each mode's figure is the median of its rounds; the cost of billing is `1 - on / off`.
@@ -65,6 +66,7 @@ async fn start(
     up: SocketAddr,
     label: &str,
     db: Option<&str>,
+    lease: bool,
     client: &reqwest::Client,
 ) -> Result<Gw, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -73,6 +75,10 @@ async fn start(
         .map_err(|e| e.to_string())?
         .port();
     let auth = match db {
+        Some(url) if lease => format!(
+            "[auth]\nrequired = true\n[database]\nurl = \"{url}\"\n[billing]\nadmission = \"lease\"\njournal_dir = \"{}\"\n",
+            dir.path().join("journal").display()
+        ),
         Some(url) => format!("[auth]\nrequired = true\n[database]\nurl = \"{url}\"\n"),
         None => "[auth]\nrequired = false\n".to_string(),
     };
@@ -241,16 +247,20 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let mut modes: Vec<(&str, Option<String>)> = vec![("off", None)];
-    if let Some(u) = arg("--sqlite") {
-        modes.push(("sqlite", Some(u)));
-    }
-    if let Some(u) = arg("--pg") {
-        modes.push(("postgres", Some(u)));
+    let mut modes: Vec<(&str, Option<String>, bool)> = vec![("off", None, false)];
+    for (flag, label, lease) in [
+        ("--sqlite", "SQLite", false),
+        ("--pg", "PostgreSQL", false),
+        ("--lease-sqlite", "SQLite, lease admission", true),
+        ("--lease-pg", "PostgreSQL, lease admission", true),
+    ] {
+        if let Some(u) = arg(flag) {
+            modes.push((label, Some(u), lease));
+        }
     }
     let mut gws = Vec::new();
-    for (label, db) in &modes {
-        match start(&bin, up, label, db.as_deref(), &client).await {
+    for (label, db, lease) in &modes {
+        match start(&bin, up, label, db.as_deref(), *lease, &client).await {
             Ok(g) => gws.push(g),
             Err(e) => {
                 eprintln!("{e}");

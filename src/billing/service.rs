@@ -37,6 +37,8 @@ pub struct BillingSettings {
     pub allow_unpriced: bool,
     /// Lease admission instead of a database hold per request (see [`super::lease`]).
     pub lease: Option<crate::config::LeaseConfig>,
+    /// Reuse an authenticated key's row for this long (zero: read it on every request).
+    pub key_cache: Duration,
 }
 
 impl Default for BillingSettings {
@@ -49,6 +51,7 @@ impl Default for BillingSettings {
             sweep_interval: Duration::from_secs(30),
             allow_unpriced: false,
             lease: None,
+            key_cache: Duration::ZERO,
         }
     }
 }
@@ -64,6 +67,7 @@ impl BillingSettings {
             sweep_interval: cfg.billing.sweep_interval,
             allow_unpriced: cfg.billing.allow_unpriced,
             lease: cfg.billing.lease.clone(),
+            key_cache: cfg.billing.key_cache,
         }
     }
 
@@ -256,6 +260,8 @@ struct PriceCache {
 
 const PRICE_CACHE_TTL: Duration = Duration::from_secs(5);
 const TOUCH_EVERY_MS: i64 = 60_000;
+/// Most keys cached at once (the cache is emptied when full).
+const KEY_CACHE_MAX: usize = 100_000;
 
 /// The billing service. Clone the `Arc`; all methods take `&self`.
 pub struct Billing {
@@ -267,6 +273,8 @@ pub struct Billing {
     price_book: std::sync::OnceLock<Arc<PriceBook>>,
     /// Lease admission, when configured and started ([`Billing::start_leases`]).
     leases: Option<Arc<Leases>>,
+    /// Authenticated keys by digest, when `key_cache` is set: (read at, row).
+    keys: std::sync::Mutex<HashMap<String, (Instant, Arc<crate::store::KeyAuthRow>)>>,
 }
 
 impl std::fmt::Debug for Billing {
@@ -298,6 +306,7 @@ impl Billing {
             }),
             price_book: std::sync::OnceLock::new(),
             leases: None,
+            keys: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -376,11 +385,26 @@ impl Billing {
             return Err(BillingError::Unauthorized);
         }
         let digest = self.secret.digest(raw_key);
-        let row = self
-            .store
-            .key_by_hash(&digest)
-            .await?
-            .ok_or(BillingError::Unauthorized)?;
+        let row = match self.cached_key(&digest) {
+            Some(row) => row,
+            None => {
+                let row = Arc::new(
+                    self.store
+                        .key_by_hash(&digest)
+                        .await?
+                        .ok_or(BillingError::Unauthorized)?,
+                );
+                if !self.settings.key_cache.is_zero() {
+                    if let Ok(mut c) = self.keys.lock() {
+                        if c.len() >= KEY_CACHE_MAX {
+                            c.clear();
+                        }
+                        c.insert(digest.clone(), (Instant::now(), row.clone()));
+                    }
+                }
+                row
+            }
+        };
         if !keys::digests_equal(&row.key_hash, &digest) {
             return Err(BillingError::Unauthorized);
         }
@@ -392,16 +416,41 @@ impl Billing {
             if let Err(e) = self.store.touch_key(&row.id, now).await {
                 tracing::warn!(key = %row.prefix, error = %e, "could not update last_used_at");
             }
+            // The cached row is read again next time, with the new `last_used_at`.
+            self.forget_key(&digest);
         }
         Ok(Principal {
-            account_id: row.account_id,
-            account_name: row.account_name,
-            key_id: row.id,
-            key_prefix: row.prefix,
+            account_id: row.account_id.clone(),
+            account_name: row.account_name.clone(),
+            key_id: row.id.clone(),
+            key_prefix: row.prefix.clone(),
             is_admin: row.is_admin,
             spend_cap_micros: row.spend_cap_micros,
-            limits: Some(std::sync::Arc::new(row.limits)),
+            limits: Some(std::sync::Arc::new(row.limits.clone())),
         })
+    }
+
+    /// A key row read less than `key_cache` ago.
+    fn cached_key(&self, digest: &str) -> Option<Arc<crate::store::KeyAuthRow>> {
+        if self.settings.key_cache.is_zero() {
+            return None;
+        }
+        let c = self.keys.lock().ok()?;
+        let (at, row) = c.get(digest)?;
+        (at.elapsed() < self.settings.key_cache).then(|| row.clone())
+    }
+
+    fn forget_key(&self, digest: &str) {
+        if let Ok(mut c) = self.keys.lock() {
+            c.remove(digest);
+        }
+    }
+
+    /// Drops every cached key row (a key changed through this instance).
+    fn forget_keys(&self) {
+        if let Ok(mut c) = self.keys.lock() {
+            c.clear();
+        }
     }
 
     // ---- prices ---------------------------------------------------------------------------
@@ -1009,6 +1058,7 @@ impl Billing {
 
     pub async fn revoke_key(&self, prefix: &str) -> Result<(), BillingError> {
         if self.store.revoke_key(prefix).await? {
+            self.forget_keys();
             tracing::info!(key = %prefix, "revoked API key");
             Ok(())
         } else {
@@ -1029,6 +1079,7 @@ impl Billing {
         if !self.store.set_key_cap(prefix, cap).await? {
             return Err(BillingError::NotFound(format!("key {prefix}")));
         }
+        self.forget_keys();
         self.key(prefix).await
     }
 

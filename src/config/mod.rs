@@ -184,6 +184,7 @@ struct RawBilling {
     lease_usd: Option<String>,
     lease_ttl_secs: Option<u64>,
     journal_dir: Option<String>,
+    key_cache_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -485,6 +486,9 @@ pub struct BillingConfig {
     pub allow_unpriced: bool,
     /// Lease admission (`admission = "lease"`): its settings; `None` holds per request.
     pub lease: Option<LeaseConfig>,
+    /// How long an authenticated key is reused without reading its row again (0: every request
+    /// reads it; default 0, or 5 s with lease admission).
+    pub key_cache: Duration,
 }
 
 /// `[billing] admission = "lease"`: admit against leased credit, journal locally, write the
@@ -685,7 +689,13 @@ fn resolve(
             _ => PathBuf::from(f),
         }),
     };
+    let lease_admission = raw.billing.admission.as_deref() == Some("lease");
     let billing = BillingConfig {
+        key_cache: Duration::from_secs(
+            raw.billing
+                .key_cache_secs
+                .unwrap_or(if lease_admission { 5 } else { 0 }),
+        ),
         hold_ttl: Duration::from_secs(raw.billing.hold_ttl_secs.unwrap_or(3600).max(1)),
         sweep_interval: Duration::from_secs(raw.billing.sweep_interval_secs.unwrap_or(30).max(1)),
         allow_unpriced: raw.billing.allow_unpriced.unwrap_or(false),
@@ -1103,6 +1113,27 @@ capabilities = ["reasoning", "tools", "json_object"]
         assert_eq!(c.providers[0].api_key.as_deref(), Some("sk-secret"));
         assert!(!format!("{:?}", c.providers[0]).contains("sk-secret"));
         assert!(c.auth.required);
+    }
+
+    #[test]
+    fn billing_admission_modes() {
+        let c = parse(EXAMPLE).expect("parses");
+        assert!(c.billing.lease.is_none(), "hold admission by default");
+        assert!(c.billing.key_cache.is_zero(), "no key cache by default");
+        let lease = |extra: &str| parse(&format!("[billing]\n{extra}\n{EXAMPLE}"));
+        let c = lease("admission = \"lease\"").expect("parses");
+        let l = c.billing.lease.expect("lease settings");
+        assert_eq!((l.slice_micros, l.ttl.as_secs()), (5_000_000, 60));
+        assert!(l.journal_dir.is_none());
+        assert_eq!(c.billing.key_cache.as_secs(), 5, "lease admission caches keys 5 s");
+        let c = lease("admission = \"lease\"\nlease_usd = \"0.25\"\nlease_ttl_secs = 1")
+            .expect("parses");
+        let l = c.billing.lease.expect("lease settings");
+        assert_eq!((l.slice_micros, l.ttl.as_secs()), (250_000, 3), "TTL floor 3 s");
+        let err = lease("admission = \"later\"").unwrap_err();
+        assert!(err.contains("expected \"hold\" or \"lease\""), "{err}");
+        let err = lease("admission = \"lease\"\nlease_usd = \"-1\"").unwrap_err();
+        assert!(err.contains("lease_usd"), "{err}");
     }
 
     #[test]

@@ -96,6 +96,7 @@ impl Db {
                 ttl: Duration::from_secs(6),
                 journal_dir: Some(self.dir.path().join("journal")),
             }),
+            key_cache: Duration::ZERO,
         }
     }
 
@@ -179,8 +180,8 @@ macro_rules! all_admissions {
 }
 
 /// Reads with `f` once under hold admission (everything is written before the answer), or until
-/// it returns `Some` within 5 s under lease admission (request rows and charges are written in
-/// batches just after the answer).
+/// it returns `Some` within 8 s under lease admission (request rows and charges are written in
+/// batches just after the answer; key changes made elsewhere reach the 5 s key cache).
 pub async fn applied<T, F, Fut>(db: &Db, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
@@ -189,7 +190,7 @@ where
     if !db.lease {
         return f().await;
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
     loop {
         if let Some(v) = f().await {
             return Some(v);
