@@ -60,6 +60,16 @@ struct Queue {
     pending: Vec<(u64, u64, LeaseFinal)>,
 }
 
+impl Queue {
+    /// Every journal record up to this sequence number is reflected in the database.
+    fn applied_upto(&self) -> u64 {
+        match self.outstanding.first() {
+            Some(first) => first.saturating_sub(1),
+            None => self.last_seq,
+        }
+    }
+}
+
 /// The lease admission machinery of one instance.
 pub struct Leases {
     store: Store,
@@ -71,6 +81,7 @@ pub struct Leases {
     queue: StdMutex<Queue>,
     /// One batch writer at a time (the background task, or a read that needs every charge).
     writer: Mutex<()>,
+    last_checkpoint: StdMutex<Instant>,
     wake: Notify,
     /// Held for the life of the process: one instance per journal directory.
     _lock: std::fs::File,
@@ -83,6 +94,11 @@ fn io_err(e: impl std::fmt::Display) -> BillingError {
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }
+
+/// The background writer starts at most one batch this often unless a full batch waits.
+const BATCH_EVERY: Duration = Duration::from_millis(10);
+/// The journal's applied segments are deleted at most this often.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Idle leases (nothing in flight, nothing admitted for this long) are given back.
 const IDLE: Duration = Duration::from_secs(30);
@@ -163,6 +179,7 @@ impl Leases {
                 ..Default::default()
             }),
             writer: Mutex::new(()),
+            last_checkpoint: StdMutex::new(Instant::now()),
             wake: Notify::new(),
             _lock: lock,
         }))
@@ -175,8 +192,15 @@ impl Leases {
             loop {
                 let Some(me) = weak.upgrade() else { return };
                 let wait = me.wake.notified();
+                let started = Instant::now();
                 let wrote = me.write_pending().await;
-                if !wrote {
+                if wrote {
+                    // Off the request path: leave rows a moment to gather, so one transaction
+                    // carries many (its fixed cost is most of a small batch's).
+                    if !me.batch_full() {
+                        tokio::time::sleep(BATCH_EVERY.saturating_sub(started.elapsed())).await;
+                    }
+                } else {
                     // A missed wake costs at most this delay (the `Arc` is kept that long).
                     let _ = tokio::time::timeout(Duration::from_millis(20), wait).await;
                 }
@@ -360,6 +384,13 @@ impl Leases {
         Ok(Some(()))
     }
 
+    fn batch_full(&self) -> bool {
+        self.queue
+            .lock()
+            .map(|q| q.pending.len() >= MAX_FINALS)
+            .unwrap_or(false)
+    }
+
     /// A finished request not yet in the database.
     pub fn pending_row(&self, id: &str) -> Option<LeaseFinal> {
         let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -395,13 +426,23 @@ impl Leases {
                         q.outstanding.remove(s);
                         q.outstanding.remove(h);
                     }
-                    match q.outstanding.first() {
-                        Some(first) => first.saturating_sub(1),
-                        None => q.last_seq,
-                    }
+                    q.applied_upto()
                 };
-                if let Err(e) = self.journal.checkpoint(upto) {
-                    tracing::warn!(error = %e, "billing journal: checkpoint failed");
+                let due = {
+                    let mut last = self
+                        .last_checkpoint
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let due = last.elapsed() >= CHECKPOINT_EVERY;
+                    if due {
+                        *last = Instant::now();
+                    }
+                    due
+                };
+                if due {
+                    if let Err(e) = self.journal.checkpoint(upto) {
+                        tracing::warn!(error = %e, "billing journal: checkpoint failed");
+                    }
                 }
                 true
             }
@@ -477,6 +518,11 @@ impl Leases {
     /// Writes everything pending and gives back every lease with nothing in flight (shutdown).
     pub async fn flush(&self) -> Result<(), BillingError> {
         self.write_all_pending(Duration::from_secs(30)).await;
+        let upto = {
+            let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.applied_upto()
+        };
+        self.journal.checkpoint(upto).map_err(io_err)?;
         let books: Vec<Arc<Mutex<Book>>> = {
             let b = self.books.lock().unwrap_or_else(|e| e.into_inner());
             b.values().cloned().collect()

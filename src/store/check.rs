@@ -50,14 +50,21 @@ impl Store {
         expiry_cutoff_ms: Option<i64>,
     ) -> Result<LedgerReport, StoreError> {
         let mut rep = LedgerReport::default();
-        let p = &self.pool;
+        // One snapshot for every query: a live gateway (lease admission's background writer,
+        // other requests) may commit between them.
+        let mut tx = self.pool.begin().await?;
+        if self.backend == super::Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
 
         let rows = sqlx::query(
             "SELECT t.id, t.kind, t.amount_micros, CAST(COALESCE(SUM(e.amount_micros), 0) AS BIGINT), \
              CAST(COUNT(e.id) AS BIGINT) FROM ledger_transactions t \
              LEFT JOIN ledger_entries e ON e.txn_id = t.id GROUP BY t.id, t.kind, t.amount_micros",
         )
-        .fetch_all(p)
+        .fetch_all(&mut *tx)
         .await?;
         rep.transactions = rows.len() as i64;
         for r in &rows {
@@ -79,7 +86,7 @@ impl Store {
         let sums: HashMap<String, i64> = sqlx::query(
             "SELECT ledger_account, CAST(SUM(amount_micros) AS BIGINT) FROM ledger_entries GROUP BY ledger_account",
         )
-        .fetch_all(p)
+        .fetch_all(&mut *tx)
         .await?
         .iter()
         .map(|r| Ok((r.try_get::<String, _>(0)?, get_i64(r, 1)?)))
@@ -93,7 +100,7 @@ impl Store {
         let open: HashMap<String, i64> = sqlx::query(
             "SELECT account_id, CAST(SUM(hold_micros) AS BIGINT) FROM requests WHERE state = 'held' GROUP BY account_id",
         )
-        .fetch_all(p)
+        .fetch_all(&mut *tx)
         .await?
         .iter()
         .map(|r| Ok((r.try_get::<String, _>(0)?, get_i64(r, 1)?)))
@@ -104,14 +111,14 @@ impl Store {
             "SELECT account_id, CAST(SUM(granted_micros - captured_micros - released_micros) AS BIGINT) \
              FROM credit_leases WHERE state = 'open' GROUP BY account_id",
         )
-        .fetch_all(p)
+        .fetch_all(&mut *tx)
         .await?
         {
             *open.entry(r.try_get::<String, _>(0)?).or_insert(0) += get_i64(&r, 1)?;
         }
 
         for r in sqlx::query("SELECT id, balance_micros, held_micros FROM accounts")
-            .fetch_all(p)
+            .fetch_all(&mut *tx)
             .await?
         {
             let id: String = r.try_get(0)?;
@@ -148,7 +155,7 @@ impl Store {
              CAST(COALESCE((SELECT SUM(t.amount_micros) FROM ledger_transactions t WHERE t.request_id = l.id AND t.kind IN ('release', 'expire')), 0) AS BIGINT) \
              FROM credit_leases l",
         )
-        .fetch_all(p)
+        .fetch_all(&mut *tx)
         .await?
         {
             let id: String = r.try_get(0)?;
@@ -191,7 +198,7 @@ impl Store {
              CAST(COALESCE((SELECT SUM(t.amount_micros) FROM ledger_transactions t WHERE t.request_id = r.id AND t.phase = 'final'), 0) AS BIGINT) \
              FROM requests r",
         )
-        .fetch_all(p)
+        .fetch_all(&mut *tx)
         .await?;
         rep.requests = rows.len() as i64;
         for r in &rows {
@@ -282,6 +289,7 @@ impl Store {
                 ));
             }
         }
+        tx.rollback().await?;
         Ok(rep)
     }
 }
