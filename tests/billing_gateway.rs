@@ -739,7 +739,10 @@ async fn kill9(db: &Db) -> Billing {
         assert!(rep.leases > 0, "the lease path was used: {rep:?}");
         // A restarted instance gave back its predecessors' leases; at most the running one
         // holds one (none if it was started after the last request).
-        assert!(rep.open_leases <= 1, "only the running instance holds a lease: {rep:?}");
+        assert!(
+            rep.open_leases <= 1,
+            "only the running instance holds a lease: {rep:?}"
+        );
     }
     // Every request the gateway saw has exactly one row and one final state (checked above);
     // requests cut by a kill were never charged more than their hold.

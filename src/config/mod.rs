@@ -1125,11 +1125,19 @@ capabilities = ["reasoning", "tools", "json_object"]
         let l = c.billing.lease.expect("lease settings");
         assert_eq!((l.slice_micros, l.ttl.as_secs()), (5_000_000, 60));
         assert!(l.journal_dir.is_none());
-        assert_eq!(c.billing.key_cache.as_secs(), 5, "lease admission caches keys 5 s");
+        assert_eq!(
+            c.billing.key_cache.as_secs(),
+            5,
+            "lease admission caches keys 5 s"
+        );
         let c = lease("admission = \"lease\"\nlease_usd = \"0.25\"\nlease_ttl_secs = 1")
             .expect("parses");
         let l = c.billing.lease.expect("lease settings");
-        assert_eq!((l.slice_micros, l.ttl.as_secs()), (250_000, 3), "TTL floor 3 s");
+        assert_eq!(
+            (l.slice_micros, l.ttl.as_secs()),
+            (250_000, 3),
+            "TTL floor 3 s"
+        );
         let err = lease("admission = \"later\"").unwrap_err();
         assert!(err.contains("expected \"hold\" or \"lease\""), "{err}");
         let err = lease("admission = \"lease\"\nlease_usd = \"-1\"").unwrap_err();

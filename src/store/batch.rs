@@ -245,7 +245,7 @@ pub(super) fn batch_rows(backend: Backend, rows: usize, cols: &[(&str, &str)]) -
     }
 }
 
-type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+pub(super) type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
 /// The bind values of the rows of [`batch_rows`] (each row a JSON array of strings, integers
 /// and nulls).

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use sqlx::Row;
 
-use super::batch::{batch_rows, bind_rows, bind_strs, in_list};
+use super::batch::{batch_rows, bind_strs, in_list, AnyQuery};
 use super::ledger::{available_of, held_of, REVENUE_FEE, REVENUE_NETWORK};
 use super::{new_id, now_ms, Backend, Store, StoreError};
 
@@ -168,6 +168,118 @@ const FINAL_COLS: [(&str, &str); 30] = [
     ("v_finished", "bigint"),
     ("v_reserved", "bigint"),
 ];
+
+/// SQLite: the row counts a batch's insert is cut into. Every distinct `VALUES` list is a new
+/// statement to prepare, and preparing one of hundreds of rows cost more than running it; with
+/// these few sizes every statement is prepared once per connection and then cached.
+const SQLITE_CHUNKS: [usize; 5] = [MAX_FINALS, 128, 32, 8, 1];
+
+/// How many of `n` rows the next insert statement takes (PostgreSQL: all of them, as one JSON
+/// parameter).
+fn insert_chunk(b: Backend, n: usize) -> usize {
+    match b {
+        Backend::Postgres => n.min(MAX_FINALS),
+        Backend::Sqlite => SQLITE_CHUNKS.iter().copied().find(|&c| c <= n).unwrap_or(1),
+    }
+}
+
+fn insert_finals_sql(b: Backend, rows: usize) -> String {
+    format!(
+        "INSERT INTO requests (id, lease_id, account_id, key_id, model, provider, upstream_model, \
+         price_id, state, hold_micros, hold_expires_at, status, http_status, prompt_tokens, \
+         cached_tokens, completion_tokens, reasoning_tokens, cost_micros, computed_cost_micros, \
+         input_cost_micros, cached_cost_micros, output_cost_micros, network_cost_micros, \
+         platform_fee_micros, estimated, delivered, latency_ms, created_at, finished_at, \
+         key_reserved) \
+         SELECT v_id, v_lease, v_account, v_key, v_model, v_provider, v_upstream, v_price, \
+         v_state, v_hold, v_expires, v_status, v_http, v_pt, v_ct, v_cpt, v_rt, v_cost, \
+         v_computed, v_in, v_cached, v_out, v_net, v_fee, v_est, v_deliv, v_lat, v_created, \
+         v_finished, v_reserved FROM ({}) AS v WHERE true \
+         ON CONFLICT (id) DO NOTHING RETURNING id",
+        batch_rows(b, rows, &FINAL_COLS)
+    )
+}
+
+/// Binds `rows` in [`FINAL_COLS`] order: each value directly on SQLite, one JSON array of arrays
+/// on PostgreSQL.
+fn bind_finals<'q>(q: AnyQuery<'q>, b: Backend, rows: &'q [LeaseFinal]) -> AnyQuery<'q> {
+    match b {
+        Backend::Postgres => {
+            let json: Vec<serde_json::Value> = rows.iter().map(final_json).collect();
+            q.bind(serde_json::Value::Array(json).to_string())
+        }
+        Backend::Sqlite => rows.iter().fold(q, |q, f| {
+            let net = f.network_cost_micros.min(f.cost_micros).max(0);
+            q.bind(f.id.as_str())
+                .bind(f.lease_id.as_str())
+                .bind(f.account_id.as_str())
+                .bind(f.key_id.as_deref())
+                .bind(f.model.as_str())
+                .bind(f.provider.as_deref())
+                .bind(f.upstream_model.as_deref())
+                .bind(f.price_id)
+                .bind(f.state.as_str())
+                .bind(f.hold_micros)
+                .bind(f.hold_expires_at)
+                .bind(f.status.as_deref())
+                .bind(f.http_status)
+                .bind(f.prompt_tokens)
+                .bind(f.cached_tokens)
+                .bind(f.completion_tokens)
+                .bind(f.reasoning_tokens)
+                .bind(f.cost_micros)
+                .bind(f.computed_cost_micros)
+                .bind(f.input_cost_micros)
+                .bind(f.cached_cost_micros)
+                .bind(f.output_cost_micros)
+                .bind(net)
+                .bind(f.cost_micros - net)
+                .bind(i64::from(f.estimated))
+                .bind(i64::from(f.delivered))
+                .bind(f.latency_ms)
+                .bind(f.created_at)
+                .bind(f.finished_at)
+                .bind(0_i64)
+        }),
+    }
+}
+
+/// One row of [`bind_finals`] as PostgreSQL reads it (`jsonb_array_elements`).
+fn final_json(f: &LeaseFinal) -> serde_json::Value {
+    let net = f.network_cost_micros.min(f.cost_micros).max(0);
+    serde_json::json!([
+        f.id,
+        f.lease_id,
+        f.account_id,
+        f.key_id,
+        f.model,
+        f.provider,
+        f.upstream_model,
+        f.price_id,
+        f.state,
+        f.hold_micros,
+        f.hold_expires_at,
+        f.status,
+        f.http_status,
+        f.prompt_tokens,
+        f.cached_tokens,
+        f.completion_tokens,
+        f.reasoning_tokens,
+        f.cost_micros,
+        f.computed_cost_micros,
+        f.input_cost_micros,
+        f.cached_cost_micros,
+        f.output_cost_micros,
+        net,
+        f.cost_micros - net,
+        i64::from(f.estimated),
+        i64::from(f.delivered),
+        f.latency_ms,
+        f.created_at,
+        f.finished_at,
+        0
+    ])
+}
 
 fn for_update(b: Backend) -> &'static str {
     match b {
@@ -539,65 +651,20 @@ impl Store {
             })
             .collect();
 
-        let rows_json: Vec<serde_json::Value> = finals
-            .iter()
-            .map(|f| {
-                let net = f.network_cost_micros.min(f.cost_micros).max(0);
-                serde_json::json!([
-                    f.id,
-                    f.lease_id,
-                    f.account_id,
-                    f.key_id,
-                    f.model,
-                    f.provider,
-                    f.upstream_model,
-                    f.price_id,
-                    f.state,
-                    f.hold_micros,
-                    f.hold_expires_at,
-                    f.status,
-                    f.http_status,
-                    f.prompt_tokens,
-                    f.cached_tokens,
-                    f.completion_tokens,
-                    f.reasoning_tokens,
-                    f.cost_micros,
-                    f.computed_cost_micros,
-                    f.input_cost_micros,
-                    f.cached_cost_micros,
-                    f.output_cost_micros,
-                    net,
-                    f.cost_micros - net,
-                    i64::from(f.estimated),
-                    i64::from(f.delivered),
-                    f.latency_ms,
-                    f.created_at,
-                    f.finished_at,
-                    0
-                ])
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO requests (id, lease_id, account_id, key_id, model, provider, upstream_model, \
-             price_id, state, hold_micros, hold_expires_at, status, http_status, prompt_tokens, \
-             cached_tokens, completion_tokens, reasoning_tokens, cost_micros, computed_cost_micros, \
-             input_cost_micros, cached_cost_micros, output_cost_micros, network_cost_micros, \
-             platform_fee_micros, estimated, delivered, latency_ms, created_at, finished_at, \
-             key_reserved) \
-             SELECT v_id, v_lease, v_account, v_key, v_model, v_provider, v_upstream, v_price, \
-             v_state, v_hold, v_expires, v_status, v_http, v_pt, v_ct, v_cpt, v_rt, v_cost, \
-             v_computed, v_in, v_cached, v_out, v_net, v_fee, v_est, v_deliv, v_lat, v_created, \
-             v_finished, v_reserved FROM ({}) AS v WHERE true \
-             ON CONFLICT (id) DO NOTHING RETURNING id",
-            batch_rows(b, finals.len(), &FINAL_COLS)
-        );
-        let inserted: std::collections::HashSet<String> =
-            bind_rows(sqlx::query(&sql), b, rows_json)
+        // The rows, in statements of a few fixed sizes (see [`insert_chunk`]).
+        let mut inserted: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut rest: &[LeaseFinal] = &finals;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(insert_chunk(b, rest.len()));
+            let sql = insert_finals_sql(b, chunk.len());
+            for r in bind_finals(sqlx::query(&sql), b, chunk)
                 .fetch_all(&mut *tx)
                 .await?
-                .iter()
-                .map(|r| r.try_get::<String, _>(0))
-                .collect::<Result<_, _>>()?;
+            {
+                inserted.insert(r.try_get(0)?);
+            }
+            rest = tail;
+        }
 
         // Per lease and per key: the charges of the rows actually inserted.
         let mut per_lease: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
@@ -665,5 +732,32 @@ impl Store {
         }
         tx.commit().await?;
         Ok(inserted.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch of any size is cut into statements of the fixed sizes only (each prepared once),
+    /// covering every row once, in few statements.
+    #[test]
+    fn sqlite_inserts_use_fixed_statement_sizes() {
+        for n in 1..=3 * MAX_FINALS {
+            let (mut left, mut statements) = (n, 0);
+            while left > 0 {
+                let c = insert_chunk(Backend::Sqlite, left);
+                assert!(SQLITE_CHUNKS.contains(&c) && c <= left, "n={n}: chunk {c}");
+                left -= c;
+                statements += 1;
+            }
+            // At most 3 of each size between two larger ones, and 7 single rows.
+            assert!(
+                statements <= n / MAX_FINALS + 16,
+                "n={n}: {statements} statements"
+            );
+        }
+        assert_eq!(insert_chunk(Backend::Postgres, 300), 300);
+        assert_eq!(insert_chunk(Backend::Postgres, 5000), MAX_FINALS);
     }
 }
