@@ -10,6 +10,7 @@ use std::time::Duration;
 use tollgate::billing::{
     compute_cost, Billing, BillingError, HoldParams, Principal, SettleInput, Usage,
 };
+use tollgate::store::leases::{GrantOutcome, LeaseFinal, LeaseGrant};
 use tollgate::store::ledger::{FinalState, HoldInsert, HoldOutcome, SettleWrite};
 use tollgate::store::{now_ms, PriceRow, UsageGroup, UsageQuery};
 
@@ -1018,6 +1019,91 @@ async fn batch_crash_recovery(db: &Db) -> Billing {
     b
 }
 both_backends!(batch_crash_is_recovered_by_expiry, batch_crash_recovery);
+
+// A journal replay hands the database rows it may already have: each request row is written and
+// charged once, whatever overlap a batch has with what was written before.
+async fn lease_replay(db: &Db) -> Billing {
+    let b = db.billing().await;
+    let (p, _) = funded(&b, "acme", 1_000_000).await;
+    let got = b
+        .store()
+        .grant_lease(&LeaseGrant {
+            lease_id: None,
+            account_id: p.account_id.clone(),
+            key_id: None,
+            key_capped: false,
+            owner: "test".to_string(),
+            want_micros: 500_000,
+            min_micros: 500_000,
+            expires_at: now_ms() + 60_000,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let GrantOutcome::Granted { lease_id, micros } = got else {
+        panic!("no lease: {got:?}")
+    };
+    assert_eq!(micros, 500_000);
+    let row = |id: &str, cost: i64| LeaseFinal {
+        id: id.to_string(),
+        lease_id: lease_id.clone(),
+        account_id: p.account_id.clone(),
+        key_id: Some(p.key_id.clone()),
+        model: "m".to_string(),
+        provider: None,
+        upstream_model: None,
+        price_id: None,
+        state: "settled".to_string(),
+        hold_micros: 10_000,
+        hold_expires_at: now_ms() + 60_000,
+        status: Some("ok".to_string()),
+        http_status: Some(200),
+        prompt_tokens: 1,
+        cached_tokens: 0,
+        completion_tokens: 1,
+        reasoning_tokens: 0,
+        cost_micros: cost,
+        computed_cost_micros: cost,
+        input_cost_micros: 0,
+        cached_cost_micros: 0,
+        output_cost_micros: cost,
+        network_cost_micros: cost,
+        estimated: false,
+        delivered: true,
+        latency_ms: Some(1),
+        created_at: now_ms(),
+        finished_at: now_ms(),
+    };
+    let ids: Vec<String> = (0..40).map(|i| format!("lr-{i:02}")).collect();
+    let apply = |range: std::ops::Range<usize>| {
+        let rows: Vec<LeaseFinal> = ids[range].iter().map(|id| row(id, 100)).collect();
+        let store = b.store().clone();
+        async move {
+            store
+                .apply_lease_finals(rows)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    assert_eq!(apply(0..10).await, 10);
+    // Overlaps on both sides, in several statement sizes.
+    assert_eq!(apply(5..25).await, 15);
+    assert_eq!(apply(0..25).await, 0);
+    assert_eq!(apply(20..40).await, 15);
+    let a = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        a.balance_micros,
+        1_000_000 - 40 * 100,
+        "each row charged once"
+    );
+    let released = b
+        .store()
+        .release_lease(&lease_id, None, true, "release", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(released, Some(500_000 - 40 * 100));
+    b
+}
+both_backends!(lease_replay_charges_each_row_once, lease_replay);
 
 #[test]
 fn library_cost_matches_independent_formula() {

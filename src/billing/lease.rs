@@ -39,14 +39,54 @@ enum Entry {
 
 /// A key's lease as this instance sees it.
 struct Book {
+    state: StdMutex<BookState>,
+    /// Serializes what talks to the database about the lease (taking, topping up, renewing after
+    /// a lapse, giving it back). Admission from credit the lease already holds never waits on it.
+    slow: Mutex<()>,
+}
+
+struct BookState {
     lease_id: Option<String>,
-    /// Credit of the lease not promised to a request in flight.
+    /// Credit of the lease not promised to a request in flight (never negative).
     free: i64,
     in_flight: u64,
     last_used: Instant,
     /// Admission against the lease stops here unless it is renewed (its database expiry is
     /// `ttl` after the last renewal; this leaves a third of it as margin).
     valid_until: Instant,
+    /// A request is topping the lease up: admission waits for it (so `free` only grows meanwhile
+    /// and the grant it asked for is enough).
+    refilling: bool,
+}
+
+impl Book {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BookState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits `amount` from the lease's free credit, if it is valid and has enough.
+    fn take(&self, amount: i64, now: Instant) -> Option<String> {
+        let mut b = self.lock();
+        if b.refilling || now >= b.valid_until || b.free < amount {
+            return None;
+        }
+        let id = b.lease_id.clone()?;
+        b.free -= amount;
+        b.in_flight += 1;
+        b.last_used = now;
+        Some(id)
+    }
+
+    /// Forgets the lease if it is idle (or, with `idle: None`, has nothing in flight) and returns
+    /// its id, to be given back.
+    fn close_if_idle(&self, idle: Option<Duration>) -> Option<String> {
+        let mut b = self.lock();
+        if b.in_flight > 0 || idle.is_some_and(|d| b.last_used.elapsed() < d) {
+            return None;
+        }
+        b.free = 0;
+        b.lease_id.take()
+    }
 }
 
 #[derive(Default)]
@@ -77,7 +117,7 @@ pub struct Leases {
     slice: i64,
     ttl: Duration,
     journal: Journal<Entry>,
-    books: StdMutex<HashMap<String, Arc<Mutex<Book>>>>,
+    books: StdMutex<HashMap<String, Arc<Book>>>,
     queue: StdMutex<Queue>,
     /// One batch writer at a time (the background task, or a read that needs every charge).
     writer: Mutex<()>,
@@ -221,41 +261,37 @@ impl Leases {
         });
     }
 
-    fn book(&self, key_id: &str) -> Arc<Mutex<Book>> {
+    fn book(&self, name: &str) -> Arc<Book> {
         let mut books = self.books.lock().unwrap_or_else(|e| e.into_inner());
-        books
-            .entry(key_id.to_string())
-            .or_insert_with(|| {
-                let now = Instant::now();
-                Arc::new(Mutex::new(Book {
-                    lease_id: None,
-                    free: 0,
-                    in_flight: 0,
-                    last_used: now,
-                    valid_until: now,
-                }))
-            })
-            .clone()
+        if let Some(b) = books.get(name) {
+            return b.clone();
+        }
+        let now = Instant::now();
+        let book = Arc::new(Book {
+            state: StdMutex::new(BookState {
+                lease_id: None,
+                free: 0,
+                in_flight: 0,
+                last_used: now,
+                valid_until: now,
+                refilling: false,
+            }),
+            slow: Mutex::new(()),
+        });
+        books.insert(name.to_string(), book.clone());
+        book
     }
 
     /// Admits a request of `hold.amount` against the key's lease (taking or topping up the lease
     /// when it is short), and journals it. Returns the lease id.
     pub async fn admit(&self, p: &Principal, row: LeaseFinal) -> Result<String, BillingError> {
         let amount = row.hold_micros;
-        let book = self.book(&book_of(p));
-        let mut b = book.lock().await;
-        let now = Instant::now();
-        if b.lease_id.is_some() && now >= b.valid_until {
-            self.revalidate(&mut b).await?;
-        }
-        if b.lease_id.is_none() || b.free < amount {
-            self.grow(p, &mut b, amount).await?;
-        }
-        b.free -= amount;
-        b.in_flight += 1;
-        b.last_used = now;
-        let lease_id = b.lease_id.clone().unwrap_or_default();
-        drop(b);
+        let book_name = book_of(p);
+        let book = self.book(&book_name);
+        let lease_id = match book.take(amount, Instant::now()) {
+            Some(id) => id,
+            None => self.refill(p, &book, amount).await?,
+        };
         let mut row = row;
         row.lease_id = lease_id.clone();
         let id = row.id.clone();
@@ -274,53 +310,100 @@ impl Leases {
                             v.insert(seq);
                             q.outstanding.insert(seq);
                             q.last_seq = q.last_seq.max(seq);
-                            Ok(lease_id)
+                            Ok(())
                         }
                         Err(e) => Err(io_err(e)),
                     }
                 }
             }
         };
-        if res.is_err() {
-            self.give_back(&book_of(p), amount, 0).await;
+        match res {
+            Ok(()) => Ok(lease_id),
+            Err(e) => {
+                self.give_back(&book_name, &lease_id, amount, 0);
+                Err(e)
+            }
         }
-        res
     }
 
-    /// Returns `amount - charged` of a finished (or refused) request to its lease.
-    async fn give_back(&self, book: &str, amount: i64, charged: i64) {
+    /// Returns `amount - charged` of a finished (or refused) request to its lease (unless the
+    /// book has moved to another lease meanwhile: the old one's credit is not the new one's).
+    fn give_back(&self, book: &str, lease_id: &str, amount: i64, charged: i64) {
         let book = self.book(book);
-        let mut b = book.lock().await;
-        b.free += amount - charged;
+        let mut b = book.lock();
+        if b.lease_id.as_deref() == Some(lease_id) {
+            b.free += (amount - charged).max(0);
+        }
         b.in_flight = b.in_flight.saturating_sub(1);
     }
 
-    /// Renews a lease whose local validity lapsed (a renewal failed); forgets it if it was
-    /// closed meanwhile.
-    async fn revalidate(&self, b: &mut Book) -> Result<(), BillingError> {
-        let Some(id) = b.lease_id.clone() else {
-            return Ok(());
-        };
-        let renewed = self
-            .store
-            .renew_leases(std::slice::from_ref(&id), now_ms() + ms(self.ttl))
-            .await?;
-        if renewed.is_empty() {
-            b.lease_id = None;
-            b.free = 0;
-        } else {
-            b.valid_until = Instant::now() + self.ttl * 2 / 3;
+    /// The slow path of admission, one request per book at a time: renews a lease whose local
+    /// validity lapsed (a renewal failed) or forgets it if it was closed meanwhile, then takes
+    /// more credit if the lease is short, and admits `amount`.
+    async fn refill(
+        &self,
+        p: &Principal,
+        book: &Book,
+        amount: i64,
+    ) -> Result<String, BillingError> {
+        let _slow = book.slow.lock().await;
+        // Another request may have topped it up while this one waited.
+        if let Some(id) = book.take(amount, Instant::now()) {
+            return Ok(id);
         }
-        Ok(())
+        book.lock().refilling = true;
+        let res = self.refill_locked(p, book, amount).await;
+        let mut b = book.lock();
+        b.refilling = false;
+        let id = res?;
+        // `free` only grew while refilling, so what was granted covers `amount`.
+        if b.lease_id.as_deref() != Some(id.as_str()) || b.free < amount {
+            return Err(io_err("the lease changed while it was topped up"));
+        }
+        b.free -= amount;
+        b.in_flight += 1;
+        b.last_used = Instant::now();
+        Ok(id)
     }
 
-    /// Takes more credit so that `amount` fits: up to one slice beyond it.
-    async fn grow(&self, p: &Principal, b: &mut Book, amount: i64) -> Result<(), BillingError> {
+    /// [`Self::refill`] under the book's slow lock: returns the lease id once `free >= amount`.
+    async fn refill_locked(
+        &self,
+        p: &Principal,
+        book: &Book,
+        amount: i64,
+    ) -> Result<String, BillingError> {
+        let lapsed = {
+            let b = book.lock();
+            b.lease_id
+                .clone()
+                .filter(|_| Instant::now() >= b.valid_until)
+        };
+        if let Some(id) = lapsed {
+            let renewed = self
+                .store
+                .renew_leases(std::slice::from_ref(&id), now_ms() + ms(self.ttl))
+                .await?;
+            let mut b = book.lock();
+            if renewed.is_empty() {
+                b.lease_id = None;
+                b.free = 0;
+            } else {
+                b.valid_until = Instant::now() + self.ttl * 2 / 3;
+            }
+        }
         for _ in 0..2 {
-            let free = if b.lease_id.is_some() { b.free } else { 0 };
+            let (lease_id, free) = {
+                let b = book.lock();
+                match &b.lease_id {
+                    Some(id) if b.free >= amount => return Ok(id.clone()),
+                    Some(id) => (Some(id.clone()), b.free),
+                    None => (None, 0),
+                }
+            };
             let capped = p.spend_cap_micros.is_some();
             let g = LeaseGrant {
-                lease_id: b.lease_id.clone(),
+                lease_id,
                 account_id: p.account_id.clone(),
                 key_id: capped.then(|| p.key_id.clone()),
                 key_capped: capped,
@@ -331,15 +414,17 @@ impl Leases {
             };
             match self.store.grant_lease(&g).await? {
                 GrantOutcome::Granted { lease_id, micros } => {
+                    let mut b = book.lock();
                     if b.lease_id.as_deref() != Some(lease_id.as_str()) {
                         b.free = 0;
+                        b.lease_id = Some(lease_id.clone());
                     }
-                    b.lease_id = Some(lease_id);
                     b.free += micros;
                     b.valid_until = Instant::now() + self.ttl * 2 / 3;
-                    return Ok(());
+                    return Ok(lease_id);
                 }
                 GrantOutcome::LeaseClosed => {
+                    let mut b = book.lock();
                     b.lease_id = None;
                     b.free = 0;
                 }
@@ -379,7 +464,8 @@ impl Leases {
             q.last_seq = q.last_seq.max(seq);
             q.pending.push((seq, hold_seq, row));
         }
-        self.give_back(&book, hold.amount, charged).await;
+        let lease_id = hold.lease_id.as_deref().unwrap_or_default();
+        self.give_back(&book, lease_id, hold.amount, charged);
         self.wake.notify_one();
         Ok(Some(()))
     }
@@ -460,25 +546,20 @@ impl Leases {
 
     /// Renews this instance's leases and gives back idle ones.
     async fn renew(&self) -> Result<(), BillingError> {
-        let books: Vec<Arc<Mutex<Book>>> = {
-            let b = self.books.lock().unwrap_or_else(|e| e.into_inner());
-            b.values().cloned().collect()
-        };
+        let books = self.all_books();
         let mut ids = Vec::new();
         for book in &books {
-            let mut b = book.lock().await;
-            let Some(id) = b.lease_id.clone() else {
+            if book.lock().lease_id.is_none() {
                 continue;
-            };
-            if b.in_flight == 0 && b.last_used.elapsed() >= IDLE {
+            }
+            let _slow = book.slow.lock().await;
+            if let Some(id) = book.close_if_idle(Some(IDLE)) {
                 self.store
                     .release_lease(&id, None, true, "release", None)
                     .await?;
-                b.lease_id = None;
-                b.free = 0;
-                continue;
+            } else if let Some(id) = book.lock().lease_id.clone() {
+                ids.push(id);
             }
-            ids.push(id);
         }
         let renewed = self
             .store
@@ -486,14 +567,17 @@ impl Leases {
             .await?;
         let until = Instant::now() + self.ttl * 2 / 3;
         for book in &books {
-            let mut b = book.lock().await;
-            if let Some(id) = &b.lease_id {
-                if renewed.contains(id) {
-                    b.valid_until = until;
-                }
+            let mut b = book.lock();
+            if b.lease_id.as_ref().is_some_and(|id| renewed.contains(id)) {
+                b.valid_until = until;
             }
         }
         Ok(())
+    }
+
+    fn all_books(&self) -> Vec<Arc<Book>> {
+        let b = self.books.lock().unwrap_or_else(|e| e.into_inner());
+        b.values().cloned().collect()
     }
 
     /// Writes what is pending now (reads that must see every answered charge call this first);
@@ -523,18 +607,12 @@ impl Leases {
             q.applied_upto()
         };
         self.journal.checkpoint(upto).map_err(io_err)?;
-        let books: Vec<Arc<Mutex<Book>>> = {
-            let b = self.books.lock().unwrap_or_else(|e| e.into_inner());
-            b.values().cloned().collect()
-        };
-        for book in books {
-            let mut b = book.lock().await;
-            if let (Some(id), 0) = (b.lease_id.clone(), b.in_flight) {
+        for book in self.all_books() {
+            let _slow = book.slow.lock().await;
+            if let Some(id) = book.close_if_idle(None) {
                 self.store
                     .release_lease(&id, None, true, "release", None)
                     .await?;
-                b.lease_id = None;
-                b.free = 0;
             }
         }
         Ok(())

@@ -10,7 +10,7 @@
 //! the same batch is applied twice (the insert skips ids already present and only rows actually
 //! inserted are captured).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sqlx::Row;
 
@@ -183,7 +183,9 @@ fn insert_chunk(b: Backend, n: usize) -> usize {
     }
 }
 
-fn insert_finals_sql(b: Backend, rows: usize) -> String {
+/// The insert of `rows` final rows; `returning`: it answers the ids it inserted (on SQLite each
+/// answered row is one hand-off between sqlx's worker thread and the caller).
+fn insert_finals_sql(b: Backend, rows: usize, returning: bool) -> String {
     format!(
         "INSERT INTO requests (id, lease_id, account_id, key_id, model, provider, upstream_model, \
          price_id, state, hold_micros, hold_expires_at, status, http_status, prompt_tokens, \
@@ -195,8 +197,9 @@ fn insert_finals_sql(b: Backend, rows: usize) -> String {
          v_state, v_hold, v_expires, v_status, v_http, v_pt, v_ct, v_cpt, v_rt, v_cost, \
          v_computed, v_in, v_cached, v_out, v_net, v_fee, v_est, v_deliv, v_lat, v_created, \
          v_finished, v_reserved FROM ({}) AS v WHERE true \
-         ON CONFLICT (id) DO NOTHING RETURNING id",
-        batch_rows(b, rows, &FINAL_COLS)
+         ON CONFLICT (id) DO NOTHING{}",
+        batch_rows(b, rows, &FINAL_COLS),
+        if returning { " RETURNING id" } else { "" }
     )
 }
 
@@ -611,6 +614,27 @@ impl Store {
         if finals.is_empty() {
             return Ok(0);
         }
+        // Outside crash recovery every row is new: statements that only count what they wrote.
+        let finals = match self.apply_lease_finals_tx(finals, false).await? {
+            Ok(n) => return Ok(n),
+            Err(finals) => finals,
+        };
+        // Some were written before (a replay): again, learning which ids each statement wrote.
+        match self.apply_lease_finals_tx(finals, true).await? {
+            Ok(n) => Ok(n),
+            Err(_) => Err(StoreError::Invariant(
+                "lease finals: an insert reporting its rows was short".to_string(),
+            )),
+        }
+    }
+
+    /// [`Self::apply_lease_finals`] in one transaction. Without `per_row`, the rows are handed
+    /// back (and nothing is written) when an insert wrote fewer rows than it was given.
+    async fn apply_lease_finals_tx(
+        &self,
+        finals: Vec<LeaseFinal>,
+        per_row: bool,
+    ) -> Result<Result<u64, Vec<LeaseFinal>>, StoreError> {
         let b = self.backend;
         let _gate = self.write_gate().await;
         let now = now_ms();
@@ -652,24 +676,47 @@ impl Store {
             .collect();
 
         // The rows, in statements of a few fixed sizes (see [`insert_chunk`]).
-        let mut inserted: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut rest: &[LeaseFinal] = &finals;
-        while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(insert_chunk(b, rest.len()));
-            let sql = insert_finals_sql(b, chunk.len());
-            for r in bind_finals(sqlx::query(&sql), b, chunk)
-                .fetch_all(&mut *tx)
-                .await?
-            {
-                inserted.insert(r.try_get(0)?);
+        let mut inserted = vec![false; finals.len()];
+        let index: HashMap<&str, usize> = if per_row {
+            finals
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.id.as_str(), i))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let mut at = 0;
+        let mut short = false;
+        while at < finals.len() {
+            let chunk = &finals[at..at + insert_chunk(b, finals.len() - at)];
+            let sql = insert_finals_sql(b, chunk.len(), per_row);
+            let q = bind_finals(sqlx::query(&sql), b, chunk);
+            if per_row {
+                for r in q.fetch_all(&mut *tx).await? {
+                    let id: String = r.try_get(0)?;
+                    if let Some(&i) = index.get(id.as_str()) {
+                        inserted[i] = true;
+                    }
+                }
+            } else if q.execute(&mut *tx).await?.rows_affected() == chunk.len() as u64 {
+                inserted[at..at + chunk.len()].fill(true);
+            } else {
+                short = true;
+                break;
             }
-            rest = tail;
+            at += chunk.len();
+        }
+        drop(index);
+        if short {
+            drop(tx);
+            return Ok(Err(finals));
         }
 
         // Per lease and per key: the charges of the rows actually inserted.
         let mut per_lease: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
         let mut per_key: BTreeMap<&str, i64> = BTreeMap::new();
-        for f in finals.iter().filter(|f| inserted.contains(&f.id)) {
+        for (f, _) in finals.iter().zip(&inserted).filter(|(_, new)| **new) {
             if f.cost_micros > 0 {
                 let net = f.network_cost_micros.min(f.cost_micros).max(0);
                 let e = per_lease.entry(f.lease_id.as_str()).or_default();
@@ -731,7 +778,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(inserted.len() as u64)
+        Ok(Ok(inserted.iter().filter(|new| **new).count() as u64))
     }
 }
 
