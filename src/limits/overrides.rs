@@ -191,7 +191,7 @@ pub async fn apply(
     let (table, id_col, id) = target.table();
     {
         let _gate = store.write_gate().await;
-        let mut tx = store.pool().begin().await?;
+        let mut tx = store.begin_write().await?;
         if patch.clear_all {
             sqlx::query(&format!("DELETE FROM {table} WHERE {id_col} = $1"))
                 .bind(id)

@@ -28,7 +28,7 @@ impl Store {
         request_id: &str,
         attempts: &[AttemptRow],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for a in attempts {
             sqlx::query(
                 "INSERT INTO request_attempts (request_id, n, provider, upstream_model, result, \

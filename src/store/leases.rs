@@ -338,7 +338,7 @@ impl Store {
         let b = self.backend;
         let _gate = self.write_gate().await;
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let acct = sqlx::query(&format!(
             "SELECT balance_micros FROM accounts WHERE id = $1{}",
             for_update(b)
@@ -507,7 +507,7 @@ impl Store {
         let b = self.backend;
         let _gate = self.write_gate().await;
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(&format!(
             "SELECT account_id, key_id, key_reserved, granted_micros, captured_micros, \
              released_micros, expires_at FROM credit_leases WHERE id = $1 AND state = 'open'{}",
@@ -638,7 +638,7 @@ impl Store {
         let b = self.backend;
         let _gate = self.write_gate().await;
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
 
         // The leases involved, locked (PostgreSQL) so a sweeper cannot close one meanwhile.
         let mut lease_ids: Vec<&str> = finals.iter().map(|f| f.lease_id.as_str()).collect();
@@ -709,7 +709,8 @@ impl Store {
         }
         drop(index);
         if short {
-            drop(tx);
+            // Rolled back here, not on drop: the write lock must be free before the caller re-runs.
+            tx.rollback().await?;
             return Ok(Err(finals));
         }
 

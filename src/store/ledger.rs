@@ -271,7 +271,7 @@ impl Store {
     pub async fn place_hold_direct(&self, h: &HoldInsert) -> Result<HoldOutcome, StoreError> {
         let _gate = self.write_gate().await;
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         // The conditional UPDATE is the admission decision: one atomic statement, so concurrent
         // holds can never overdraw the balance (no read-then-write window).
         let res = sqlx::query(
@@ -407,7 +407,7 @@ impl Store {
         }
         let _gate = self.write_gate().await;
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let fee = w.captured_micros - w.network_cost_micros.min(w.captured_micros);
         let network = w.captured_micros - fee;
         let sql = format!(
@@ -559,7 +559,7 @@ impl Store {
     ) -> Result<TopUpOutcome, StoreError> {
         let _gate = self.write_gate().await;
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "UPDATE accounts SET balance_micros = balance_micros + $1 \
              WHERE id = $2 AND balance_micros + $1 >= 0",

@@ -184,6 +184,18 @@ impl Store {
         }
     }
 
+    /// Begins a write transaction. On SQLite it takes the write lock up front (`BEGIN IMMEDIATE`):
+    /// a deferred transaction that has already read cannot wait for the lock when it comes to
+    /// write — SQLite answers "database is locked" at once instead of calling its busy handler.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
     /// Closes the pool (waits for connections to be returned).
     pub async fn close(&self) {
         if let Some(b) = &self.batcher {
