@@ -818,8 +818,9 @@ mod tests {
         format!("{seq} {swapped}{}", &rest[1..])
     }
 
-    #[test]
-    fn torn_tail_with_bad_crc_is_dropped_and_truncated() {
+    /// A journal of records 1..=3 whose line `line` (0-based) has a broken checksum; returns its
+    /// directory and segment.
+    fn three_with_bad_crc(line: usize) -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let (j, _) = open(tmp.path(), JournalOptions::default());
         for n in 1..=3 {
@@ -827,7 +828,13 @@ mod tests {
         }
         drop(j);
         let seg = last_segment(tmp.path());
-        edit_line(&seg, 2, break_crc);
+        edit_line(&seg, line, break_crc);
+        (tmp, seg)
+    }
+
+    #[test]
+    fn torn_tail_with_bad_crc_is_dropped_and_truncated() {
+        let (tmp, seg) = three_with_bad_crc(2);
 
         let (j, replayed) = open(tmp.path(), JournalOptions::default());
         assert_eq!(replayed.torn_tails, 1);
@@ -858,14 +865,7 @@ mod tests {
 
     #[test]
     fn corrupt_middle_line_is_an_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (j, _) = open(tmp.path(), JournalOptions::default());
-        for n in 1..=3 {
-            j.append(&rec(n)).unwrap();
-        }
-        drop(j);
-        let seg = last_segment(tmp.path());
-        edit_line(&seg, 1, break_crc);
+        let (tmp, seg) = three_with_bad_crc(1);
         let before = fs::read(&seg).unwrap();
 
         match Journal::<Rec>::open(tmp.path(), JournalOptions::default()) {

@@ -606,6 +606,21 @@ impl Billing {
         );
         let ttl_ms = i64::try_from(self.settings.hold_ttl.as_millis()).unwrap_or(i64::MAX / 4);
         let expires_at = now_ms().saturating_add(ttl_ms);
+        // The admitted request, under a lease (its id and book) or a hold of its own.
+        let held = |price: PriceRow, lease: Option<String>| Hold {
+            request_id: params.request_id.clone(),
+            account_id: p.account_id.clone(),
+            key_id: Some(p.key_id.clone()),
+            amount,
+            price,
+            route_prices: Vec::new(),
+            model: params.model.clone(),
+            provider: params.provider.clone(),
+            expires_at,
+            started: Instant::now(),
+            lease_book: lease.is_some().then(|| super::lease::book_of(p)),
+            lease_id: lease,
+        };
         if let Some(leases) = &self.leases {
             let now = now_ms();
             let row = LeaseFinal {
@@ -639,20 +654,7 @@ impl Billing {
                 finished_at: now,
             };
             let lease_id = leases.admit(p, row).await?;
-            return Ok(Hold {
-                request_id: params.request_id.clone(),
-                account_id: p.account_id.clone(),
-                key_id: Some(p.key_id.clone()),
-                amount,
-                price,
-                route_prices: Vec::new(),
-                model: params.model.clone(),
-                provider: params.provider.clone(),
-                expires_at,
-                started: Instant::now(),
-                lease_id: Some(lease_id),
-                lease_book: Some(super::lease::book_of(p)),
-            });
+            return Ok(held(price, Some(lease_id)));
         }
         let ins = HoldInsert {
             request_id: params.request_id.clone(),
@@ -666,20 +668,7 @@ impl Billing {
             expires_at,
         };
         match self.store.place_hold(&ins).await? {
-            HoldOutcome::Held => Ok(Hold {
-                request_id: params.request_id.clone(),
-                account_id: p.account_id.clone(),
-                key_id: Some(p.key_id.clone()),
-                amount,
-                price,
-                route_prices: Vec::new(),
-                model: params.model.clone(),
-                provider: params.provider.clone(),
-                expires_at,
-                started: Instant::now(),
-                lease_id: None,
-                lease_book: None,
-            }),
+            HoldOutcome::Held => Ok(held(price, None)),
             HoldOutcome::InsufficientCredits { available_micros } => {
                 Err(BillingError::InsufficientCredits {
                     needed: format_usd(amount),

@@ -190,17 +190,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_self_wake_is_a_repoll_not_a_task_wake() {
+    /// Polls a `Repoll` of a future that wakes itself `self_wakes` times, once, from a task whose
+    /// wake-ups are counted; returns (task wake-ups, inner polls, the future).
+    fn poll_once(self_wakes: usize) -> (Arc<CountWakes>, Arc<AtomicUsize>, Repoll<SelfWaking>) {
         let outer = Arc::new(CountWakes(AtomicUsize::new(0)));
         let waker = Waker::from(outer.clone());
         let mut cx = Context::from_waker(&waker);
         let polls = Arc::new(AtomicUsize::new(0));
         let mut f = Repoll::new(SelfWaking {
             polls: polls.clone(),
-            self_wakes: 1,
+            self_wakes,
         });
         assert!(Pin::new(&mut f).poll(&mut cx).is_pending());
+        (outer, polls, f)
+    }
+
+    #[test]
+    fn a_self_wake_is_a_repoll_not_a_task_wake() {
+        let (outer, polls, f) = poll_once(1);
         assert_eq!(polls.load(SeqCst), 2, "polled again at once");
         assert_eq!(outer.0.load(SeqCst), 0, "the task was not woken");
         // A wake-up from outside, between polls, wakes the task.
@@ -210,15 +217,7 @@ mod tests {
 
     #[test]
     fn endless_self_wakes_yield_to_the_runtime() {
-        let outer = Arc::new(CountWakes(AtomicUsize::new(0)));
-        let waker = Waker::from(outer.clone());
-        let mut cx = Context::from_waker(&waker);
-        let polls = Arc::new(AtomicUsize::new(0));
-        let mut f = Repoll::new(SelfWaking {
-            polls: polls.clone(),
-            self_wakes: usize::MAX,
-        });
-        assert!(Pin::new(&mut f).poll(&mut cx).is_pending());
+        let (outer, polls, _f) = poll_once(usize::MAX);
         assert_eq!(polls.load(SeqCst), MAX_REPOLLS);
         assert_eq!(
             outer.0.load(SeqCst),

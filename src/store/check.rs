@@ -31,6 +31,19 @@ fn get_i64(r: &sqlx::any::AnyRow, i: usize) -> Result<i64, sqlx::Error> {
     r.try_get::<i64, _>(i)
 }
 
+/// What is wrong with a final request's charge, however it was admitted: above its hold, or
+/// charged without being settled.
+fn charge_problems(rep: &mut LedgerReport, id: &str, state: &str, cost: i64, hold: i64) {
+    if cost > hold {
+        rep.problems
+            .push(format!("request {id}: cost {cost} > hold {hold}"));
+    }
+    if state != "settled" && cost != 0 {
+        rep.problems
+            .push(format!("request {id}: {state} with cost {cost}"));
+    }
+}
+
 impl Store {
     /// Verifies the ledger invariants:
     /// 1. every transaction's entries sum to zero, and every transaction has entries unless zero;
@@ -229,14 +242,7 @@ impl Store {
                         .problems
                         .push(format!("request {id}: leased request in state {other}")),
                 }
-                if cost > hold {
-                    rep.problems
-                        .push(format!("request {id}: cost {cost} > hold {hold}"));
-                }
-                if state != "settled" && cost != 0 {
-                    rep.problems
-                        .push(format!("request {id}: {state} with cost {cost}"));
-                }
+                charge_problems(&mut rep, &id, &state, cost, hold);
                 continue;
             }
             if holds != 1 {
@@ -267,14 +273,7 @@ impl Store {
                         rep.problems
                             .push(format!("request {id}: captured {captured} != cost {cost}"));
                     }
-                    if cost > hold {
-                        rep.problems
-                            .push(format!("request {id}: cost {cost} > hold {hold}"));
-                    }
-                    if state != "settled" && cost != 0 {
-                        rep.problems
-                            .push(format!("request {id}: {state} with cost {cost}"));
-                    }
+                    charge_problems(&mut rep, &id, &state, cost, hold);
                 }
                 other => rep
                     .problems

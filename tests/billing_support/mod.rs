@@ -146,20 +146,7 @@ pub async fn assert_ledger_ok_no_stale_holds(b: &Billing) {
 macro_rules! all_admissions {
     ($name:ident, $body:ident) => {
         mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                let db = $crate::billing_support::Db::sqlite().await;
-                let b = super::$body(&db).await;
-                $crate::billing_support::assert_ledger_ok(&b).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() {
-                if let Some(db) = $crate::billing_support::Db::postgres().await {
-                    let b = super::$body(&db).await;
-                    $crate::billing_support::assert_ledger_ok(&b).await;
-                    b.store().close().await;
-                }
-            }
+            $crate::backend_tests!($body);
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn sqlite_lease() {
                 let db = $crate::billing_support::Db::sqlite().await.leased();
@@ -208,19 +195,28 @@ where
 macro_rules! both_backends {
     ($name:ident, $body:ident) => {
         mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                let db = $crate::billing_support::Db::sqlite().await;
+            $crate::backend_tests!($body);
+        }
+    };
+}
+
+/// The `sqlite` and `postgres` tests of [`both_backends`] and [`all_admissions`], inside the
+/// module they declare.
+#[macro_export]
+macro_rules! backend_tests {
+    ($body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn sqlite() {
+            let db = $crate::billing_support::Db::sqlite().await;
+            let b = super::$body(&db).await;
+            $crate::billing_support::assert_ledger_ok(&b).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn postgres() {
+            if let Some(db) = $crate::billing_support::Db::postgres().await {
                 let b = super::$body(&db).await;
                 $crate::billing_support::assert_ledger_ok(&b).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() {
-                if let Some(db) = $crate::billing_support::Db::postgres().await {
-                    let b = super::$body(&db).await;
-                    $crate::billing_support::assert_ledger_ok(&b).await;
-                    b.store().close().await;
-                }
+                b.store().close().await;
             }
         }
     };
