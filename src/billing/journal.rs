@@ -818,9 +818,12 @@ mod tests {
         format!("{seq} {swapped}{}", &rest[1..])
     }
 
-    /// A journal of records 1..=3 whose line `line` (0-based) has a broken checksum; returns its
+    /// A journal of records 1..=3 whose line `line` (0-based) is rewritten by `edit`; returns its
     /// directory and segment.
-    fn three_with_bad_crc(line: usize) -> (tempfile::TempDir, PathBuf) {
+    fn three_edited(
+        line: usize,
+        edit: impl FnOnce(&str) -> String,
+    ) -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let (j, _) = open(tmp.path(), JournalOptions::default());
         for n in 1..=3 {
@@ -828,13 +831,13 @@ mod tests {
         }
         drop(j);
         let seg = last_segment(tmp.path());
-        edit_line(&seg, line, break_crc);
+        edit_line(&seg, line, edit);
         (tmp, seg)
     }
 
     #[test]
     fn torn_tail_with_bad_crc_is_dropped_and_truncated() {
-        let (tmp, seg) = three_with_bad_crc(2);
+        let (tmp, seg) = three_edited(2, break_crc);
 
         let (j, replayed) = open(tmp.path(), JournalOptions::default());
         assert_eq!(replayed.torn_tails, 1);
@@ -865,7 +868,7 @@ mod tests {
 
     #[test]
     fn corrupt_middle_line_is_an_error() {
-        let (tmp, seg) = three_with_bad_crc(1);
+        let (tmp, seg) = three_edited(1, break_crc);
         let before = fs::read(&seg).unwrap();
 
         match Journal::<Rec>::open(tmp.path(), JournalOptions::default()) {
@@ -901,14 +904,7 @@ mod tests {
 
     #[test]
     fn out_of_order_sequence_numbers_are_an_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (j, _) = open(tmp.path(), JournalOptions::default());
-        for n in 1..=3 {
-            j.append(&rec(n)).unwrap();
-        }
-        drop(j);
-        let seg = last_segment(tmp.path());
-        edit_line(&seg, 2, |l| format!("2{}", &l[1..]));
+        let (tmp, _) = three_edited(2, |l| format!("2{}", &l[1..]));
         match Journal::<Rec>::open(tmp.path(), JournalOptions::default()) {
             Err(JournalError::Corrupt { line: 3, .. }) => {}
             other => panic!("expected Corrupt, got {other:?}"),

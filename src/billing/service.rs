@@ -723,34 +723,28 @@ impl Billing {
             http_status: input.http_status.map(i64::from),
             latency_ms: latency,
         };
-        if let (Some(leases), Some(lease_id)) = (&self.leases, &hold.lease_id) {
+        let settled = Settlement {
+            request_id: hold.request_id.clone(),
+            state,
+            charged,
+            cost,
+            estimated: input.estimated,
+            replayed: false,
+        };
+        // Written now, or found already final (then the stored outcome is the answer).
+        let written = if let (Some(leases), Some(lease_id)) = (&self.leases, &hold.lease_id) {
             let row = leased_row(hold, lease_id, state, &w);
-            return match leases.finish(hold, row).await? {
-                Some(()) => Ok(Settlement {
-                    request_id: hold.request_id.clone(),
-                    state,
-                    charged,
-                    cost,
-                    estimated: input.estimated,
-                    replayed: false,
-                }),
-                None => self.stored_settlement(&hold.request_id).await,
-            };
-        }
-        match self
-            .store
-            .finalize(&hold.request_id, state, &w, None)
-            .await?
-        {
-            Some(_) => Ok(Settlement {
-                request_id: hold.request_id.clone(),
-                state,
-                charged,
-                cost,
-                estimated: input.estimated,
-                replayed: false,
-            }),
-            None => self.stored_settlement(&hold.request_id).await,
+            leases.finish(hold, row).await?.is_some()
+        } else {
+            self.store
+                .finalize(&hold.request_id, state, &w, None)
+                .await?
+                .is_some()
+        };
+        if written {
+            Ok(settled)
+        } else {
+            self.stored_settlement(&hold.request_id).await
         }
     }
 
