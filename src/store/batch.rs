@@ -494,12 +494,7 @@ impl Store {
         let _gate = self.write_gate().await;
         let now = now_ms();
         let c = conn.get(self).await?;
-        let mut tx = match self.backend {
-            // Take SQLite's write lock up front: a deferred transaction that reads first could
-            // not upgrade if another process wrote in between.
-            Backend::Sqlite => c.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => c.begin().await?,
-        };
+        let mut tx = c.begin_with(self.begin_write_sql()).await?;
         let mut txns: Vec<TxnRow> = Vec::new();
         let mut entries: Vec<(usize, String, i64)> = Vec::new();
         let mut writes: Writes = (self.backend == Backend::Sqlite).then(Deferred::default);

@@ -184,16 +184,22 @@ impl Store {
         }
     }
 
-    /// Begins a write transaction. On SQLite it takes the write lock up front (`BEGIN IMMEDIATE`):
-    /// a deferred transaction that has already read cannot wait for the lock when it comes to
-    /// write — SQLite answers "database is locked" at once instead of calling its busy handler.
+    /// The statement that begins a write transaction. On SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`): a deferred transaction that has already read cannot wait for the lock
+    /// when it comes to write — SQLite answers "database is locked" at once instead of calling
+    /// its busy handler.
+    pub(crate) fn begin_write_sql(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        }
+    }
+
+    /// Begins a write transaction on a pooled connection (see [`Self::begin_write_sql`]).
     pub(crate) async fn begin_write(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
-        }
+        self.pool.begin_with(self.begin_write_sql()).await
     }
 
     /// Closes the pool (waits for connections to be returned).
