@@ -10,57 +10,69 @@
 //!
 //! # Durability
 //!
-//! Every [`append`](Journal::append) is one `write(2)` of whole lines to a file opened with
-//! `O_APPEND`, under a mutex. Once the call returns the bytes are in the kernel page cache, so
-//! they survive `kill -9` (or a panic) of the process, but not a power loss or kernel crash.
-//! With [`JournalOptions::fsync`] the write is followed by `fdatasync(2)`, which also survives
-//! those, at the cost of a disk flush per append. Appends are short blocking syscalls (records are
-//! a few hundred bytes); calling them from async code without `spawn_blocking` is acceptable
-//! without fsync, and worth reconsidering with it.
+//! The segment being appended to is a file of [`JournalOptions::segment_bytes`] (sparse, zero
+//! filled) mapped shared into memory. An [`append`](Journal::append) copies the record into the
+//! map under a mutex: no syscall, the bytes are in the kernel page cache once the copy is done, so
+//! they survive `kill -9` (or a panic) of the process, but not a power loss or kernel crash (the
+//! kernel writes the pages back in its own time). With [`JournalOptions::fsync`] the copy is
+//! followed by `msync(MS_SYNC)` of its range, which also survives those, at the cost of a disk
+//! flush per append. An append without fsync is a memory copy (plus a page fault per 4 KiB of
+//! journal), cheap enough to call from async code.
 //!
 //! # On-disk format
 //!
-//! The directory holds segments named `journal-{first_seq:020}.log` (so lexical order is
-//! sequence order), each a sequence of lines
+//! The directory holds segments named `journal-{first_seq:020}.wal` (so lexical order is sequence
+//! order), each a sequence of records
 //!
 //! ```text
-//! {seq} {crc32 of the JSON, 8 lowercase hex digits} {record as one-line JSON}\n
+//! u32 LE payload length (never 0) | u32 LE CRC-32/IEEE of the next 8 + length bytes
+//! | u64 LE sequence number | payload: the record in postcard (serde, compact binary)
 //! ```
 //!
-//! Sequence numbers are assigned by the journal, strictly increasing across segments and restarts
-//! (they may have gaps after a failed append). The CRC is CRC-32/IEEE over the JSON bytes.
+//! followed, in the segment still being appended to (or left by a crash), by zero bytes up to the
+//! file's preallocated size. A sealed segment is cut to its records. Sequence numbers are
+//! assigned by the journal, strictly increasing across segments and restarts (they may have gaps
+//! after a failed append). Segments of the earlier text format (`journal-*.log`, one JSON record
+//! per line) are refused rather than ignored: they may hold charges.
 //!
 //! # Recovery rules
 //!
-//! * A segment whose **last** line is incomplete (no newline) or fails its checksum is a write torn
-//!   by a crash: the tail is dropped (counted in [`Replayed::torn_tails`]) and the file is
-//!   truncated to its last good line, so the next open does not see the torn bytes again.
-//! * A bad line that is **not** the last of its segment, a line whose checksum matches but whose
-//!   JSON does not decode as `T`, or sequence numbers out of order, are [`JournalError::Corrupt`]:
+//! * Zero bytes after the last record are unused space: cut, not counted.
+//! * A segment whose **last** record is incomplete or fails its checksum, with nothing but zero
+//!   bytes after it, is a copy torn by a crash: the tail is dropped (counted in
+//!   [`Replayed::torn_tails`]) and the file is cut to its last good record, so the next open does
+//!   not see the torn bytes again.
+//! * A bad record followed by anything non-zero, a record whose checksum matches but whose payload
+//!   does not decode as `T`, or sequence numbers out of order, are [`JournalError::Corrupt`]:
 //!   those are not what a crash leaves behind, and skipping them silently would lose charges.
 //! * Appends after an open always go to a new segment; old segments are only read and deleted.
 //!
 //! # Segments and checkpoints
 //!
-//! An append starts a new segment first if the current one is non-empty and the write would take
-//! it past [`JournalOptions::segment_bytes`]. [`Journal::checkpoint`]`(seq)` declares every
+//! An append starts a new segment first if the current one would overflow (a record larger than
+//! `segment_bytes` gets a segment of its own size). [`Journal::checkpoint`]`(seq)` declares every
 //! record with a sequence number `<= seq` applied: it deletes every segment other than the current
 //! one whose records are all `<= seq`, and first rotates the current segment when it is non-empty
 //! and entirely applied, so an idle journal shrinks to one empty segment (whose name still carries
 //! the next sequence number across a restart).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use memmap2::MmapMut;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 const SEGMENT_PREFIX: &str = "journal-";
-const SEGMENT_SUFFIX: &str = ".log";
+const SEGMENT_SUFFIX: &str = ".wal";
+/// The earlier text format's segments, refused at open.
+const OLD_SEGMENT_SUFFIX: &str = ".log";
 const SEGMENT_DIGITS: usize = 20;
+/// Length, checksum and sequence number before each payload.
+const HEADER: usize = 16;
 
 /// Errors from the journal.
 #[derive(Debug, thiserror::Error)]
@@ -68,16 +80,23 @@ pub enum JournalError {
     /// An I/O error on the journal directory or one of its segments.
     #[error("journal I/O error: {0}")]
     Io(#[from] io::Error),
-    /// A segment holds something a crash cannot explain (see the module docs); `line` is 1-based.
-    #[error("corrupt journal segment {path}, line {line}: {reason}", path = .file.display())]
+    /// A segment holds something a crash cannot explain (see the module docs); `record` is 1-based.
+    #[error("corrupt journal segment {path}, record {record}: {reason}", path = .file.display())]
     Corrupt {
         file: PathBuf,
-        line: usize,
+        record: usize,
         reason: String,
     },
-    /// A record could not be serialized as one line of JSON (nothing was written).
+    /// A segment in the format of an earlier version, which this one does not read.
+    #[error(
+        "journal segment {path} is in an earlier tollgate's text format: run that version once \
+         so it applies it, then start this one",
+        path = .0.display()
+    )]
+    OldFormat(PathBuf),
+    /// A record could not be serialized (nothing was written).
     #[error("journal record cannot be encoded: {0}")]
-    Encode(#[source] serde_json::Error),
+    Encode(#[source] postcard::Error),
 }
 
 /// Records found on disk by [`Journal::open`].
@@ -85,17 +104,17 @@ pub enum JournalError {
 pub struct Replayed<T> {
     /// Every record still on disk with its sequence number, in sequence order.
     pub records: Vec<(u64, T)>,
-    /// How many segments ended in a torn (partial or checksum-failing) last line, now dropped.
+    /// How many segments ended in a torn (partial or checksum-failing) last record, now dropped.
     pub torn_tails: usize,
 }
 
 /// Options for [`Journal::open`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JournalOptions {
-    /// `fdatasync` after every append (and sync the directory after segment changes). Without it
+    /// `msync` after every append (and sync the directory after segment changes). Without it
     /// an acknowledged record survives a process crash but not a power loss.
     pub fsync: bool,
-    /// Size after which appends go to a new segment.
+    /// Size of a segment: appends that would overflow it go to a new one.
     pub segment_bytes: u64,
 }
 
@@ -134,13 +153,74 @@ struct Segment {
     last_seq: Option<u64>,
 }
 
-/// The segment being appended to.
+/// The segment being appended to, mapped.
 #[derive(Debug)]
 struct Current {
     seg: Segment,
     file: File,
-    /// Bytes of whole lines in the file.
-    bytes: u64,
+    map: MmapMut,
+    /// Bytes of whole records at the start of the map.
+    used: usize,
+}
+
+impl Current {
+    /// Opens (`create_new`: creates) the segment at `path`, sized to `bytes`, and maps it. The
+    /// file must hold no record: whatever it holds is dropped.
+    fn open(
+        path: PathBuf,
+        create_new: bool,
+        bytes: u64,
+        fsync: bool,
+    ) -> Result<Current, JournalError> {
+        let file = open_segment_file(&path, create_new)?;
+        file.set_len(0)?;
+        file.set_len(bytes.max(HEADER as u64 + 1))?;
+        if fsync {
+            file.sync_all()?;
+        }
+        // SAFETY: the map is of this journal's own segment: a file private to this process (mode
+        // 0600 in a 0700 directory that `Leases` locks for one instance), never truncated while
+        // mapped (sealing unmaps first). It is only written through, never read as Rust values,
+        // so even an outside writer could garble the file's records (caught by their checksums
+        // at the next open) but not this process's memory.
+        let map = unsafe { MmapMut::map_mut(&file)? };
+        Ok(Current {
+            seg: Segment {
+                path,
+                last_seq: None,
+            },
+            file,
+            map,
+            used: 0,
+        })
+    }
+
+    /// Enlarges the segment (it holds no record yet) to `bytes` and maps it again.
+    fn grow(&mut self, bytes: u64, fsync: bool) -> Result<(), JournalError> {
+        self.file.set_len(bytes)?;
+        if fsync {
+            self.file.sync_all()?;
+        }
+        // SAFETY: as in `open`; the file only grew, so the old map (dropped here) stayed valid.
+        self.map = unsafe { MmapMut::map_mut(&self.file)? };
+        Ok(())
+    }
+
+    /// Unmaps the segment and cuts the file to its records.
+    fn seal(self, fsync: bool) -> Segment {
+        let Current {
+            seg,
+            file,
+            map,
+            used,
+        } = self;
+        drop(map);
+        // Left at full size the zero tail is read as unused space: harmless, so not an error.
+        if file.set_len(used as u64).is_ok() && fsync {
+            let _ = file.sync_all();
+        }
+        seg
+    }
 }
 
 #[derive(Debug)]
@@ -150,8 +230,8 @@ struct State {
     current: Current,
     /// Older segments, oldest first, none of them empty of records when opened.
     sealed: Vec<Segment>,
-    /// A failed write may have left partial bytes in the current segment that could not be cut
-    /// off: the next append must go to a new segment so the garbage stays a torn tail.
+    /// A failed sync left the current segment's state on disk unknown: the next append goes to a
+    /// new segment (the failed one holds records, so it is never merely grown).
     must_rotate: bool,
 }
 
@@ -161,11 +241,11 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
     /// one; an old segment left empty, e.g. by an idle checkpoint, may be reused because it holds
     /// nothing).
     ///
-    /// A segment whose last line is incomplete or fails its checksum is cut there: the torn tail
-    /// is dropped and counted, earlier records are kept, and the file is truncated to its last
-    /// good line (only after every segment has been read without error). Any other bad line is
-    /// [`JournalError::Corrupt`]. Old segments left without records are deleted. Sequence numbers
-    /// continue after the highest one seen (or the highest segment name).
+    /// A segment whose last record is incomplete or fails its checksum is cut there: the torn
+    /// tail is dropped and counted, earlier records are kept, and the file is cut to its last
+    /// good record (only after every segment has been read without error). Any other bad record
+    /// is [`JournalError::Corrupt`]. Old segments left without records are deleted. Sequence
+    /// numbers continue after the highest one seen (or the highest segment name).
     ///
     /// All records are held in memory; callers are expected to checkpoint often enough that this
     /// is small.
@@ -177,6 +257,7 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
 
         let mut records = Vec::new();
         let mut cuts: Vec<(PathBuf, u64)> = Vec::new();
+        let mut torn_tails = 0;
         let mut scanned: Vec<Segment> = Vec::new();
         let mut prev: Option<u64> = None;
         let mut highest_name = 0u64;
@@ -184,9 +265,10 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             highest_name = highest_name.max(first_seq);
             let data = fs::read(&path)?;
             let scan = scan_segment::<T>(&path, first_seq, &data, prev)?;
-            if scan.torn {
+            if scan.valid_len < data.len() {
                 cuts.push((path.clone(), scan.valid_len as u64));
             }
+            torn_tails += usize::from(scan.torn);
             let last_seq = scan.records.last().map(|(seq, _)| *seq);
             prev = last_seq.or(prev);
             records.extend(scan.records);
@@ -204,19 +286,14 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
 
         // `prev < u64::MAX` is guaranteed by `scan_segment`.
         let next_seq = prev.map_or(1, |p| p + 1).max(highest_name).max(1);
-        let path = segment_path(dir, next_seq);
         // Another segment can only have this name if it holds no record (its records would be
-        // >= next_seq otherwise), so opening it without `create_new` appends to nothing.
-        let file = open_segment_file(&path, false)?;
-        let bytes = file.metadata()?.len();
-        let current = Current {
-            seg: Segment {
-                path,
-                last_seq: None,
-            },
-            file,
-            bytes,
-        };
+        // >= next_seq otherwise), so reusing it drops nothing.
+        let current = Current::open(
+            segment_path(dir, next_seq),
+            false,
+            opts.segment_bytes,
+            opts.fsync,
+        )?;
 
         let mut sealed = Vec::with_capacity(scanned.len());
         for seg in scanned {
@@ -244,7 +321,6 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             }),
             _records: PhantomData,
         };
-        let torn_tails = cuts.len();
         Ok((
             journal,
             Replayed {
@@ -254,12 +330,11 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         ))
     }
 
-    /// Appends one record as one line with one `write(2)` on an `O_APPEND` file under a mutex (so
-    /// concurrent appends never interleave), and returns its sequence number. With
-    /// [`JournalOptions::fsync`] the write is followed by `fdatasync`. This is a short blocking
-    /// syscall.
+    /// Appends one record (a copy into the mapped segment under a mutex, so concurrent appends
+    /// never interleave) and returns its sequence number. With [`JournalOptions::fsync`] the
+    /// copy is followed by `msync` of its range.
     ///
-    /// On error the record may or may not be on disk (e.g. the write succeeded but the sync
+    /// On error the record may or may not be on disk (e.g. the copy was made but the sync
     /// failed); a replay may therefore return it.
     pub fn append(&self, rec: &T) -> Result<u64, JournalError> {
         let encoded = [encode(rec)?];
@@ -267,9 +342,9 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         self.write_batch(&mut st, &encoded)
     }
 
-    /// Appends several records with one `write(2)` (same guarantees as [`append`](Self::append):
-    /// they land contiguously, all in one segment) and returns the sequence number of each, in
-    /// order. An empty slice writes nothing.
+    /// Appends several records at once (same guarantees as [`append`](Self::append): they land
+    /// contiguously, all in one segment) and returns the sequence number of each, in order. An
+    /// empty slice writes nothing.
     pub fn append_many(&self, recs: &[T]) -> Result<Vec<u64>, JournalError> {
         if recs.is_empty() {
             return Ok(Vec::new());
@@ -287,7 +362,7 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
     pub fn checkpoint(&self, seq: u64) -> Result<(), JournalError> {
         let mut st = self.lock();
         if st.current.seg.last_seq.is_some_and(|last| last <= seq) {
-            self.rotate(&mut st)?;
+            self.rotate(&mut st, 0)?;
         }
         let mut result = Ok(());
         let mut removed = false;
@@ -322,43 +397,40 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Writes pre-encoded records as one buffer; returns the sequence number of the first.
+    /// Copies pre-encoded records into the current segment; returns the sequence number of the
+    /// first.
     fn write_batch(&self, st: &mut State, encoded: &[Encoded]) -> Result<u64, JournalError> {
+        let need: usize = encoded.iter().map(|e| HEADER + e.payload.len()).sum();
+        let cur = &st.current;
+        if st.must_rotate || cur.used + need > cur.map.len() {
+            self.rotate(st, need)?;
+        }
+
         let first = st.next_seq;
-        let mut buf = Vec::with_capacity(encoded.iter().map(|e| e.json.len() + 32).sum());
+        let cur = &mut st.current;
+        let start = cur.used;
+        let mut at = start;
         let mut seq = first;
         for e in encoded {
-            write!(buf, "{seq} {:08x} ", e.crc)?;
-            buf.extend_from_slice(&e.json);
-            buf.push(b'\n');
+            let seq_bytes = seq.to_le_bytes();
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&seq_bytes);
+            crc.update(&e.payload);
+            let record = &mut cur.map[at..at + HEADER + e.payload.len()];
+            record[0..4].copy_from_slice(&e.len.to_le_bytes());
+            record[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+            record[8..16].copy_from_slice(&seq_bytes);
+            record[HEADER..].copy_from_slice(&e.payload);
+            at += HEADER + e.payload.len();
             seq += 1;
         }
-        let last = seq - 1;
-
-        let cur = &st.current;
-        if st.must_rotate
-            || (cur.bytes > 0
-                && cur.bytes.saturating_add(buf.len() as u64) > self.opts.segment_bytes)
-        {
-            self.rotate(st)?;
-        }
-
-        // The sequence numbers are spent even if the write fails: part of it may be on disk.
+        // The sequence numbers are spent even if the sync fails: the records may be on disk.
         st.next_seq = seq;
-        let cur = &mut st.current;
-        if let Err(e) = (&cur.file).write_all(&buf) {
-            // Cut off a partial write so the segment stays well formed; failing that, append
-            // elsewhere from now on and let replay drop the partial line as a torn tail.
-            if cur.file.set_len(cur.bytes).is_err() {
-                st.must_rotate = true;
-            }
-            return Err(e.into());
-        }
-        cur.bytes += buf.len() as u64;
-        cur.seg.last_seq = Some(last);
+        cur.used = at;
+        cur.seg.last_seq = Some(seq - 1);
         if self.opts.fsync {
-            if let Err(e) = cur.file.sync_data() {
-                // After a failed fsync the page cache state of this file is unknown.
+            if let Err(e) = cur.map.flush_range(start, need) {
+                // After a failed sync the state of this file on disk is unknown.
                 st.must_rotate = true;
                 return Err(e.into());
             }
@@ -366,20 +438,21 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         Ok(first)
     }
 
-    /// Starts a new segment named after `next_seq` and seals the current one.
-    fn rotate(&self, st: &mut State) -> Result<(), JournalError> {
+    /// Starts a new segment named after `next_seq`, large enough for `need` bytes, and seals the
+    /// current one. A current segment without records is resized instead (the new one would have
+    /// its name).
+    fn rotate(&self, st: &mut State, need: usize) -> Result<(), JournalError> {
+        let bytes = self.opts.segment_bytes.max(need as u64);
         let path = segment_path(&self.dir, st.next_seq);
-        let file = open_segment_file(&path, true)?;
-        let new = Current {
-            seg: Segment {
-                path,
-                last_seq: None,
-            },
-            file,
-            bytes: 0,
-        };
-        let old = std::mem::replace(&mut st.current, new);
-        st.sealed.push(old.seg);
+        if st.current.seg.last_seq.is_none() && st.current.seg.path == path {
+            if (st.current.map.len() as u64) < bytes {
+                st.current.grow(bytes, self.opts.fsync)?;
+            }
+        } else {
+            let new = Current::open(path, true, bytes, self.opts.fsync)?;
+            let old = std::mem::replace(&mut st.current, new);
+            st.sealed.push(old.seal(self.opts.fsync));
+        }
         st.must_rotate = false;
         if self.opts.fsync {
             sync_dir(&self.dir)?;
@@ -390,30 +463,25 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
 
 /// A record serialized outside the lock.
 struct Encoded {
-    crc: u32,
-    json: Vec<u8>,
+    /// `payload.len()`, checked to fit the header's `u32`.
+    len: u32,
+    payload: Vec<u8>,
 }
 
 fn encode<T: Serialize>(rec: &T) -> Result<Encoded, JournalError> {
-    let json = serde_json::to_vec(rec).map_err(JournalError::Encode)?;
-    // serde_json's compact output escapes newlines, but a `RawValue` is copied verbatim.
-    if memchr::memchr(b'\n', &json).is_some() {
-        return Err(JournalError::Encode(
-            <serde_json::Error as serde::ser::Error>::custom("record JSON contains a raw newline"),
-        ));
+    let payload = postcard::to_allocvec(rec).map_err(JournalError::Encode)?;
+    match u32::try_from(payload.len()) {
+        Ok(len) if len > 0 => Ok(Encoded { len, payload }),
+        _ => Err(JournalError::Encode(postcard::Error::SerdeSerCustom)),
     }
-    Ok(Encoded {
-        crc: crc32(&json),
-        json,
-    })
 }
 
 /// The result of reading one segment.
 struct SegmentScan<T> {
     records: Vec<(u64, T)>,
-    /// Length of the well-formed prefix (whole good lines).
+    /// Length of the well-formed prefix (whole good records).
     valid_len: usize,
-    /// The segment ended in a torn line, cut at `valid_len`.
+    /// The segment ended in a torn record, cut at `valid_len`.
     torn: bool,
 }
 
@@ -426,39 +494,57 @@ fn scan_segment<T: DeserializeOwned>(
 ) -> Result<SegmentScan<T>, JournalError> {
     let mut records = Vec::new();
     let mut pos = 0usize;
-    let mut line_no = 0usize;
+    let mut n = 0usize;
+    let all_zero = |from: usize| data.get(from..).is_none_or(|t| t.iter().all(|&b| b == 0));
     while pos < data.len() {
-        line_no += 1;
+        n += 1;
         let corrupt = |reason: String| JournalError::Corrupt {
             file: path.to_path_buf(),
-            line: line_no,
+            record: n,
             reason,
         };
         let rest = &data[pos..];
-        let Some(nl) = memchr::memchr(b'\n', rest) else {
-            // An incomplete line can only be the last one.
+        let len = rest
+            .get(0..4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        if len == 0 {
+            // Unused space, or a record whose copy had not reached its header.
+            let torn = !all_zero(pos);
             return Ok(SegmentScan {
                 records,
                 valid_len: pos,
-                torn: true,
+                torn,
             });
+        }
+        let end = pos.saturating_add(HEADER).saturating_add(len);
+        let checked = if end > data.len() {
+            Err("the record runs past the end of the segment".to_owned())
+        } else {
+            let stored = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            let actual = crc32(&rest[8..HEADER + len]);
+            if stored == actual {
+                Ok(())
+            } else {
+                Err(format!(
+                    "checksum mismatch (record says {stored:08x}, hashes to {actual:08x})"
+                ))
+            }
         };
-        let end = pos + nl + 1;
-        let (seq, json) = match parse_line(&rest[..nl]) {
-            Ok(parsed) => parsed,
-            Err(_) if end == data.len() => {
+        if let Err(reason) = checked {
+            if all_zero(end) {
                 return Ok(SegmentScan {
                     records,
                     valid_len: pos,
                     torn: true,
                 });
             }
-            Err(reason) => {
-                return Err(corrupt(format!(
-                    "{reason} (not the last line of the segment, so not a torn write)"
-                )));
-            }
-        };
+            return Err(corrupt(format!(
+                "{reason} (not the last record of the segment, so not a torn write)"
+            )));
+        }
+        let mut seq_bytes = [0u8; 8];
+        seq_bytes.copy_from_slice(&rest[8..16]);
+        let seq = u64::from_le_bytes(seq_bytes);
         if seq < first_seq {
             return Err(corrupt(format!(
                 "sequence number {seq} is below the segment's first, {first_seq}"
@@ -472,11 +558,20 @@ fn scan_segment<T: DeserializeOwned>(
         if seq == u64::MAX {
             return Err(corrupt("sequence number out of range".to_owned()));
         }
-        let rec = serde_json::from_slice::<T>(json).map_err(|e| {
-            corrupt(format!(
-                "record passes its checksum but does not decode: {e}"
-            ))
-        })?;
+        let rec = match postcard::take_from_bytes::<T>(&rest[HEADER..HEADER + len]) {
+            Ok((rec, [])) => rec,
+            Ok((_, left)) => {
+                return Err(corrupt(format!(
+                    "record passes its checksum but has {} bytes left over",
+                    left.len()
+                )))
+            }
+            Err(e) => {
+                return Err(corrupt(format!(
+                    "record passes its checksum but does not decode: {e}"
+                )))
+            }
+        };
         records.push((seq, rec));
         prev = Some(seq);
         pos = end;
@@ -488,37 +583,11 @@ fn scan_segment<T: DeserializeOwned>(
     })
 }
 
-/// Splits `{seq} {crc} {json}` (without the newline) and checks the CRC.
-fn parse_line(line: &[u8]) -> Result<(u64, &[u8]), String> {
-    let sp = memchr::memchr(b' ', line).ok_or("no space after the sequence number")?;
-    let seq = parse_decimal(&line[..sp]).ok_or("malformed sequence number")?;
-    let rest = &line[sp + 1..];
-    if rest.len() < 9 || rest[8] != b' ' {
-        return Err("malformed checksum field".to_owned());
-    }
-    let stored = parse_hex32(&rest[..8]).ok_or("malformed checksum field")?;
-    let json = &rest[9..];
-    let actual = crc32(json);
-    if stored != actual {
-        return Err(format!(
-            "checksum mismatch (line says {stored:08x}, record hashes to {actual:08x})"
-        ));
-    }
-    Ok((seq, json))
-}
-
 fn parse_decimal(s: &[u8]) -> Option<u64> {
     if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
     std::str::from_utf8(s).ok()?.parse().ok()
-}
-
-fn parse_hex32(s: &[u8]) -> Option<u32> {
-    if s.len() != 8 || !s.iter().all(u8::is_ascii_hexdigit) {
-        return None;
-    }
-    u32::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
 }
 
 /// CRC-32/IEEE (the zlib/PNG/Ethernet one), by `crc32fast` (SIMD where the CPU has it).
@@ -530,23 +599,31 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("{SEGMENT_PREFIX}{first_seq:020}{SEGMENT_SUFFIX}"))
 }
 
-/// Segment files in `dir` as (first sequence number, path), in order. Other files are ignored.
-fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+/// Segment files in `dir` as (first sequence number, path), in order. Other files are ignored;
+/// a segment of the earlier text format is [`JournalError::OldFormat`].
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
-        let Some(digits) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(SEGMENT_PREFIX))
-            .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
-        else {
+        let Some(stem) = name.to_str().and_then(|n| n.strip_prefix(SEGMENT_PREFIX)) else {
             continue;
+        };
+        let (digits, old) = match (
+            stem.strip_suffix(SEGMENT_SUFFIX),
+            stem.strip_suffix(OLD_SEGMENT_SUFFIX),
+        ) {
+            (Some(d), _) => (d, false),
+            (None, Some(d)) => (d, true),
+            (None, None) => continue,
         };
         if digits.len() != SEGMENT_DIGITS || !entry.file_type()?.is_file() {
             continue;
         }
         if let Some(first_seq) = parse_decimal(digits.as_bytes()) {
+            if old {
+                return Err(JournalError::OldFormat(entry.path()));
+            }
             out.push((first_seq, entry.path()));
         }
     }
@@ -556,7 +633,7 @@ fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 
 fn open_segment_file(path: &Path, create_new: bool) -> io::Result<File> {
     let mut opts = OpenOptions::new();
-    opts.append(true);
+    opts.read(true).write(true);
     if create_new {
         opts.create_new(true);
     } else {
@@ -639,13 +716,45 @@ mod tests {
         segments(dir).pop().unwrap()
     }
 
-    /// Sequence numbers on each line of a segment file.
+    /// (offset, sequence number, total length) of each record of a segment file, up to its
+    /// unused zero tail.
+    fn records_in(path: &Path) -> Vec<(usize, u64, usize)> {
+        let data = fs::read(path).unwrap();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos + HEADER <= data.len() {
+            let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
+            if len == 0 {
+                break;
+            }
+            let seq = u64::from_le_bytes(data[pos + 8..pos + 16].try_into().unwrap());
+            out.push((pos, seq, HEADER + len));
+            pos += HEADER + len;
+        }
+        out
+    }
+
+    /// Sequence numbers of the records of a segment file.
     fn seqs_in(path: &Path) -> Vec<u64> {
-        fs::read_to_string(path)
-            .unwrap()
-            .lines()
-            .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        records_in(path)
+            .into_iter()
+            .map(|(_, seq, _)| seq)
             .collect()
+    }
+
+    /// Rewrites the record at `offset` of `path` as (`seq`, `payload`) with a matching checksum.
+    fn write_record(path: &Path, offset: usize, seq: u64, payload: &[u8]) {
+        let mut data = fs::read(path).unwrap_or_default();
+        let mut rec = (payload.len() as u32).to_le_bytes().to_vec();
+        let mut covered = seq.to_le_bytes().to_vec();
+        covered.extend_from_slice(payload);
+        rec.extend_from_slice(&crc32(&covered).to_le_bytes());
+        rec.extend_from_slice(&covered);
+        if data.len() < offset + rec.len() {
+            data.resize(offset + rec.len(), 0);
+        }
+        data[offset..offset + rec.len()].copy_from_slice(&rec);
+        fs::write(path, data).unwrap();
     }
 
     #[test]
@@ -689,8 +798,11 @@ mod tests {
         assert_eq!(before.len(), 2);
         assert_eq!(j.append(&rec(4)).unwrap(), 4);
         assert_eq!(seqs_in(&before[0]), vec![1, 2, 3]);
+        // The first run's segment was left at its mapped size; the open cut its zero tail.
+        let used: usize = records_in(&before[0]).iter().map(|r| r.2).sum();
+        assert_eq!(fs::metadata(&before[0]).unwrap().len(), used as u64);
         assert_eq!(seqs_in(&before[1]), vec![4]);
-        assert!(before[1].ends_with("journal-00000000000000000004.log"));
+        assert!(before[1].ends_with("journal-00000000000000000004.wal"));
         drop(j);
 
         let (j, replayed) = open(&dir, JournalOptions::default());
@@ -759,7 +871,7 @@ mod tests {
         drop(j);
 
         assert!(segments(tmp.path()).len() > 2);
-        // Every line of every segment is whole (replay would reject an interleaved middle line).
+        // Every record of every segment is whole (replay would reject an interleaved one).
         let (_, replayed) = open(tmp.path(), opts);
         assert_eq!(replayed.torn_tails, 0);
         written.sort_by_key(|(s, _)| *s);
@@ -770,74 +882,68 @@ mod tests {
         );
     }
 
+    /// Records 1..=3 in a journal closed without sealing (as a crash leaves it), their segment
+    /// and the records' (offset, seq, length).
+    fn three() -> (tempfile::TempDir, PathBuf, Vec<(usize, u64, usize)>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (j, _) = open(tmp.path(), JournalOptions::default());
+        for n in 1..=3 {
+            j.append(&rec(n)).unwrap();
+        }
+        drop(j);
+        let seg = last_segment(tmp.path());
+        let recs = records_in(&seg);
+        assert_eq!(recs.len(), 3);
+        (tmp, seg, recs)
+    }
+
+    /// Zeroes `range` of `path`, as a crash in the middle of copying a record leaves it.
+    fn zero(path: &Path, range: std::ops::Range<usize>) {
+        let mut data = fs::read(path).unwrap();
+        data[range].fill(0);
+        fs::write(path, data).unwrap();
+    }
+
     #[test]
-    fn torn_tail_mid_line_is_dropped_and_truncated() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (j, _) = open(tmp.path(), JournalOptions::default());
-        for n in 1..=3 {
-            j.append(&rec(n)).unwrap();
+    fn torn_tail_mid_record_is_dropped_and_truncated() {
+        // The copy stopped inside the payload, or had not reached the header (a copy may write
+        // its bytes in any order).
+        for torn in [
+            |o: usize, l: usize| o + HEADER + 2..o + l,
+            |o: usize, _| o..o + HEADER,
+        ] {
+            let (tmp, seg, recs) = three();
+            let (off, _, len) = recs[2];
+            zero(&seg, torn(off, len));
+
+            let (j, replayed) = open(tmp.path(), JournalOptions::default());
+            assert_eq!(replayed.torn_tails, 1);
+            assert_eq!(replayed.records, vec![(1, rec(1)), (2, rec(2))]);
+            assert_eq!(fs::metadata(&seg).unwrap().len(), off as u64);
+            // The torn record's seq is reused: it was never replayed, so nothing refers to it.
+            assert_eq!(j.append(&rec(33)).unwrap(), 3);
+            drop(j);
+
+            let (_, replayed) = open(tmp.path(), JournalOptions::default());
+            assert_eq!(replayed.torn_tails, 0);
+            assert_eq!(
+                replayed.records,
+                vec![(1, rec(1)), (2, rec(2)), (3, rec(33))]
+            );
         }
-        drop(j);
-        let seg = last_segment(tmp.path());
-        let full = fs::read(&seg).unwrap();
-        let good_len = full.len() - full.split(|&b| b == b'\n').nth(2).unwrap().len() - 1;
-        // Cut the third line in the middle, as a crash during its write would.
-        let f = OpenOptions::new().write(true).open(&seg).unwrap();
-        f.set_len(full.len() as u64 - 10).unwrap();
-        drop(f);
-
-        let (j, replayed) = open(tmp.path(), JournalOptions::default());
-        assert_eq!(replayed.torn_tails, 1);
-        assert_eq!(replayed.records, vec![(1, rec(1)), (2, rec(2))]);
-        assert_eq!(fs::metadata(&seg).unwrap().len(), good_len as u64);
-        // The torn record's seq is reused: it was never replayed, so nothing refers to it.
-        assert_eq!(j.append(&rec(33)).unwrap(), 3);
-        drop(j);
-
-        let (_, replayed) = open(tmp.path(), JournalOptions::default());
-        assert_eq!(replayed.torn_tails, 0);
-        assert_eq!(
-            replayed.records,
-            vec![(1, rec(1)), (2, rec(2)), (3, rec(33))]
-        );
     }
 
-    /// Rewrites line `line` (0-based) of `path` with `f`.
-    fn edit_line(path: &Path, line: usize, f: impl FnOnce(&str) -> String) {
-        let text = fs::read_to_string(path).unwrap();
-        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        lines[line] = f(&lines[line]);
-        fs::write(path, lines.join("\n") + "\n").unwrap();
-    }
-
-    /// Flips one hex digit of the CRC field.
-    fn break_crc(line: &str) -> String {
-        let (seq, rest) = line.split_once(' ').unwrap();
-        let first = rest.as_bytes()[0];
-        let swapped = if first == b'0' { '1' } else { '0' };
-        format!("{seq} {swapped}{}", &rest[1..])
-    }
-
-    /// A journal of records 1..=3 whose line `line` (0-based) is rewritten by `edit`; returns its
-    /// directory and segment.
-    fn three_edited(
-        line: usize,
-        edit: impl FnOnce(&str) -> String,
-    ) -> (tempfile::TempDir, PathBuf) {
-        let tmp = tempfile::tempdir().unwrap();
-        let (j, _) = open(tmp.path(), JournalOptions::default());
-        for n in 1..=3 {
-            j.append(&rec(n)).unwrap();
-        }
-        drop(j);
-        let seg = last_segment(tmp.path());
-        edit_line(&seg, line, edit);
-        (tmp, seg)
+    /// Flips one bit of the checksum of the record at `offset`.
+    fn break_crc(path: &Path, offset: usize) {
+        let mut data = fs::read(path).unwrap();
+        data[offset + 4] ^= 1;
+        fs::write(path, data).unwrap();
     }
 
     #[test]
     fn torn_tail_with_bad_crc_is_dropped_and_truncated() {
-        let (tmp, seg) = three_edited(2, break_crc);
+        let (tmp, seg, recs) = three();
+        break_crc(&seg, recs[2].0);
 
         let (j, replayed) = open(tmp.path(), JournalOptions::default());
         assert_eq!(replayed.torn_tails, 1);
@@ -851,11 +957,11 @@ mod tests {
     }
 
     #[test]
-    fn segment_holding_only_a_torn_line_is_removed() {
+    fn segment_holding_only_a_torn_record_is_reused() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(
-            tmp.path().join("journal-00000000000000000001.log"),
-            b"1 0000",
+            tmp.path().join("journal-00000000000000000001.wal"),
+            [5, 0, 0, 0, 1, 2],
         )
         .unwrap();
         let (j, replayed) = open(tmp.path(), JournalOptions::default());
@@ -867,14 +973,19 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_middle_line_is_an_error() {
-        let (tmp, seg) = three_edited(1, break_crc);
+    fn corrupt_middle_record_is_an_error() {
+        let (tmp, seg, recs) = three();
+        break_crc(&seg, recs[1].0);
         let before = fs::read(&seg).unwrap();
 
         match Journal::<Rec>::open(tmp.path(), JournalOptions::default()) {
-            Err(JournalError::Corrupt { file, line, reason }) => {
+            Err(JournalError::Corrupt {
+                file,
+                record,
+                reason,
+            }) => {
                 assert_eq!(file, seg);
-                assert_eq!(line, 2);
+                assert_eq!(record, 2);
                 assert!(reason.contains("checksum"), "{reason}");
             }
             other => panic!("expected Corrupt, got {other:?}"),
@@ -886,27 +997,35 @@ mod tests {
 
     #[test]
     fn undecodable_record_with_good_crc_is_an_error_even_last() {
-        let tmp = tempfile::tempdir().unwrap();
-        let json = br#"{"id":"req-1"}"#; // missing `n`
-        let mut line = format!("1 {:08x} ", crc32(json)).into_bytes();
-        line.extend_from_slice(json);
-        line.push(b'\n');
-        fs::write(tmp.path().join("journal-00000000000000000001.log"), line).unwrap();
-        match Journal::<Rec>::open(tmp.path(), JournalOptions::default()) {
-            Err(JournalError::Corrupt {
-                line: 1, reason, ..
-            }) => {
-                assert!(reason.contains("does not decode"), "{reason}")
+        let good = postcard::to_allocvec(&rec(1)).unwrap();
+        let mut long = good.clone();
+        long.push(7);
+        // A string of 5 bytes with 1 present; a whole record and a byte more.
+        for (payload, says) in [(&[5, b'a'][..], "does not decode"), (&long, "left over")] {
+            let tmp = tempfile::tempdir().unwrap();
+            let seg = tmp.path().join("journal-00000000000000000001.wal");
+            write_record(&seg, 0, 1, payload);
+            match Journal::<Rec>::open(tmp.path(), JournalOptions::default()) {
+                Err(JournalError::Corrupt {
+                    record: 1, reason, ..
+                }) => {
+                    assert!(reason.contains(says), "{reason}")
+                }
+                other => panic!("expected Corrupt, got {other:?}"),
             }
-            other => panic!("expected Corrupt, got {other:?}"),
         }
     }
 
     #[test]
     fn out_of_order_sequence_numbers_are_an_error() {
-        let (tmp, _) = three_edited(2, |l| format!("2{}", &l[1..]));
+        let (tmp, seg, recs) = three();
+        write_record(&seg, recs[2].0, 2, &postcard::to_allocvec(&rec(3)).unwrap());
         match Journal::<Rec>::open(tmp.path(), JournalOptions::default()) {
-            Err(JournalError::Corrupt { line: 3, .. }) => {}
+            Err(JournalError::Corrupt {
+                record: 3, reason, ..
+            }) => {
+                assert!(reason.contains("does not follow"), "{reason}")
+            }
             other => panic!("expected Corrupt, got {other:?}"),
         }
     }
@@ -914,10 +1033,10 @@ mod tests {
     #[test]
     fn rotation_by_size_and_checkpoint_deletes_only_applied_segments() {
         let tmp = tempfile::tempdir().unwrap();
-        // Lines are ~42 bytes: three per segment.
+        // Records are 26 bytes: four per segment.
         let opts = JournalOptions {
             fsync: false,
-            segment_bytes: 130,
+            segment_bytes: 110,
         };
         let (j, _) = open(tmp.path(), opts);
         for n in 1..=20 {
@@ -933,7 +1052,7 @@ mod tests {
             assert!(!seqs.is_empty());
             assert!(fs::metadata(s).unwrap().len() <= opts.segment_bytes);
             // Named after its first record.
-            assert!(s.ends_with(format!("journal-{:020}.log", seqs[0])));
+            assert!(s.ends_with(format!("journal-{:020}.wal", seqs[0])));
             all.extend(seqs);
         }
         assert_eq!(all, (1..=20).collect::<Vec<_>>());
@@ -983,8 +1102,8 @@ mod tests {
         j.checkpoint(5).unwrap();
         let segs = segments(tmp.path());
         assert_eq!(segs.len(), 1);
-        assert_eq!(fs::metadata(&segs[0]).unwrap().len(), 0);
-        assert!(segs[0].ends_with("journal-00000000000000000006.log"));
+        assert!(seqs_in(&segs[0]).is_empty());
+        assert!(segs[0].ends_with("journal-00000000000000000006.wal"));
         // Idempotent on an empty current segment.
         j.checkpoint(5).unwrap();
         assert_eq!(segments(tmp.path()), segs);
@@ -1007,28 +1126,21 @@ mod tests {
     }
 
     #[test]
-    fn append_many_is_one_write() {
+    fn appends_make_no_write_syscall() {
         let tmp = tempfile::tempdir().unwrap();
         let (j, _) = open(tmp.path(), JournalOptions::default());
-        assert_eq!(j.append(&rec(0)).unwrap(), 1);
         let batch: Vec<Rec> = (1..=100).map(rec).collect();
 
         #[cfg(target_os = "linux")]
         let before = thread_write_syscalls();
+        assert_eq!(j.append(&rec(0)).unwrap(), 1);
         let seqs = j.append_many(&batch).unwrap();
-        #[cfg(target_os = "linux")]
-        if let (Some(b), Some(a)) = (before, thread_write_syscalls()) {
-            assert_eq!(a - b, 1, "append_many of 100 records made {} writes", a - b);
-        }
-        assert_eq!(seqs, (2..=101).collect::<Vec<_>>());
-
-        #[cfg(target_os = "linux")]
-        let before = thread_write_syscalls();
         assert_eq!(j.append_many(&[]).unwrap(), Vec::<u64>::new());
         #[cfg(target_os = "linux")]
         if let (Some(b), Some(a)) = (before, thread_write_syscalls()) {
-            assert_eq!(a, b, "an empty batch writes nothing");
+            assert_eq!(a - b, 0, "101 appends made {} write syscalls", a - b);
         }
+        assert_eq!(seqs, (2..=101).collect::<Vec<_>>());
         drop(j);
 
         let (_, replayed) = open(tmp.path(), JournalOptions::default());
@@ -1055,23 +1167,51 @@ mod tests {
     }
 
     #[test]
-    fn record_with_raw_newline_is_rejected() {
+    fn any_bytes_and_records_larger_than_a_segment_round_trip() {
         let tmp = tempfile::tempdir().unwrap();
-        let (j, _) = Journal::<Box<serde_json::value::RawValue>>::open(
-            tmp.path(),
-            JournalOptions::default(),
-        )
-        .unwrap();
-        let raw = serde_json::value::RawValue::from_string("{\n\"a\": 1}".to_owned()).unwrap();
-        assert!(matches!(j.append(&raw), Err(JournalError::Encode(_))));
-        let ok = serde_json::value::RawValue::from_string("{\"a\": 1}".to_owned()).unwrap();
-        assert_eq!(j.append(&ok).unwrap(), 1);
+        let opts = JournalOptions {
+            fsync: false,
+            segment_bytes: 64,
+        };
+        let odd = |n: u64, len: usize| Rec {
+            id: format!("a\nb\0c\u{e9}{}", "z".repeat(len)),
+            n,
+        };
+        let (j, _) = open(tmp.path(), opts);
+        assert_eq!(j.append(&odd(1, 1)).unwrap(), 1);
+        // Too big for any segment of 64 bytes: it gets one of its own size.
+        assert_eq!(j.append(&odd(2, 300)).unwrap(), 2);
+        assert_eq!(j.append(&odd(3, 1)).unwrap(), 3);
+        drop(j);
+        let (j, replayed) = open(tmp.path(), opts);
+        assert_eq!(
+            replayed.records,
+            vec![(1, odd(1, 1)), (2, odd(2, 300)), (3, odd(3, 1))]
+        );
+        // Also as the first record of a fresh segment.
+        assert_eq!(j.append(&odd(4, 500)).unwrap(), 4);
+        drop(j);
+        let (_, replayed) = open(tmp.path(), opts);
+        assert_eq!(replayed.records.last(), Some(&(4, odd(4, 500))));
+    }
+
+    #[test]
+    fn segments_of_the_old_text_format_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = tmp.path().join("journal-00000000000000000001.log");
+        fs::write(&old, b"1 00000000 {}\n").unwrap();
+        match Journal::<Rec>::open(tmp.path(), JournalOptions::default()) {
+            Err(JournalError::OldFormat(file)) => assert_eq!(file, old),
+            other => panic!("expected OldFormat, got {other:?}"),
+        }
+        assert!(old.exists());
     }
 
     #[test]
     fn unrelated_files_are_ignored() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("README"), b"not a segment\n").unwrap();
+        fs::write(tmp.path().join("journal-1.wal"), b"garbage\n").unwrap();
         fs::write(tmp.path().join("journal-1.log"), b"garbage\n").unwrap();
         let (j, replayed) = open(tmp.path(), JournalOptions::default());
         assert!(replayed.records.is_empty());

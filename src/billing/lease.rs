@@ -27,9 +27,9 @@ use super::service::{BillingError, Hold, Principal};
 use crate::store::leases::{GrantOutcome, LeaseFinal, LeaseGrant, MAX_FINALS};
 use crate::store::{now_ms, Store, StoreError};
 
-/// One journal line.
+/// One journal record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 enum Entry {
     /// Admitted: the request's row as it would be if it never finished.
     Hold(LeaseFinal),
