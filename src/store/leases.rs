@@ -186,6 +186,21 @@ fn insert_chunk(b: Backend, n: usize) -> usize {
 /// The insert of `rows` final rows; `returning`: it answers the ids it inserted (on SQLite each
 /// answered row is one hand-off between sqlx's worker thread and the caller).
 fn insert_finals_sql(b: Backend, rows: usize, returning: bool) -> String {
+    let values = match b {
+        // One array parameter per column, expanded by `unnest`: an array literal is parsed far
+        // cheaper than the rows as JSON (whose numbers go through `numeric` and back).
+        Backend::Postgres => format!(
+            "SELECT * FROM unnest({}) AS u({})",
+            FINAL_COLS
+                .iter()
+                .enumerate()
+                .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
+                .collect::<Vec<_>>()
+                .join(", "),
+            FINAL_COLS.map(|(name, _)| name).join(", ")
+        ),
+        Backend::Sqlite => batch_rows(b, rows, &FINAL_COLS),
+    };
     format!(
         "INSERT INTO requests (id, lease_id, account_id, key_id, model, provider, upstream_model, \
          price_id, state, hold_micros, hold_expires_at, status, http_status, prompt_tokens, \
@@ -196,92 +211,104 @@ fn insert_finals_sql(b: Backend, rows: usize, returning: bool) -> String {
          SELECT v_id, v_lease, v_account, v_key, v_model, v_provider, v_upstream, v_price, \
          v_state, v_hold, v_expires, v_status, v_http, v_pt, v_ct, v_cpt, v_rt, v_cost, \
          v_computed, v_in, v_cached, v_out, v_net, v_fee, v_est, v_deliv, v_lat, v_created, \
-         v_finished, v_reserved FROM ({}) AS v WHERE true \
+         v_finished, v_reserved FROM ({values}) AS v WHERE true \
          ON CONFLICT (id) DO NOTHING{}",
-        batch_rows(b, rows, &FINAL_COLS),
         if returning { " RETURNING id" } else { "" }
     )
 }
 
-/// Binds `rows` in [`FINAL_COLS`] order: each value directly on SQLite, one JSON array of arrays
-/// on PostgreSQL.
+/// One column value of a final row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Val<'a> {
+    Text(Option<&'a str>),
+    Int(Option<i64>),
+}
+
+/// A final row's values in [`FINAL_COLS`] order.
+fn final_values(f: &LeaseFinal) -> [Val<'_>; 30] {
+    use Val::{Int, Text};
+    let net = f.network_cost_micros.min(f.cost_micros).max(0);
+    [
+        Text(Some(&f.id)),
+        Text(Some(&f.lease_id)),
+        Text(Some(&f.account_id)),
+        Text(f.key_id.as_deref()),
+        Text(Some(&f.model)),
+        Text(f.provider.as_deref()),
+        Text(f.upstream_model.as_deref()),
+        Int(f.price_id),
+        Text(Some(&f.state)),
+        Int(Some(f.hold_micros)),
+        Int(Some(f.hold_expires_at)),
+        Text(f.status.as_deref()),
+        Int(f.http_status),
+        Int(Some(f.prompt_tokens)),
+        Int(Some(f.cached_tokens)),
+        Int(Some(f.completion_tokens)),
+        Int(Some(f.reasoning_tokens)),
+        Int(Some(f.cost_micros)),
+        Int(Some(f.computed_cost_micros)),
+        Int(Some(f.input_cost_micros)),
+        Int(Some(f.cached_cost_micros)),
+        Int(Some(f.output_cost_micros)),
+        Int(Some(net)),
+        Int(Some(f.cost_micros - net)),
+        Int(Some(i64::from(f.estimated))),
+        Int(Some(i64::from(f.delivered))),
+        Int(f.latency_ms),
+        Int(Some(f.created_at)),
+        Int(Some(f.finished_at)),
+        Int(Some(0)),
+    ]
+}
+
+/// Binds `rows` in [`FINAL_COLS`] order: each value directly on SQLite, one array literal per
+/// column on PostgreSQL.
 fn bind_finals<'q>(q: AnyQuery<'q>, b: Backend, rows: &'q [LeaseFinal]) -> AnyQuery<'q> {
     match b {
         Backend::Postgres => {
-            let json: Vec<serde_json::Value> = rows.iter().map(final_json).collect();
-            q.bind(serde_json::Value::Array(json).to_string())
+            let mut cols: [String; 30] = std::array::from_fn(|_| String::from("{"));
+            for f in rows {
+                for (col, v) in cols.iter_mut().zip(final_values(f)) {
+                    if col.len() > 1 {
+                        col.push(',');
+                    }
+                    push_array_elem(col, v);
+                }
+            }
+            cols.into_iter().fold(q, |q, mut col| {
+                col.push('}');
+                q.bind(col)
+            })
         }
-        Backend::Sqlite => rows.iter().fold(q, |q, f| {
-            let net = f.network_cost_micros.min(f.cost_micros).max(0);
-            q.bind(f.id.as_str())
-                .bind(f.lease_id.as_str())
-                .bind(f.account_id.as_str())
-                .bind(f.key_id.as_deref())
-                .bind(f.model.as_str())
-                .bind(f.provider.as_deref())
-                .bind(f.upstream_model.as_deref())
-                .bind(f.price_id)
-                .bind(f.state.as_str())
-                .bind(f.hold_micros)
-                .bind(f.hold_expires_at)
-                .bind(f.status.as_deref())
-                .bind(f.http_status)
-                .bind(f.prompt_tokens)
-                .bind(f.cached_tokens)
-                .bind(f.completion_tokens)
-                .bind(f.reasoning_tokens)
-                .bind(f.cost_micros)
-                .bind(f.computed_cost_micros)
-                .bind(f.input_cost_micros)
-                .bind(f.cached_cost_micros)
-                .bind(f.output_cost_micros)
-                .bind(net)
-                .bind(f.cost_micros - net)
-                .bind(i64::from(f.estimated))
-                .bind(i64::from(f.delivered))
-                .bind(f.latency_ms)
-                .bind(f.created_at)
-                .bind(f.finished_at)
-                .bind(0_i64)
+        Backend::Sqlite => rows.iter().flat_map(final_values).fold(q, |q, v| match v {
+            Val::Text(t) => q.bind(t),
+            Val::Int(n) => q.bind(n),
         }),
     }
 }
 
-/// One row of [`bind_finals`] as PostgreSQL reads it (`jsonb_array_elements`).
-fn final_json(f: &LeaseFinal) -> serde_json::Value {
-    let net = f.network_cost_micros.min(f.cost_micros).max(0);
-    serde_json::json!([
-        f.id,
-        f.lease_id,
-        f.account_id,
-        f.key_id,
-        f.model,
-        f.provider,
-        f.upstream_model,
-        f.price_id,
-        f.state,
-        f.hold_micros,
-        f.hold_expires_at,
-        f.status,
-        f.http_status,
-        f.prompt_tokens,
-        f.cached_tokens,
-        f.completion_tokens,
-        f.reasoning_tokens,
-        f.cost_micros,
-        f.computed_cost_micros,
-        f.input_cost_micros,
-        f.cached_cost_micros,
-        f.output_cost_micros,
-        net,
-        f.cost_micros - net,
-        i64::from(f.estimated),
-        i64::from(f.delivered),
-        f.latency_ms,
-        f.created_at,
-        f.finished_at,
-        0
-    ])
+/// Appends `v` as an element of a PostgreSQL array literal: `NULL`, a number, or a string in
+/// double quotes with `"` and `\` escaped (anything else, commas and braces included, is taken
+/// as is inside the quotes).
+fn push_array_elem(out: &mut String, v: Val<'_>) {
+    match v {
+        Val::Text(None) | Val::Int(None) => out.push_str("NULL"),
+        Val::Int(Some(n)) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{n}");
+        }
+        Val::Text(Some(t)) => {
+            out.push('"');
+            for c in t.chars() {
+                if c == '"' || c == '\\' {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+            out.push('"');
+        }
+    }
 }
 
 fn for_update(b: Backend) -> &'static str {
@@ -807,5 +834,28 @@ mod tests {
         }
         assert_eq!(insert_chunk(Backend::Postgres, 300), 300);
         assert_eq!(insert_chunk(Backend::Postgres, 5000), MAX_FINALS);
+    }
+
+    /// PostgreSQL's array literals: quoted strings with `"` and `\` escaped, NULLs bare, and
+    /// one array parameter per column, each with every row.
+    #[test]
+    fn postgres_array_literals() {
+        let mut out = String::new();
+        for v in [
+            Val::Text(Some(r#"a"b\c,{x} NULL"#)),
+            Val::Text(Some("NULL")),
+            Val::Text(None),
+            Val::Int(Some(-7)),
+            Val::Int(None),
+        ] {
+            push_array_elem(&mut out, v);
+            out.push(',');
+        }
+        assert_eq!(out, r#""a\"b\\c,{x} NULL","NULL",NULL,-7,NULL,"#);
+
+        let sql = insert_finals_sql(Backend::Postgres, 3, false);
+        assert!(sql.contains("unnest($1::text[], $2::text[]"), "{sql}");
+        assert!(sql.contains("$30::bigint[]) AS u(v_id, v_lease"), "{sql}");
+        assert!(!sql.contains("$31"), "{sql}");
     }
 }
