@@ -7,9 +7,9 @@
 //!   request is admitted against it, and admission never exceeds what the lease holds;
 //! * exactly once: a request's row and its charge are written in one transaction that skips ids
 //!   already present, so a replay of the journal never charges twice;
-//! * `kill -9`: the journal survives (each record is one `write(2)`); on restart the instance
-//!   applies it — finished requests are charged, interrupted ones recorded `expired` at no
-//!   charge — and gives back the leases of its previous run;
+//! * `kill -9`: the journal survives (a record is in the page cache once appended); on restart
+//!   the instance applies it — finished requests are charged, interrupted ones recorded
+//!   `expired` at no charge — and gives back the leases of its previous run;
 //! * an instance that never comes back: its leases expire and any sweeper returns what they still
 //!   hold; charges in its lost journal are lost (never double-charged), at most one lease slice
 //!   per key.
