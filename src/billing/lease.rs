@@ -97,7 +97,8 @@ struct Queue {
     /// Requests in flight: id → sequence number of their hold record.
     open: HashMap<String, u64>,
     /// Finished, not yet written: (final seq, hold seq, row).
-    pending: Vec<(u64, u64, LeaseFinal)>,
+    /// Shared, so the writer takes a batch under the lock without copying rows there.
+    pending: Vec<(u64, u64, Arc<LeaseFinal>)>,
 }
 
 impl Queue {
@@ -462,7 +463,7 @@ impl Leases {
             q.open.remove(&hold.request_id);
             q.outstanding.insert(seq);
             q.last_seq = q.last_seq.max(seq);
-            q.pending.push((seq, hold_seq, row));
+            q.pending.push((seq, hold_seq, Arc::new(row)));
         }
         let lease_id = hold.lease_id.as_deref().unwrap_or_default();
         self.give_back(&book, lease_id, hold.amount, charged);
@@ -483,7 +484,7 @@ impl Leases {
         q.pending
             .iter()
             .find(|(_, _, f)| f.id == id)
-            .map(|(_, _, f)| f.clone())
+            .map(|(_, _, f)| LeaseFinal::clone(f))
     }
 
     /// Writes one batch of finished requests; `false` when there was nothing to write. Rows stay
@@ -491,15 +492,21 @@ impl Leases {
     /// one writer at a time takes them from the front.
     async fn write_pending(&self) -> bool {
         let _one = self.writer.lock().await;
-        let batch: Vec<(u64, u64, LeaseFinal)> = {
+        // Under the lock (which every finishing request takes) only the shared rows are taken;
+        // each is copied once, after, for the store.
+        let (seqs, shared): (Vec<(u64, u64)>, Vec<Arc<LeaseFinal>>) = {
             let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let n = q.pending.len().min(MAX_FINALS);
-            q.pending[..n].to_vec()
+            q.pending[..n]
+                .iter()
+                .map(|(s, h, f)| ((*s, *h), Arc::clone(f)))
+                .unzip()
         };
-        if batch.is_empty() {
+        let rows: Vec<LeaseFinal> = shared.iter().map(|f| LeaseFinal::clone(f)).collect();
+        drop(shared);
+        if rows.is_empty() {
             return false;
         }
-        let rows: Vec<LeaseFinal> = batch.iter().map(|(_, _, f)| f.clone()).collect();
         let res =
             tokio::time::timeout(Duration::from_secs(30), self.store.apply_lease_finals(rows))
                 .await;
@@ -507,8 +514,8 @@ impl Leases {
             Ok(Ok(_)) => {
                 let upto = {
                     let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                    q.pending.drain(..batch.len());
-                    for (s, h, _) in &batch {
+                    q.pending.drain(..seqs.len());
+                    for (s, h) in &seqs {
                         q.outstanding.remove(s);
                         q.outstanding.remove(h);
                     }

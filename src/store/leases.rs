@@ -8,7 +8,8 @@
 //! requests are written once, already final, by [`Store::apply_lease_finals`], in the same
 //! transaction as the capture that charges them, so a request is charged exactly once even when
 //! the same batch is applied twice (the insert skips ids already present and only rows actually
-//! inserted are captured).
+//! inserted are captured). On a SQLite file that transaction runs on the lease writer's thread
+//! ([`lease_writer`](super::lease_writer)); here, through sqlx, on PostgreSQL and in-memory SQLite.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -132,6 +133,16 @@ impl LeaseFinal {
     }
 }
 
+/// A row as it is written: as recorded if its lease is open (or it costs nothing), else expired at
+/// no charge (its lease was closed, and what it held given back, before the charge arrived).
+pub(crate) fn lease_checked(f: LeaseFinal, lease_open: bool) -> LeaseFinal {
+    if lease_open || f.cost_micros == 0 {
+        f
+    } else {
+        f.expired("lease_closed")
+    }
+}
+
 /// Most rows in one [`Store::apply_lease_finals`] statement (30 columns each: far below SQLite's
 /// 32,766 bind parameters).
 pub const MAX_FINALS: usize = 512;
@@ -169,9 +180,10 @@ const FINAL_COLS: [(&str, &str); 30] = [
     ("v_reserved", "bigint"),
 ];
 
-/// SQLite: the row counts a batch's insert is cut into. Every distinct `VALUES` list is a new
-/// statement to prepare, and preparing one of hundreds of rows cost more than running it; with
-/// these few sizes every statement is prepared once per connection and then cached.
+/// SQLite in memory (a file's batches go through the lease writer): the row counts a batch's
+/// insert is cut into. Every distinct `VALUES` list is a new statement to prepare, and preparing
+/// one of hundreds of rows cost more than running it; with these few sizes every statement is
+/// prepared once per connection and then cached.
 const SQLITE_CHUNKS: [usize; 5] = [MAX_FINALS, 128, 32, 8, 1];
 
 /// How many of `n` rows the next insert statement takes (PostgreSQL: all of them, as one JSON
@@ -202,12 +214,7 @@ fn insert_finals_sql(b: Backend, rows: usize, returning: bool) -> String {
         Backend::Sqlite => batch_rows(b, rows, &FINAL_COLS),
     };
     format!(
-        "INSERT INTO requests (id, lease_id, account_id, key_id, model, provider, upstream_model, \
-         price_id, state, hold_micros, hold_expires_at, status, http_status, prompt_tokens, \
-         cached_tokens, completion_tokens, reasoning_tokens, cost_micros, computed_cost_micros, \
-         input_cost_micros, cached_cost_micros, output_cost_micros, network_cost_micros, \
-         platform_fee_micros, estimated, delivered, latency_ms, created_at, finished_at, \
-         key_reserved) \
+        "INSERT INTO {FINAL_TARGET} \
          SELECT v_id, v_lease, v_account, v_key, v_model, v_provider, v_upstream, v_price, \
          v_state, v_hold, v_expires, v_status, v_http, v_pt, v_ct, v_cpt, v_rt, v_cost, \
          v_computed, v_in, v_cached, v_out, v_net, v_fee, v_est, v_deliv, v_lat, v_created, \
@@ -217,15 +224,23 @@ fn insert_finals_sql(b: Backend, rows: usize, returning: bool) -> String {
     )
 }
 
+/// The table and columns a final row is inserted into, in [`FINAL_COLS`] order.
+pub(super) const FINAL_TARGET: &str = "requests (id, lease_id, account_id, key_id, model, \
+     provider, upstream_model, price_id, state, hold_micros, hold_expires_at, status, http_status, \
+     prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens, cost_micros, \
+     computed_cost_micros, input_cost_micros, cached_cost_micros, output_cost_micros, \
+     network_cost_micros, platform_fee_micros, estimated, delivered, latency_ms, created_at, \
+     finished_at, key_reserved)";
+
 /// One column value of a final row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Val<'a> {
+pub(super) enum Val<'a> {
     Text(Option<&'a str>),
     Int(Option<i64>),
 }
 
 /// A final row's values in [`FINAL_COLS`] order.
-fn final_values(f: &LeaseFinal) -> [Val<'_>; 30] {
+pub(super) fn final_values(f: &LeaseFinal) -> [Val<'_>; 30] {
     use Val::{Int, Text};
     let net = f.network_cost_micros.min(f.cost_micros).max(0);
     [
@@ -637,10 +652,22 @@ impl Store {
     /// leases, in one transaction. Rows whose id is already present are skipped (a replay after a
     /// crash); rows of a lease that is closed are written `expired` and charge nothing. Returns
     /// the number of rows inserted.
+    ///
+    /// On a SQLite file the batch is handed to the lease writer's thread (one hand-off, under the
+    /// write gate), which learns from each insert whether its row was new.
     pub async fn apply_lease_finals(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
         if finals.is_empty() {
             return Ok(0);
         }
+        if let Some(w) = &self.lease_writer {
+            let _gate = self.write_gate().await;
+            return w.apply(finals).await;
+        }
+        self.apply_lease_finals_sqlx(finals).await
+    }
+
+    /// [`Self::apply_lease_finals`] through sqlx (PostgreSQL, in-memory SQLite).
+    async fn apply_lease_finals_sqlx(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
         // Outside crash recovery every row is new: statements that only count what they wrote.
         let finals = match self.apply_lease_finals_tx(finals, false).await? {
             Ok(n) => return Ok(n),
@@ -655,7 +682,7 @@ impl Store {
         }
     }
 
-    /// [`Self::apply_lease_finals`] in one transaction. Without `per_row`, the rows are handed
+    /// [`Self::apply_lease_finals_sqlx`] in one transaction. Without `per_row`, the rows are handed
     /// back (and nothing is written) when an insert wrote fewer rows than it was given.
     async fn apply_lease_finals_tx(
         &self,
@@ -695,10 +722,9 @@ impl Store {
         }
         let finals: Vec<LeaseFinal> = finals
             .into_iter()
-            .map(|f| match leases.get(&f.lease_id) {
-                Some((_, _, _, true)) => f,
-                _ if f.cost_micros == 0 => f,
-                _ => f.expired("lease_closed"),
+            .map(|f| {
+                let open = matches!(leases.get(&f.lease_id), Some((_, _, _, true)));
+                lease_checked(f, open)
             })
             .collect();
 
@@ -857,5 +883,201 @@ mod tests {
         assert!(sql.contains("unnest($1::text[], $2::text[]"), "{sql}");
         assert!(sql.contains("$30::bigint[]) AS u(v_id, v_lease"), "{sql}");
         assert!(!sql.contains("$31"), "{sql}");
+    }
+
+    fn final_row(id: &str, lease: &str, account: &str, key: Option<&str>, cost: i64) -> LeaseFinal {
+        let now = now_ms();
+        LeaseFinal {
+            id: id.to_string(),
+            lease_id: lease.to_string(),
+            account_id: account.to_string(),
+            key_id: key.map(str::to_string),
+            model: "m".to_string(),
+            provider: Some("p".to_string()),
+            upstream_model: None,
+            price_id: None,
+            state: "settled".to_string(),
+            hold_micros: 10_000,
+            hold_expires_at: now + 60_000,
+            status: Some("ok".to_string()),
+            http_status: Some(200),
+            prompt_tokens: 3,
+            cached_tokens: 1,
+            completion_tokens: 2,
+            reasoning_tokens: 0,
+            cost_micros: cost,
+            computed_cost_micros: cost,
+            input_cost_micros: 0,
+            cached_cost_micros: 0,
+            output_cost_micros: cost,
+            network_cost_micros: cost * 3 / 5,
+            estimated: false,
+            delivered: true,
+            latency_ms: Some(5),
+            created_at: now,
+            finished_at: now,
+        }
+    }
+
+    async fn one_i64(store: &Store, sql: &str, arg: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .bind(arg)
+            .fetch_one(store.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// An in-memory SQLite database has no file for a second connection: its batches stay on
+    /// the sqlx path.
+    #[tokio::test]
+    async fn in_memory_sqlite_has_no_lease_writer() {
+        let store = Store::connect("sqlite::memory:")
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        assert!(store.lease_writer.is_none());
+        store.close().await;
+    }
+
+    /// On a SQLite file, batches go through the lease writer's thread: the same batch applied
+    /// twice inserts and captures once, a batch partly written before (here through the sqlx
+    /// path) is completed without charging twice, and rows of a closed lease are written expired
+    /// at no charge.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_writer_applies_a_batch_once() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = Store::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let writer = store
+            .lease_writer
+            .clone()
+            .unwrap_or_else(|| panic!("a SQLite file has a lease writer"));
+        assert!(!writer.started(), "started on first use only");
+        let acct = match store.create_account("acme", None).await {
+            Ok(Some(a)) => a,
+            other => panic!("account: {other:?}"),
+        };
+        store
+            .apply_credit(&acct.id, 1_000_000, "topup", "test", None)
+            .await
+            .unwrap_or_else(|e| panic!("credit: {e}"));
+        let key = match store
+            .insert_key(&acct.id, "tg_lw", "digest", false, None, Some(800_000))
+            .await
+        {
+            Ok(Some(k)) => k,
+            other => panic!("key: {other:?}"),
+        };
+        let grant = |key_id: Option<String>, micros: i64| LeaseGrant {
+            lease_id: None,
+            account_id: acct.id.clone(),
+            key_capped: key_id.is_some(),
+            key_id,
+            owner: "test".to_string(),
+            want_micros: micros,
+            min_micros: micros,
+            expires_at: now_ms() + 60_000,
+        };
+        let lease_of = |g: Result<GrantOutcome, StoreError>| match g {
+            Ok(GrantOutcome::Granted { lease_id, .. }) => lease_id,
+            other => panic!("grant: {other:?}"),
+        };
+        let open = lease_of(
+            store
+                .grant_lease(&grant(Some(key.id.clone()), 400_000))
+                .await,
+        );
+        let closed = lease_of(store.grant_lease(&grant(None, 100_000)).await);
+        let released = store
+            .release_lease(&closed, None, true, "release", None)
+            .await
+            .unwrap_or_else(|e| panic!("release: {e}"));
+        assert_eq!(released, Some(100_000));
+
+        let mut batch: Vec<LeaseFinal> = (0..20)
+            .map(|i| final_row(&format!("a{i}"), &open, &acct.id, Some(&key.id), 1_000))
+            .collect();
+        batch.push(final_row("a-free", &open, &acct.id, Some(&key.id), 0));
+        batch.push(final_row("b0", &closed, &acct.id, None, 500));
+        batch.push(final_row("b1", &closed, &acct.id, None, 500));
+        let apply = |rows: Vec<LeaseFinal>| {
+            let store = store.clone();
+            async move {
+                store
+                    .apply_lease_finals(rows)
+                    .await
+                    .unwrap_or_else(|e| panic!("apply: {e}"))
+            }
+        };
+        assert_eq!(apply(batch.clone()).await, 23);
+        assert!(writer.started(), "written by the lease writer");
+        assert_eq!(apply(batch.clone()).await, 0, "a replay inserts nothing");
+
+        let captures = "SELECT COUNT(*) FROM ledger_transactions \
+                        WHERE kind = 'capture' AND request_id = $1";
+        let captured = "SELECT captured_micros FROM credit_leases WHERE id = $1";
+        let entries = "SELECT COALESCE(SUM(e.amount_micros), 0) FROM ledger_entries e \
+                       JOIN ledger_transactions t ON t.id = e.txn_id \
+                       WHERE t.kind = 'capture' AND e.ledger_account = $1";
+        assert_eq!(one_i64(&store, captures, &open).await, 1, "captured once");
+        assert_eq!(one_i64(&store, captures, &closed).await, 0);
+        assert_eq!(one_i64(&store, captured, &open).await, 20_000);
+        assert_eq!(one_i64(&store, captured, &closed).await, 0);
+        assert_eq!(one_i64(&store, entries, &held_of(&acct.id)).await, -20_000);
+        assert_eq!(one_i64(&store, entries, REVENUE_NETWORK).await, 12_000);
+        assert_eq!(one_i64(&store, entries, REVENUE_FEE).await, 8_000);
+        // The account's columns as stored (an `AccountRow` counts open leases as available).
+        let balance = "SELECT balance_micros FROM accounts WHERE id = $1";
+        let held = "SELECT held_micros FROM accounts WHERE id = $1";
+        assert_eq!(one_i64(&store, balance, &acct.id).await, 600_000);
+        assert_eq!(one_i64(&store, held, &acct.id).await, 380_000);
+        let spent = "SELECT spent_micros FROM api_keys WHERE id = $1";
+        let reserved = "SELECT reserved_micros FROM api_keys WHERE id = $1";
+        assert_eq!(one_i64(&store, spent, &key.id).await, 20_000);
+        assert_eq!(one_i64(&store, reserved, &key.id).await, 380_000);
+        let b0 = store
+            .request_by_id("b0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("b0 not written"));
+        assert_eq!(
+            (b0.state.as_str(), b0.status.as_deref(), b0.cost_micros),
+            ("expired", Some("lease_closed"), 0)
+        );
+        let a0 = store
+            .request_by_id("a0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("a0 not written"));
+        assert_eq!(
+            serde_json::to_value(&a0).ok(),
+            serde_json::to_value(batch[0].clone().into_row()).ok(),
+            "every column as recorded"
+        );
+
+        // Half a batch written (through sqlx), then all of it (through the writer).
+        let more: Vec<LeaseFinal> = (0..4)
+            .map(|i| final_row(&format!("c{i}"), &open, &acct.id, Some(&key.id), 1_000))
+            .collect();
+        let half = store
+            .apply_lease_finals_sqlx(more[..2].to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(half, 2);
+        assert_eq!(apply(more).await, 2);
+        assert_eq!(one_i64(&store, captures, &open).await, 3);
+        assert_eq!(one_i64(&store, captured, &open).await, 24_000);
+
+        let rep = store
+            .check_ledger(None)
+            .await
+            .unwrap_or_else(|e| panic!("check: {e}"));
+        assert!(rep.is_ok(), "ledger problems: {:#?}", rep.problems);
+        store.close().await;
+        assert!(
+            store.apply_lease_finals(batch).await.is_err(),
+            "a closed store writes nothing"
+        );
     }
 }

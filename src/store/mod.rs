@@ -2,12 +2,15 @@
 //!
 //! All SQL in tollgate is written once in a dialect both backends accept (`$1` placeholders,
 //! `ON CONFLICT`, `RETURNING`, integer money and unix-millisecond times); each backend has its own
-//! migration set under `migrations/sqlite` and `migrations/postgres`, applied on connect.
+//! migration set under `migrations/sqlite` and `migrations/postgres`, applied on connect. The one
+//! exception is the lease writer ([`lease_writer`]): on a SQLite file, the batches of leased
+//! requests' rows are written by a rusqlite connection of their own, on a thread of their own.
 
 pub mod accounts;
 pub mod attempts;
 mod batch;
 pub mod check;
+mod lease_writer;
 pub mod leases;
 pub mod ledger;
 pub mod prices;
@@ -38,6 +41,12 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("io error: {0}")]
     Io(#[from] std::io::Error),
+    /// From the lease writer's own SQLite connection (see [`lease_writer`]).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The lease writer's thread did not answer (stopped, or timed out).
+    #[error("lease writer: {0}")]
+    LeaseWriter(String),
     #[error("{0}")]
     Invariant(String),
 }
@@ -61,7 +70,15 @@ pub struct Store {
     /// Group commit and batched key lookups (see [`batch`]); `None` on the handle its own tasks
     /// use, and outside a Tokio runtime.
     batcher: Option<batch::Batcher>,
+    /// SQLite file: the thread that writes lease finals (see [`lease_writer`]), started on first
+    /// use. `None` on PostgreSQL and on an in-memory SQLite database (no file to share).
+    lease_writer: Option<Arc<lease_writer::LeaseWriter>>,
 }
+
+/// Settings of every SQLite connection, the pool's and the lease writer's (on top of sqlx's default
+/// `foreign_keys=ON`; `journal_mode=WAL` is set once, on connect, and stays with the file).
+pub(crate) const SQLITE_PRAGMAS: &str =
+    "PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA temp_store=MEMORY;";
 
 static MIGRATE_SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static MIGRATE_POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -111,11 +128,19 @@ impl Store {
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
 
         // One connection first: switch SQLite to WAL (needs an exclusive lock) and migrate.
+        // SQLite also says which file it opened (empty for an in-memory database), for the lease
+        // writer's own connection.
+        let mut sqlite_file = None;
         {
             let mut conn = opts.connect().await?;
             if backend == Backend::Sqlite {
                 conn.execute("PRAGMA journal_mode=WAL").await?;
                 MIGRATE_SQLITE.run(&mut conn).await?;
+                let file: String =
+                    sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                        .fetch_one(&mut conn)
+                        .await?;
+                sqlite_file = Some(file).filter(|f| !f.is_empty()).map(PathBuf::from);
             } else {
                 MIGRATE_POSTGRES.run(&mut conn).await?;
             }
@@ -133,11 +158,7 @@ impl Store {
                             // temp_store=MEMORY: the transient tables SQLite builds for the batch
                             // statements (`UPDATE … FROM (VALUES …)`) were otherwise files, one
                             // created and deleted in /var/tmp per write batch.
-                            conn.execute(
-                                "PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; \
-                                 PRAGMA temp_store=MEMORY;",
-                            )
-                            .await?;
+                            conn.execute(SQLITE_PRAGMAS).await?;
                             Ok(())
                         })
                     })
@@ -158,6 +179,7 @@ impl Store {
             sqlite_path: sqlite_file_of(&url),
             write_gate: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
             batcher: None,
+            lease_writer: sqlite_file.map(|f| Arc::new(lease_writer::LeaseWriter::new(f))),
         };
         store.batcher = batch::spawn(&store);
         Ok(store)
@@ -202,10 +224,13 @@ impl Store {
         self.pool.begin_with(self.begin_write_sql()).await
     }
 
-    /// Closes the pool (waits for connections to be returned).
+    /// Closes the pool (waits for connections to be returned) and stops the lease writer.
     pub async fn close(&self) {
         if let Some(b) = &self.batcher {
             b.close();
+        }
+        if let Some(w) = &self.lease_writer {
+            w.close().await;
         }
         self.pool.close().await;
     }
