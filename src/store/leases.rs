@@ -87,8 +87,6 @@ pub struct LeaseFinal {
 }
 
 impl LeaseFinal {
-    /// The same request, never charged: its lease was closed before the charge reached the
-    /// database (or it never finished before its owner stopped).
     /// The row as [`Store::request_by_id`] would return it once written.
     pub fn into_row(self) -> super::RequestRow {
         let net = self.network_cost_micros.min(self.cost_micros).max(0);
@@ -124,6 +122,8 @@ impl LeaseFinal {
         }
     }
 
+    /// The same request, never charged: its lease was closed before the charge reached the
+    /// database (or it never finished before its owner stopped).
     pub fn expired(mut self, status: &str) -> LeaseFinal {
         self.state = "expired".to_string();
         self.status = Some(status.to_string());
