@@ -337,7 +337,20 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
     /// On error the record may or may not be on disk (e.g. the copy was made but the sync
     /// failed); a replay may therefore return it.
     pub fn append(&self, rec: &T) -> Result<u64, JournalError> {
-        let encoded = [encode(rec)?];
+        self.append_encoded(Self::encode(rec)?)
+    }
+
+    /// Serializes a record for [`append_encoded`](Self::append_encoded), so that a caller which
+    /// appends under a lock of its own can do this part before taking it.
+    pub fn encode(rec: &T) -> Result<Encoded<T>, JournalError> {
+        encode(rec)
+    }
+
+    /// Appends a record encoded by [`encode`](Self::encode): only the copy into the mapped segment
+    /// (and its checksum) happens under the journal's mutex. Same guarantees as
+    /// [`append`](Self::append).
+    pub fn append_encoded(&self, rec: Encoded<T>) -> Result<u64, JournalError> {
+        let encoded = [rec];
         let mut st = self.lock();
         self.write_batch(&mut st, &encoded)
     }
@@ -359,28 +372,43 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
     /// than the one being appended to whose records are all `<= seq`. If the current segment is
     /// non-empty and entirely `<= seq`, it is rotated first (and then deleted too), so an idle
     /// journal shrinks to one empty segment.
+    ///
+    /// The files are deleted after the journal's mutex is released (an unlink can wait on the
+    /// disk, e.g. for a discard), so appends never wait for it.
     pub fn checkpoint(&self, seq: u64) -> Result<(), JournalError> {
-        let mut st = self.lock();
-        if st.current.seg.last_seq.is_some_and(|last| last <= seq) {
-            self.rotate(&mut st, 0)?;
-        }
-        let mut result = Ok(());
+        let applied = {
+            let mut st = self.lock();
+            if st.current.seg.last_seq.is_some_and(|last| last <= seq) {
+                self.rotate(&mut st, 0)?;
+            }
+            // Sequence numbers grow along `sealed`, so the applied segments are its front.
+            let n = st
+                .sealed
+                .iter()
+                .take_while(|seg| seg.last_seq.is_none_or(|last| last <= seq))
+                .count();
+            st.sealed.drain(..n).collect::<Vec<_>>()
+        };
         let mut removed = false;
-        st.sealed.retain(|seg| {
-            if result.is_err() || seg.last_seq.is_some_and(|last| last > seq) {
-                return true;
-            }
-            match remove_if_exists(&seg.path) {
-                Ok(()) => {
-                    removed = true;
-                    false
-                }
-                Err(e) => {
-                    result = Err(e);
-                    true
+        let mut failed = Vec::new();
+        let mut result = Ok(());
+        for seg in applied {
+            if result.is_ok() {
+                match remove_if_exists(&seg.path) {
+                    Ok(()) => {
+                        removed = true;
+                        continue;
+                    }
+                    Err(e) => result = Err(e),
                 }
             }
-        });
+            failed.push(seg);
+        }
+        if !failed.is_empty() {
+            // Kept for the next checkpoint, still in order before the others.
+            let mut st = self.lock();
+            st.sealed.splice(..0, failed);
+        }
         if removed && self.opts.fsync {
             sync_dir(&self.dir)?;
         }
@@ -399,7 +427,7 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
 
     /// Copies pre-encoded records into the current segment; returns the sequence number of the
     /// first.
-    fn write_batch(&self, st: &mut State, encoded: &[Encoded]) -> Result<u64, JournalError> {
+    fn write_batch(&self, st: &mut State, encoded: &[Encoded<T>]) -> Result<u64, JournalError> {
         let need: usize = encoded.iter().map(|e| HEADER + e.payload.len()).sum();
         let cur = &st.current;
         if st.must_rotate || cur.used + need > cur.map.len() {
@@ -461,17 +489,22 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
     }
 }
 
-/// A record serialized outside the lock.
-struct Encoded {
+/// A record serialized outside the journal's lock (see [`Journal::encode`]).
+pub struct Encoded<T> {
     /// `payload.len()`, checked to fit the header's `u32`.
     len: u32,
     payload: Vec<u8>,
+    _record: PhantomData<fn() -> T>,
 }
 
-fn encode<T: Serialize>(rec: &T) -> Result<Encoded, JournalError> {
+fn encode<T: Serialize>(rec: &T) -> Result<Encoded<T>, JournalError> {
     let payload = postcard::to_allocvec(rec).map_err(JournalError::Encode)?;
     match u32::try_from(payload.len()) {
-        Ok(len) if len > 0 => Ok(Encoded { len, payload }),
+        Ok(len) if len > 0 => Ok(Encoded {
+            len,
+            payload,
+            _record: PhantomData,
+        }),
         _ => Err(JournalError::Encode(postcard::Error::SerdeSerCustom)),
     }
 }
@@ -1148,6 +1181,62 @@ mod tests {
         let got: Vec<(u64, Rec)> = replayed.records[1..].to_vec();
         let want: Vec<(u64, Rec)> = seqs.into_iter().zip(batch).collect();
         assert_eq!(got, want);
+    }
+
+    /// Records encoded ahead are numbered in the order they are appended, not encoded.
+    #[test]
+    fn encoded_records_are_numbered_when_appended() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (j, _) = open(tmp.path(), JournalOptions::default());
+        let (a, b) = (
+            Journal::encode(&rec(1)).unwrap(),
+            Journal::encode(&rec(2)).unwrap(),
+        );
+        assert_eq!(j.append_encoded(b).unwrap(), 1);
+        assert_eq!(j.append(&rec(3)).unwrap(), 2);
+        assert_eq!(j.append_encoded(a).unwrap(), 3);
+        drop(j);
+        let (_, replayed) = open(tmp.path(), JournalOptions::default());
+        assert_eq!(
+            replayed.records,
+            vec![(1, rec(2)), (2, rec(3)), (3, rec(1))]
+        );
+    }
+
+    /// A segment a checkpoint could not delete stays, in order, and the next checkpoint deletes
+    /// it; the ones after it are not skipped meanwhile.
+    #[test]
+    fn checkpoint_keeps_a_segment_it_could_not_delete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = JournalOptions {
+            fsync: false,
+            segment_bytes: 30,
+        };
+        let (j, _) = open(tmp.path(), opts);
+        for n in 1..=4 {
+            j.append(&rec(n)).unwrap();
+        }
+        let segs = segments(tmp.path());
+        assert_eq!(
+            segs.len(),
+            4,
+            "one record (26 bytes) per 30-byte segment: {segs:?}"
+        );
+        // The first sealed segment cannot be removed as a file while it is a non-empty directory.
+        fs::remove_file(&segs[0]).unwrap();
+        fs::create_dir(&segs[0]).unwrap();
+        fs::write(segs[0].join("x"), b"x").unwrap();
+        assert!(j.checkpoint(2).is_err());
+        assert!(
+            segs[0].exists() && segs[1].exists(),
+            "nothing after the failure removed"
+        );
+        fs::remove_dir_all(&segs[0]).unwrap();
+        fs::write(&segs[0], b"").unwrap();
+        j.checkpoint(2).unwrap();
+        assert_eq!(segments(tmp.path()), segs[2..].to_vec());
+        j.checkpoint(3).unwrap();
+        assert_eq!(segments(tmp.path()), segs[3..].to_vec());
     }
 
     #[test]

@@ -27,14 +27,15 @@ use super::service::{BillingError, Hold, Principal};
 use crate::store::leases::{GrantOutcome, LeaseFinal, LeaseGrant, MAX_FINALS};
 use crate::store::{now_ms, Store, StoreError};
 
-/// One journal record.
+/// One journal record. The row is shared with the queue of rows to write (serde's `rc`: an `Arc`
+/// is encoded as what it points to), so journaling a request's end copies nothing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Entry {
     /// Admitted: the request's row as it would be if it never finished.
-    Hold(LeaseFinal),
+    Hold(Arc<LeaseFinal>),
     /// Finished: the row to write.
-    Final(LeaseFinal),
+    Final(Arc<LeaseFinal>),
 }
 
 /// A key's lease as this instance sees it.
@@ -183,10 +184,10 @@ impl Leases {
             match e {
                 Entry::Hold(f) => {
                     rows.entry(f.id.clone())
-                        .or_insert_with(|| f.expired("interrupted"));
+                        .or_insert_with(|| Arc::unwrap_or_clone(f).expired("interrupted"));
                 }
                 Entry::Final(f) => {
-                    rows.insert(f.id.clone(), f);
+                    rows.insert(f.id.clone(), Arc::unwrap_or_clone(f));
                 }
             }
         }
@@ -235,6 +236,11 @@ impl Leases {
                 let wait = me.wake.notified();
                 let started = Instant::now();
                 let wrote = me.write_pending().await;
+                if wrote && me.checkpoint_due() {
+                    // Deleting applied segments can wait on the disk: not on a runtime thread.
+                    let me = Arc::clone(&me);
+                    tokio::task::spawn_blocking(move || me.checkpoint());
+                }
                 if wrote {
                     // Off the request path: leave rows a moment to gather, so one transaction
                     // carries many (its fixed cost is most of a small batch's).
@@ -296,28 +302,26 @@ impl Leases {
         let mut row = row;
         row.lease_id = lease_id.clone();
         let id = row.id.clone();
-        // Checked, journaled and registered under one lock, so a concurrent `finish` or a
-        // duplicate id sees either nothing or all of it.
-        let res = {
-            let mut guard = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            let q = &mut *guard;
-            match q.open.entry(id) {
-                std::collections::hash_map::Entry::Occupied(o) => {
-                    Err(BillingError::DuplicateRequest(o.key().clone()))
-                }
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    match self.journal.append(&Entry::Hold(row)) {
-                        Ok(seq) => {
-                            v.insert(seq);
-                            q.outstanding.insert(seq);
-                            q.last_seq = q.last_seq.max(seq);
-                            Ok(())
-                        }
-                        Err(e) => Err(io_err(e)),
+        // Encoded before the lock; checked, journaled and registered under it, so a concurrent
+        // `finish` or a duplicate id sees either nothing or all of it.
+        let res = Journal::encode(&Entry::Hold(Arc::new(row)))
+            .map_err(io_err)
+            .and_then(|rec| {
+                let mut guard = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let q = &mut *guard;
+                match q.open.entry(id) {
+                    std::collections::hash_map::Entry::Occupied(o) => {
+                        Err(BillingError::DuplicateRequest(o.key().clone()))
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let seq = self.journal.append_encoded(rec).map_err(io_err)?;
+                        v.insert(seq);
+                        q.outstanding.insert(seq);
+                        q.last_seq = q.last_seq.max(seq);
+                        Ok(())
                     }
                 }
-            }
-        };
+            });
         match res {
             Ok(()) => Ok(lease_id),
             Err(e) => {
@@ -447,6 +451,8 @@ impl Leases {
     pub async fn finish(&self, hold: &Hold, row: LeaseFinal) -> Result<Option<()>, BillingError> {
         let charged = row.cost_micros;
         let book = hold.lease_book.clone().unwrap_or_default();
+        let row = Arc::new(row);
+        let rec = Journal::encode(&Entry::Final(Arc::clone(&row))).map_err(io_err)?;
         {
             // Under the queue lock: a concurrent second `finish` of the same request, or a read
             // of it, sees it either open or pending, never in between.
@@ -456,14 +462,11 @@ impl Leases {
             };
             // Not journaled → stays open: recorded as interrupted (uncharged) at the next start,
             // and its credit stays promised until then.
-            let seq = self
-                .journal
-                .append(&Entry::Final(row.clone()))
-                .map_err(io_err)?;
+            let seq = self.journal.append_encoded(rec).map_err(io_err)?;
             q.open.remove(&hold.request_id);
             q.outstanding.insert(seq);
             q.last_seq = q.last_seq.max(seq);
-            q.pending.push((seq, hold_seq, Arc::new(row)));
+            q.pending.push((seq, hold_seq, row));
         }
         let lease_id = hold.lease_id.as_deref().unwrap_or_default();
         self.give_back(&book, lease_id, hold.amount, charged);
@@ -512,30 +515,11 @@ impl Leases {
                 .await;
         match res {
             Ok(Ok(_)) => {
-                let upto = {
-                    let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                    q.pending.drain(..seqs.len());
-                    for (s, h) in &seqs {
-                        q.outstanding.remove(s);
-                        q.outstanding.remove(h);
-                    }
-                    q.applied_upto()
-                };
-                let due = {
-                    let mut last = self
-                        .last_checkpoint
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    let due = last.elapsed() >= CHECKPOINT_EVERY;
-                    if due {
-                        *last = Instant::now();
-                    }
-                    due
-                };
-                if due {
-                    if let Err(e) = self.journal.checkpoint(upto) {
-                        tracing::warn!(error = %e, "billing journal: checkpoint failed");
-                    }
+                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                q.pending.drain(..seqs.len());
+                for (s, h) in &seqs {
+                    q.outstanding.remove(s);
+                    q.outstanding.remove(h);
                 }
                 true
             }
@@ -548,6 +532,31 @@ impl Leases {
                 tracing::warn!("writing charged requests timed out; retrying");
                 false
             }
+        }
+    }
+
+    /// Whether the journal's applied segments are due for deletion (then it counts as done).
+    fn checkpoint_due(&self) -> bool {
+        let mut last = self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let due = last.elapsed() >= CHECKPOINT_EVERY;
+        if due {
+            *last = Instant::now();
+        }
+        due
+    }
+
+    /// Deletes the journal's segments whose records are all in the database.
+    fn checkpoint(&self) {
+        let upto = self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .applied_upto();
+        if let Err(e) = self.journal.checkpoint(upto) {
+            tracing::warn!(error = %e, "billing journal: checkpoint failed");
         }
     }
 
