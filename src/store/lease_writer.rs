@@ -13,7 +13,7 @@
 //! (WAL, `synchronous=NORMAL`, `busy_timeout`, `temp_store`, foreign keys); the caller holds the
 //! store's write gate while the thread works, so in-process writers stay one at a time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
@@ -24,8 +24,12 @@ use rusqlite::{
 };
 use tokio::sync::oneshot;
 
-use super::leases::{final_values, lease_checked, LeaseFinal, Val, FINAL_TARGET};
-use super::ledger::{held_of, REVENUE_FEE, REVENUE_NETWORK};
+use super::leases::{
+    capture_lines, final_values, lease_checked, Charges, LeaseFinal, Val, ADD_KEY_SPENT,
+    ADD_LEASE_CAPTURED, FINAL_TARGET, INSERT_LEDGER_ENTRY, INSERT_LEDGER_TXN, TAKE_ACCOUNT_HELD,
+    TAKE_KEY_RESERVED,
+};
+use super::ledger::held_of;
 use super::{new_id, now_ms, StoreError, SQLITE_PRAGMAS};
 
 /// How long a caller waits for its batch (the thread may first wait up to `busy_timeout`, 10 s,
@@ -230,68 +234,46 @@ fn apply(conn: &mut Connection, finals: Vec<LeaseFinal>) -> Result<u64, StoreErr
 
     // The rows; each one new (not a replay) is charged.
     let mut inserted = 0_u64;
-    let mut per_lease: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-    let mut per_key: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut charges = Charges::default();
     {
         let mut insert = tx.prepare_cached(&insert_final_sql())?;
         for f in &finals {
-            let new = insert.execute(params_from_iter(final_values(f)))?;
-            let net = f.network_cost_micros.min(f.cost_micros).max(0);
-            if new == 0 {
+            if insert.execute(params_from_iter(final_values(f)))? == 0 {
                 continue;
             }
             inserted += 1;
-            if f.cost_micros > 0 {
-                let e = per_lease.entry(f.lease_id.as_str()).or_default();
-                e.0 += f.cost_micros;
-                e.1 += net;
-                if let Some(k) = &f.key_id {
-                    *per_key.entry(k.as_str()).or_default() += f.cost_micros;
-                }
-            }
+            charges.add(f);
         }
     }
 
-    for (key_id, spent) in per_key {
-        tx.prepare_cached("UPDATE api_keys SET spent_micros = spent_micros + ?1 WHERE id = ?2")?
+    for (key_id, spent) in charges.per_key {
+        tx.prepare_cached(ADD_KEY_SPENT)?
             .execute(params![spent, key_id])?;
     }
-    for (lease_id, (captured, network)) in per_lease {
+    for (lease_id, (captured, network)) in charges.per_lease {
         let Some(Some((account_id, key_id, key_reserved, _))) = leases.get(lease_id) else {
             continue;
         };
-        let fee = captured - network;
-        tx.prepare_cached(
-            "UPDATE credit_leases SET captured_micros = captured_micros + ?1 WHERE id = ?2",
-        )?
-        .execute(params![captured, lease_id])?;
-        tx.prepare_cached("UPDATE accounts SET held_micros = held_micros - ?1 WHERE id = ?2")?
+        tx.prepare_cached(ADD_LEASE_CAPTURED)?
+            .execute(params![captured, lease_id])?;
+        tx.prepare_cached(TAKE_ACCOUNT_HELD)?
             .execute(params![captured, account_id])?;
         if let (Some(k), true) = (key_id, *key_reserved) {
-            tx.prepare_cached(
-                "UPDATE api_keys SET reserved_micros = reserved_micros - ?1 WHERE id = ?2",
-            )?
-            .execute(params![captured, k])?;
+            tx.prepare_cached(TAKE_KEY_RESERVED)?
+                .execute(params![captured, k])?;
         }
         // The capture, as `ledger_txn` in the sqlx path writes it.
         let txn_id = new_id("tx");
         let phase = format!("capture:{}", new_id("c"));
-        tx.prepare_cached(
-            "INSERT INTO ledger_transactions (id, kind, account_id, request_id, phase, \
-             amount_micros, created_at) VALUES (?1, 'capture', ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![txn_id, account_id, lease_id, phase, captured, now])?;
+        tx.prepare_cached(INSERT_LEDGER_TXN)?.execute(params![
+            txn_id, "capture", account_id, lease_id, phase, captured, now
+        ])?;
         let held = held_of(account_id);
-        let lines: [(&str, i64); 3] = [
-            (&held, -captured),
-            (REVENUE_NETWORK, network),
-            (REVENUE_FEE, fee),
-        ];
-        let mut entry = tx.prepare_cached(
-            "INSERT INTO ledger_entries (txn_id, ledger_account, amount_micros, created_at) \
-             VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        for (acct, v) in lines.iter().filter(|(_, v)| *v != 0) {
+        let mut entry = tx.prepare_cached(INSERT_LEDGER_ENTRY)?;
+        for (acct, v) in capture_lines(&held, captured, network)
+            .iter()
+            .filter(|(_, v)| *v != 0)
+        {
             entry.execute(params![txn_id, acct, v, now])?;
         }
     }

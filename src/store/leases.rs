@@ -87,9 +87,15 @@ pub struct LeaseFinal {
 }
 
 impl LeaseFinal {
+    /// The part of the charge that is network cost (the rest is the platform fee): never more
+    /// than the charge, never negative.
+    pub fn network_share(&self) -> i64 {
+        self.network_cost_micros.min(self.cost_micros).max(0)
+    }
+
     /// The row as [`Store::request_by_id`] would return it once written.
     pub fn into_row(self) -> super::RequestRow {
-        let net = self.network_cost_micros.min(self.cost_micros).max(0);
+        let net = self.network_share();
         super::RequestRow {
             id: self.id,
             account_id: self.account_id,
@@ -186,8 +192,8 @@ const FINAL_COLS: [(&str, &str); 30] = [
 /// prepared once per connection and then cached.
 const SQLITE_CHUNKS: [usize; 5] = [MAX_FINALS, 128, 32, 8, 1];
 
-/// How many of `n` rows the next insert statement takes (PostgreSQL: all of them, as one JSON
-/// parameter).
+/// How many of `n` rows the next insert statement takes (PostgreSQL: all of them, as one array
+/// literal per column).
 fn insert_chunk(b: Backend, n: usize) -> usize {
     match b {
         Backend::Postgres => n.min(MAX_FINALS),
@@ -214,11 +220,9 @@ fn insert_finals_sql(b: Backend, rows: usize, returning: bool) -> String {
         Backend::Sqlite => batch_rows(b, rows, &FINAL_COLS),
     };
     format!(
-        "INSERT INTO {FINAL_TARGET} \
-         SELECT v_id, v_lease, v_account, v_key, v_model, v_provider, v_upstream, v_price, \
-         v_state, v_hold, v_expires, v_status, v_http, v_pt, v_ct, v_cpt, v_rt, v_cost, \
-         v_computed, v_in, v_cached, v_out, v_net, v_fee, v_est, v_deliv, v_lat, v_created, \
-         v_finished, v_reserved FROM ({values}) AS v WHERE true \
+        // The values' columns are in `FINAL_TARGET`'s order; `WHERE true` tells SQLite's parser
+        // that `ON CONFLICT` is the upsert clause, not a join constraint.
+        "INSERT INTO {FINAL_TARGET} SELECT * FROM ({values}) AS v WHERE true \
          ON CONFLICT (id) DO NOTHING{}",
         if returning { " RETURNING id" } else { "" }
     )
@@ -242,7 +246,7 @@ pub(super) enum Val<'a> {
 /// A final row's values in [`FINAL_COLS`] order.
 pub(super) fn final_values(f: &LeaseFinal) -> [Val<'_>; 30] {
     use Val::{Int, Text};
-    let net = f.network_cost_micros.min(f.cost_micros).max(0);
+    let net = f.network_share();
     [
         Text(Some(&f.id)),
         Text(Some(&f.lease_id)),
@@ -333,6 +337,54 @@ fn for_update(b: Backend) -> &'static str {
     }
 }
 
+/// The statements of a batch's captures, shared by the sqlx path and the lease writer (SQLite
+/// numbers `$n` parameters in order of appearance, which here is `n`'s order).
+pub(super) const ADD_KEY_SPENT: &str =
+    "UPDATE api_keys SET spent_micros = spent_micros + $1 WHERE id = $2";
+pub(super) const ADD_LEASE_CAPTURED: &str =
+    "UPDATE credit_leases SET captured_micros = captured_micros + $1 WHERE id = $2";
+pub(super) const TAKE_ACCOUNT_HELD: &str =
+    "UPDATE accounts SET held_micros = held_micros - $1 WHERE id = $2";
+pub(super) const TAKE_KEY_RESERVED: &str =
+    "UPDATE api_keys SET reserved_micros = reserved_micros - $1 WHERE id = $2";
+pub(super) const INSERT_LEDGER_TXN: &str = "INSERT INTO ledger_transactions (id, kind, \
+     account_id, request_id, phase, amount_micros, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub(super) const INSERT_LEDGER_ENTRY: &str = "INSERT INTO ledger_entries (txn_id, \
+     ledger_account, amount_micros, created_at) VALUES ($1, $2, $3, $4)";
+
+/// The ledger lines of a lease's capture: `captured` out of the account's held balance (`held`,
+/// see [`held_of`]) into revenue, split into network cost and platform fee. Zero lines are not
+/// written.
+pub(super) fn capture_lines(held: &str, captured: i64, network: i64) -> [(&str, i64); 3] {
+    [
+        (held, -captured),
+        (REVENUE_NETWORK, network),
+        (REVENUE_FEE, captured - network),
+    ]
+}
+
+/// What a batch's newly written rows charge: per lease (charged, network share) and per key
+/// (spent). Rows charged nothing add nothing.
+#[derive(Debug, Default)]
+pub(super) struct Charges<'a> {
+    pub(super) per_lease: BTreeMap<&'a str, (i64, i64)>,
+    pub(super) per_key: BTreeMap<&'a str, i64>,
+}
+
+impl<'a> Charges<'a> {
+    pub(super) fn add(&mut self, f: &'a LeaseFinal) {
+        if f.cost_micros <= 0 {
+            return;
+        }
+        let e = self.per_lease.entry(f.lease_id.as_str()).or_default();
+        e.0 += f.cost_micros;
+        e.1 += f.network_share();
+        if let Some(k) = &f.key_id {
+            *self.per_key.entry(k.as_str()).or_default() += f.cost_micros;
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn ledger_txn(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -345,30 +397,24 @@ async fn ledger_txn(
     now: i64,
 ) -> Result<(), sqlx::Error> {
     let txn_id = new_id("tx");
-    sqlx::query(
-        "INSERT INTO ledger_transactions (id, kind, account_id, request_id, phase, amount_micros, \
-         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&txn_id)
-    .bind(kind)
-    .bind(account_id)
-    .bind(lease_id)
-    .bind(phase)
-    .bind(amount)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    for (acct, v) in lines.iter().filter(|(_, v)| *v != 0) {
-        sqlx::query(
-            "INSERT INTO ledger_entries (txn_id, ledger_account, amount_micros, created_at) \
-             VALUES ($1, $2, $3, $4)",
-        )
+    sqlx::query(INSERT_LEDGER_TXN)
         .bind(&txn_id)
-        .bind(*acct)
-        .bind(*v)
+        .bind(kind)
+        .bind(account_id)
+        .bind(lease_id)
+        .bind(phase)
+        .bind(amount)
         .bind(now)
         .execute(&mut **tx)
         .await?;
+    for (acct, v) in lines.iter().filter(|(_, v)| *v != 0) {
+        sqlx::query(INSERT_LEDGER_ENTRY)
+            .bind(&txn_id)
+            .bind(*acct)
+            .bind(*v)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
 }
@@ -768,51 +814,37 @@ impl Store {
         }
 
         // Per lease and per key: the charges of the rows actually inserted.
-        let mut per_lease: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-        let mut per_key: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut charges = Charges::default();
         for (f, _) in finals.iter().zip(&inserted).filter(|(_, new)| **new) {
-            if f.cost_micros > 0 {
-                let net = f.network_cost_micros.min(f.cost_micros).max(0);
-                let e = per_lease.entry(f.lease_id.as_str()).or_default();
-                e.0 += f.cost_micros;
-                e.1 += net;
-                if let Some(k) = &f.key_id {
-                    *per_key.entry(k.as_str()).or_default() += f.cost_micros;
-                }
-            }
+            charges.add(f);
         }
-        for (key_id, spent) in per_key {
-            sqlx::query("UPDATE api_keys SET spent_micros = spent_micros + $1 WHERE id = $2")
+        for (key_id, spent) in charges.per_key {
+            sqlx::query(ADD_KEY_SPENT)
                 .bind(spent)
                 .bind(key_id)
                 .execute(&mut *tx)
                 .await?;
         }
-        for (lease_id, (captured, network)) in per_lease {
+        for (lease_id, (captured, network)) in charges.per_lease {
             let Some((account_id, key_id, key_reserved, _)) = leases.get(lease_id) else {
                 continue;
             };
-            let fee = captured - network;
-            sqlx::query(
-                "UPDATE credit_leases SET captured_micros = captured_micros + $1 WHERE id = $2",
-            )
-            .bind(captured)
-            .bind(lease_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE accounts SET held_micros = held_micros - $1 WHERE id = $2")
+            sqlx::query(ADD_LEASE_CAPTURED)
+                .bind(captured)
+                .bind(lease_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(TAKE_ACCOUNT_HELD)
                 .bind(captured)
                 .bind(account_id)
                 .execute(&mut *tx)
                 .await?;
             if let (Some(k), true) = (key_id, *key_reserved) {
-                sqlx::query(
-                    "UPDATE api_keys SET reserved_micros = reserved_micros - $1 WHERE id = $2",
-                )
-                .bind(captured)
-                .bind(k)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(TAKE_KEY_RESERVED)
+                    .bind(captured)
+                    .bind(k)
+                    .execute(&mut *tx)
+                    .await?;
             }
             let phase = format!("capture:{}", new_id("c"));
             ledger_txn(
@@ -822,11 +854,7 @@ impl Store {
                 lease_id,
                 &phase,
                 captured,
-                &[
-                    (&held_of(account_id), -captured),
-                    (REVENUE_NETWORK, network),
-                    (REVENUE_FEE, fee),
-                ],
+                &capture_lines(&held_of(account_id), captured, network),
                 now,
             )
             .await?;
