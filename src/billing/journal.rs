@@ -343,7 +343,15 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
     /// Serializes a record for [`append_encoded`](Self::append_encoded), so that a caller which
     /// appends under a lock of its own can do this part before taking it.
     pub fn encode(rec: &T) -> Result<Encoded<T>, JournalError> {
-        encode(rec)
+        let payload = postcard::to_allocvec(rec).map_err(JournalError::Encode)?;
+        match u32::try_from(payload.len()) {
+            Ok(len) if len > 0 => Ok(Encoded {
+                len,
+                payload,
+                _record: PhantomData,
+            }),
+            _ => Err(JournalError::Encode(postcard::Error::SerdeSerCustom)),
+        }
     }
 
     /// Appends a record encoded by [`encode`](Self::encode): only the copy into the mapped segment
@@ -362,7 +370,10 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         if recs.is_empty() {
             return Ok(Vec::new());
         }
-        let encoded = recs.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+        let encoded = recs
+            .iter()
+            .map(Self::encode)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut st = self.lock();
         let first = self.write_batch(&mut st, &encoded)?;
         Ok((first..).take(encoded.len()).collect())
@@ -390,24 +401,19 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             st.sealed.drain(..n).collect::<Vec<_>>()
         };
         let mut removed = false;
-        let mut failed = Vec::new();
         let mut result = Ok(());
-        for seg in applied {
-            if result.is_ok() {
-                match remove_if_exists(&seg.path) {
-                    Ok(()) => {
-                        removed = true;
-                        continue;
-                    }
-                    Err(e) => result = Err(e),
-                }
+        let mut rest = applied.into_iter();
+        while let Some(seg) = rest.next() {
+            if let Err(e) = remove_if_exists(&seg.path) {
+                // It and the ones after it are kept for the next checkpoint, still in order
+                // before the others.
+                self.lock()
+                    .sealed
+                    .splice(..0, std::iter::once(seg).chain(rest));
+                result = Err(e);
+                break;
             }
-            failed.push(seg);
-        }
-        if !failed.is_empty() {
-            // Kept for the next checkpoint, still in order before the others.
-            let mut st = self.lock();
-            st.sealed.splice(..0, failed);
+            removed = true;
         }
         if removed && self.opts.fsync {
             sync_dir(&self.dir)?;
@@ -495,18 +501,6 @@ pub struct Encoded<T> {
     len: u32,
     payload: Vec<u8>,
     _record: PhantomData<fn() -> T>,
-}
-
-fn encode<T: Serialize>(rec: &T) -> Result<Encoded<T>, JournalError> {
-    let payload = postcard::to_allocvec(rec).map_err(JournalError::Encode)?;
-    match u32::try_from(payload.len()) {
-        Ok(len) if len > 0 => Ok(Encoded {
-            len,
-            payload,
-            _record: PhantomData,
-        }),
-        _ => Err(JournalError::Encode(postcard::Error::SerdeSerCustom)),
-    }
 }
 
 /// The result of reading one segment.
