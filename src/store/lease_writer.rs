@@ -280,3 +280,146 @@ fn apply(conn: &mut Connection, finals: Vec<LeaseFinal>) -> Result<u64, StoreErr
     tx.commit()?;
     Ok(inserted)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    /// A migrated SQLite file and a connection of the writer's kind to it.
+    async fn migrated() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let path = dir.path().join("t.db");
+        let store = Store::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        store.close().await;
+        let conn = open(&path).unwrap_or_else(|e| panic!("open: {e}"));
+        (dir, conn)
+    }
+
+    /// Writing a request row builds no temporary B-tree: a CHECK's `IN` over more than two
+    /// constants made SQLite build and drop one per row (a third of the row's CPU), so the
+    /// state CHECK is written as comparisons (migration 0006).
+    #[tokio::test]
+    async fn a_request_row_insert_opens_no_ephemeral_table() {
+        let (_dir, conn) = migrated().await;
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN {}", insert_final_sql()))
+            .unwrap_or_else(|e| panic!("explain: {e}"));
+        let ops: Vec<String> = stmt
+            .query_map(
+                params_from_iter(std::iter::repeat_n(rusqlite::types::Null, 30)),
+                |r| r.get::<_, String>(1),
+            )
+            .unwrap_or_else(|e| panic!("query: {e}"))
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("row: {e}"));
+        assert!(ops.iter().any(|o| o == "Insert"), "the plan: {ops:?}");
+        assert!(
+            !ops.iter().any(|o| o == "OpenEphemeral"),
+            "a temporary B-tree per row: {ops:?}"
+        );
+    }
+
+    /// The rewritten CHECK still refuses a state that is not one of the four.
+    #[tokio::test]
+    async fn the_state_check_still_refuses_unknown_states() {
+        let (_dir, conn) = migrated().await;
+        conn.execute(
+            "INSERT INTO accounts (id, name, created_at) VALUES ('a1', 'acme', 0)",
+            [],
+        )
+        .unwrap_or_else(|e| panic!("account: {e}"));
+        let insert = |id: &str, state: &str| {
+            conn.execute(
+                "INSERT INTO requests (id, account_id, model, state, hold_micros, \
+                 hold_expires_at, created_at) VALUES (?1, 'a1', 'm', ?2, 0, 0, 0)",
+                [id, state],
+            )
+        };
+        for (i, s) in ["held", "settled", "released", "expired"]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(insert(&format!("r{i}"), s).ok(), Some(1), "{s} is a state");
+        }
+        let refused = insert("r9", "pending");
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("CHECK constraint failed")),
+            "{refused:?}"
+        );
+    }
+
+    /// Migration 0006 rebuilds `requests`: every row and column is kept, and the indexes are
+    /// back (the migration files applied in order, as sqlx applies them).
+    #[test]
+    fn migration_0006_keeps_every_request_row() {
+        let conn = Connection::open_in_memory().unwrap_or_else(|e| panic!("open: {e}"));
+        let before = [
+            include_str!("../../migrations/sqlite/0001_billing.sql"),
+            include_str!("../../migrations/sqlite/0003_limits_overrides.sql"),
+            include_str!("../../migrations/sqlite/0004_request_attempts.sql"),
+            include_str!("../../migrations/sqlite/0005_credit_leases.sql"),
+        ];
+        for m in before {
+            conn.execute_batch(m)
+                .unwrap_or_else(|e| panic!("migration: {e}"));
+        }
+        conn.execute_batch(
+            "INSERT INTO accounts (id, name, created_at) VALUES ('a1', 'acme', 0);
+             INSERT INTO requests (id, account_id, key_id, key_reserved, model, provider,
+                 upstream_model, price_id, state, hold_micros, hold_expires_at, status,
+                 http_status, prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens,
+                 cost_micros, computed_cost_micros, input_cost_micros, cached_cost_micros,
+                 output_cost_micros, network_cost_micros, platform_fee_micros, estimated,
+                 delivered, latency_ms, created_at, finished_at, lease_id)
+             VALUES ('r1', 'a1', 'k1', 1, 'm', 'p', 'um', 7, 'settled', 900, 5, 'completed', 200,
+                 11, 2, 13, 4, 600, 650, 100, 20, 480, 360, 240, 1, 1, 42, 3, 4, 'l1'),
+                ('r2', 'a1', NULL, 0, 'm', NULL, NULL, NULL, 'held', 500, 9, NULL, NULL,
+                 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, 8, NULL, NULL);",
+        )
+        .unwrap_or_else(|e| panic!("rows: {e}"));
+        let dump = |conn: &Connection| -> Vec<String> {
+            let mut stmt = conn
+                .prepare("SELECT * FROM requests ORDER BY id")
+                .unwrap_or_else(|e| panic!("select: {e}"));
+            let n = stmt.column_count();
+            let names: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
+            stmt.query_map([], |r| {
+                let mut cols: Vec<String> = (0..n)
+                    .map(|i| {
+                        let v = r.get_ref(i).map(|v| format!("{v:?}")).unwrap_or_default();
+                        format!("{}={v}", names[i])
+                    })
+                    .collect();
+                cols.sort();
+                Ok(cols.join(","))
+            })
+            .unwrap_or_else(|e| panic!("query: {e}"))
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("row: {e}"))
+        };
+        let rows = dump(&conn);
+        assert_eq!(rows.len(), 2);
+        conn.execute_batch(include_str!(
+            "../../migrations/sqlite/0006_requests_state_check.sql"
+        ))
+        .unwrap_or_else(|e| panic!("migration 0006: {e}"));
+        assert_eq!(dump(&conn), rows, "every row and column as it was");
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests' ORDER BY name")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .unwrap_or_else(|e| panic!("indexes: {e}"));
+        assert_eq!(
+            indexes,
+            [
+                "requests_account_time",
+                "requests_open_holds",
+                "sqlite_autoindex_requests_1"
+            ]
+        );
+    }
+}
