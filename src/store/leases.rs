@@ -806,23 +806,22 @@ impl Store {
                     }
                 }
             } else {
-                match q.execute(&mut *tx).await {
-                    Ok(r) if r.rows_affected() == chunk.len() as u64 => {
-                        inserted[at..at + chunk.len()].fill(true);
-                    }
-                    // An id already written (a replay): again, row by row.
-                    Ok(_) => short = true,
+                let wrote_all = match q.execute(&mut *tx).await {
+                    Ok(r) => r.rows_affected() == chunk.len() as u64,
+                    // An id already written (a replay): the batch goes again, skipping those.
                     Err(e)
                         if e.as_database_error()
                             .is_some_and(|d| d.is_unique_violation()) =>
                     {
-                        short = true
+                        false
                     }
                     Err(e) => return Err(e.into()),
-                }
-                if short {
+                };
+                if !wrote_all {
+                    short = true;
                     break;
                 }
+                inserted[at..at + chunk.len()].fill(true);
             }
             at += chunk.len();
         }
