@@ -1089,6 +1089,32 @@ async fn lease_replay(db: &Db) -> Billing {
     assert_eq!(apply(5..25).await, 15);
     assert_eq!(apply(0..25).await, 0);
     assert_eq!(apply(20..40).await, 15);
+    // Text that a bulk format reads specially (PostgreSQL's COPY: tab, newline, backslash, `\N`)
+    // comes back as written, and a missing value stays missing.
+    let odd = "m\t\\N \\ \"q\" {a,b}\r\né";
+    let mut weird = row("lr-odd", 0);
+    weird.model = odd.to_string();
+    weird.provider = Some("\\N".to_string());
+    weird.upstream_model = Some(String::new());
+    weird.status = None;
+    assert_eq!(
+        b.store()
+            .apply_lease_finals(vec![weird])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        1
+    );
+    let back = b
+        .store()
+        .request_by_id("lr-odd")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("lr-odd not written"));
+    assert_eq!(back.model, odd);
+    assert_eq!(back.provider.as_deref(), Some("\\N"));
+    assert_eq!(back.upstream_model.as_deref(), Some(""));
+    assert_eq!(back.status, None);
+    assert_eq!(back.http_status, Some(200));
     let a = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         a.balance_micros,

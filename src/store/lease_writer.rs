@@ -7,9 +7,10 @@
 //! single-row insert bound straight from the [`LeaseFinal`], and its changed-row count says
 //! whether it was new, so a replay needs no second pass.
 //!
-//! The transaction is the one of the sqlx path in [`leases`](super::leases) (which PostgreSQL and
-//! an in-memory SQLite database still use): the same rows, the same captures, the same ledger
-//! transactions, in one `BEGIN IMMEDIATE` … `COMMIT`. The connection has the pool's settings
+//! The transaction is the one of the sqlx path in [`leases`](super::leases) (which an in-memory
+//! SQLite database still uses): the same rows, the same captures
+//! ([`capture_statements`](super::leases::capture_statements)), in one `BEGIN IMMEDIATE` …
+//! `COMMIT`. The connection has the pool's settings
 //! (WAL, `synchronous=NORMAL`, `busy_timeout`, `temp_store`, foreign keys); the caller holds the
 //! store's write gate while the thread works, so in-process writers stay one at a time.
 
@@ -20,17 +21,15 @@ use std::time::Duration;
 
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{
-    params, params_from_iter, Connection, OpenFlags, OptionalExtension, ToSql, TransactionBehavior,
+    params_from_iter, Connection, OpenFlags, OptionalExtension, ToSql, TransactionBehavior,
 };
 use tokio::sync::oneshot;
 
 use super::leases::{
-    capture_lines, final_values, lease_checked, Charges, LeaseFinal, Val, ADD_KEY_SPENT,
-    ADD_LEASE_CAPTURED, FINAL_TARGET, INSERT_LEDGER_ENTRY, INSERT_LEDGER_TXN, TAKE_ACCOUNT_HELD,
-    TAKE_KEY_RESERVED,
+    capture_statements, final_values, lease_checked, Arg, Charges, LeaseFinal, LeaseInfo, Val,
+    FINAL_TARGET,
 };
-use super::ledger::held_of;
-use super::{new_id, now_ms, StoreError, SQLITE_PRAGMAS};
+use super::{now_ms, StoreError, SQLITE_PRAGMAS};
 
 /// How long a caller waits for its batch (the thread may first wait up to `busy_timeout`, 10 s,
 /// for another process's write lock).
@@ -175,9 +174,6 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// A lease as the batch needs it: (account, key, reserves on the key, open).
-type LeaseInfo = (String, Option<String>, bool, bool);
-
 /// A final row's insert (columns of [`FINAL_TARGET`], values of [`final_values`]).
 fn insert_final_sql() -> String {
     let params: Vec<String> = (1..=30).map(|i| format!("?{i}")).collect();
@@ -185,6 +181,15 @@ fn insert_final_sql() -> String {
         "INSERT INTO {FINAL_TARGET} VALUES ({}) ON CONFLICT (id) DO NOTHING",
         params.join(", ")
     )
+}
+
+impl ToSql for Arg {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        match self {
+            Arg::Text(t) => t.to_sql(),
+            Arg::Int(n) => n.to_sql(),
+        }
+    }
 }
 
 impl ToSql for Val<'_> {
@@ -202,32 +207,35 @@ fn apply(conn: &mut Connection, finals: Vec<LeaseFinal>) -> Result<u64, StoreErr
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
 
     // The leases involved (few per batch: one per account or capped key).
-    let mut leases: HashMap<String, Option<LeaseInfo>> = HashMap::new();
+    let mut leases: HashMap<String, LeaseInfo> = HashMap::new();
     {
         let mut get = tx.prepare_cached(
             "SELECT account_id, key_id, key_reserved, state FROM credit_leases WHERE id = ?1",
         )?;
+        let mut looked_up = std::collections::HashSet::new();
         for f in &finals {
-            if leases.contains_key(&f.lease_id) {
+            if !looked_up.insert(f.lease_id.as_str()) {
                 continue;
             }
             let lease = get
                 .query_row([&f.lease_id], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, Option<String>>(1)?,
-                        r.get::<_, i64>(2)? != 0,
-                        r.get::<_, String>(3)? == "open",
-                    ))
+                    Ok(LeaseInfo {
+                        account_id: r.get(0)?,
+                        key_id: r.get(1)?,
+                        key_reserved: r.get::<_, i64>(2)? != 0,
+                        open: r.get::<_, String>(3)? == "open",
+                    })
                 })
                 .optional()?;
-            leases.insert(f.lease_id.clone(), lease);
+            if let Some(lease) = lease {
+                leases.insert(f.lease_id.clone(), lease);
+            }
         }
     }
     let finals: Vec<LeaseFinal> = finals
         .into_iter()
         .map(|f| {
-            let open = matches!(leases.get(&f.lease_id), Some(Some((_, _, _, true))));
+            let open = leases.get(&f.lease_id).is_some_and(|l| l.open);
             lease_checked(f, open)
         })
         .collect();
@@ -246,36 +254,8 @@ fn apply(conn: &mut Connection, finals: Vec<LeaseFinal>) -> Result<u64, StoreErr
         }
     }
 
-    for (key_id, spent) in charges.per_key {
-        tx.prepare_cached(ADD_KEY_SPENT)?
-            .execute(params![spent, key_id])?;
-    }
-    for (lease_id, (captured, network)) in charges.per_lease {
-        let Some(Some((account_id, key_id, key_reserved, _))) = leases.get(lease_id) else {
-            continue;
-        };
-        tx.prepare_cached(ADD_LEASE_CAPTURED)?
-            .execute(params![captured, lease_id])?;
-        tx.prepare_cached(TAKE_ACCOUNT_HELD)?
-            .execute(params![captured, account_id])?;
-        if let (Some(k), true) = (key_id, *key_reserved) {
-            tx.prepare_cached(TAKE_KEY_RESERVED)?
-                .execute(params![captured, k])?;
-        }
-        // The capture, as `ledger_txn` in the sqlx path writes it.
-        let txn_id = new_id("tx");
-        let phase = format!("capture:{}", new_id("c"));
-        tx.prepare_cached(INSERT_LEDGER_TXN)?.execute(params![
-            txn_id, "capture", account_id, lease_id, phase, captured, now
-        ])?;
-        let held = held_of(account_id);
-        let mut entry = tx.prepare_cached(INSERT_LEDGER_ENTRY)?;
-        for (acct, v) in capture_lines(&held, captured, network)
-            .iter()
-            .filter(|(_, v)| *v != 0)
-        {
-            entry.execute(params![txn_id, acct, v, now])?;
-        }
+    for (sql, args) in capture_statements(&charges, &leases, now) {
+        tx.prepare_cached(sql)?.execute(params_from_iter(args))?;
     }
     tx.commit()?;
     Ok(inserted)

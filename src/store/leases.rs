@@ -9,7 +9,9 @@
 //! transaction as the capture that charges them, so a request is charged exactly once even when
 //! the same batch is applied twice (the insert skips ids already present and only rows actually
 //! inserted are captured). On a SQLite file that transaction runs on the lease writer's thread
-//! ([`lease_writer`](super::lease_writer)); here, through sqlx, on PostgreSQL and in-memory SQLite.
+//! ([`lease_writer`](super::lease_writer)); on PostgreSQL its rows are copied
+//! ([`lease_copy`](super::lease_copy)); here, through sqlx, are an in-memory SQLite database's
+//! batches and PostgreSQL's replays.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -204,8 +206,8 @@ fn insert_chunk(b: Backend, n: usize) -> usize {
 /// The insert of `rows` final rows. With `returning` (a replay) it skips ids already present and
 /// answers the ids it inserted (on SQLite each answered row is one hand-off between sqlx's worker
 /// thread and the caller); without, it is a plain insert that fails on an id already present
-/// (PostgreSQL's `ON CONFLICT` is a speculative insertion per row: ~3 µs of the database's ~24 µs
-/// CPU per row written in batches of 136, for the replays that only crash recovery has).
+/// (PostgreSQL's first try is a `COPY`, see [`lease_copy`](super::lease_copy), so there this is
+/// only the replay).
 fn insert_finals_sql(b: Backend, rows: usize, returning: bool) -> String {
     let values = match b {
         // One array parameter per column, expanded by `unnest`: an array literal is parsed far
@@ -389,6 +391,102 @@ impl<'a> Charges<'a> {
             *self.per_key.entry(k.as_str()).or_default() += f.cost_micros;
         }
     }
+}
+
+/// A lease as a batch of its requests' rows needs it.
+#[derive(Debug, Clone)]
+pub(super) struct LeaseInfo {
+    pub(super) account_id: String,
+    pub(super) key_id: Option<String>,
+    /// The lease reserved its credit on the key's spend cap too.
+    pub(super) key_reserved: bool,
+    pub(super) open: bool,
+}
+
+/// One argument of a [`capture_statements`] statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// The statements that charge a batch's newly written rows, in the order every writer of lease
+/// finals runs them, in the transaction that inserted the rows: per key its spend; per lease its
+/// captured total, the account's held balance, the key's reservation, and the capture's ledger
+/// transaction with its (non-zero) lines. A lease missing from `leases` charges nothing.
+pub(super) fn capture_statements(
+    charges: &Charges<'_>,
+    leases: &HashMap<String, LeaseInfo>,
+    now: i64,
+) -> Vec<(&'static str, Vec<Arg>)> {
+    use Arg::{Int, Text};
+    let mut out = Vec::new();
+    for (key_id, spent) in &charges.per_key {
+        out.push((ADD_KEY_SPENT, vec![Int(*spent), Text(key_id.to_string())]));
+    }
+    for (lease_id, (captured, network)) in &charges.per_lease {
+        let Some(lease) = leases.get(*lease_id) else {
+            continue;
+        };
+        let (captured, account) = (*captured, &lease.account_id);
+        out.push((
+            ADD_LEASE_CAPTURED,
+            vec![Int(captured), Text(lease_id.to_string())],
+        ));
+        out.push((
+            TAKE_ACCOUNT_HELD,
+            vec![Int(captured), Text(account.clone())],
+        ));
+        if let (Some(k), true) = (&lease.key_id, lease.key_reserved) {
+            out.push((TAKE_KEY_RESERVED, vec![Int(captured), Text(k.clone())]));
+        }
+        let txn_id = new_id("tx");
+        out.push((
+            INSERT_LEDGER_TXN,
+            vec![
+                Text(txn_id.clone()),
+                Text("capture".to_string()),
+                Text(account.clone()),
+                Text(lease_id.to_string()),
+                Text(format!("capture:{}", new_id("c"))),
+                Int(captured),
+                Int(now),
+            ],
+        ));
+        for (acct, v) in capture_lines(&held_of(account), captured, *network) {
+            if v != 0 {
+                out.push((
+                    INSERT_LEDGER_ENTRY,
+                    vec![
+                        Text(txn_id.clone()),
+                        Text(acct.to_string()),
+                        Int(v),
+                        Int(now),
+                    ],
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Binds a [`capture_statements`] statement's arguments (sqlx, either driver).
+pub(super) fn bind_args<'q, DB>(
+    mut q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    args: Vec<Arg>,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for a in args {
+        q = match a {
+            Arg::Text(t) => q.bind(t),
+            Arg::Int(n) => q.bind(n),
+        };
+    }
+    q
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -706,7 +804,8 @@ impl Store {
     /// the number of rows inserted.
     ///
     /// On a SQLite file the batch is handed to the lease writer's thread (one hand-off, under the
-    /// write gate), which learns from each insert whether its row was new.
+    /// write gate), which learns from each insert whether its row was new. On PostgreSQL the rows
+    /// are copied in; a batch holding an id already present (a replay) goes again through sqlx.
     pub async fn apply_lease_finals(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
         if finals.is_empty() {
             return Ok(0);
@@ -715,10 +814,17 @@ impl Store {
             let _gate = self.write_gate().await;
             return w.apply(finals).await;
         }
+        if let Some(pg) = &self.lease_pg {
+            return match super::lease_copy::apply(pg, finals).await? {
+                Ok(n) => Ok(n),
+                // Some were written before (a replay): skipping what is there.
+                Err(finals) => self.replay_lease_finals(finals).await,
+            };
+        }
         self.apply_lease_finals_sqlx(finals).await
     }
 
-    /// [`Self::apply_lease_finals`] through sqlx (PostgreSQL, in-memory SQLite).
+    /// [`Self::apply_lease_finals`] through sqlx (an in-memory SQLite database).
     async fn apply_lease_finals_sqlx(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
         // Outside crash recovery every row is new: plain inserts (an id already present fails the
         // batch, which is then written again skipping what is there).
@@ -726,7 +832,12 @@ impl Store {
             Ok(n) => return Ok(n),
             Err(finals) => finals,
         };
-        // Some were written before (a replay): again, learning which ids each statement wrote.
+        self.replay_lease_finals(finals).await
+    }
+
+    /// Writes a batch some of whose rows may be in the database already (a replay), learning
+    /// which ids each statement wrote.
+    async fn replay_lease_finals(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
         match self.apply_lease_finals_tx(finals, true).await? {
             Ok(n) => Ok(n),
             Err(_) => Err(StoreError::Invariant(
@@ -756,27 +867,26 @@ impl Store {
             in_list(b, lease_ids.len()),
             for_update(b)
         );
-        let mut leases: BTreeMap<String, (String, Option<String>, bool, bool)> = BTreeMap::new();
+        let mut leases: HashMap<String, LeaseInfo> = HashMap::new();
         for r in bind_strs(sqlx::query(&sql), b, lease_ids.iter().copied())
             .fetch_all(&mut *tx)
             .await?
         {
-            let id: String = r.try_get(0)?;
             let state: String = r.try_get(4)?;
             leases.insert(
-                id,
-                (
-                    r.try_get(1)?,
-                    r.try_get(2)?,
-                    r.try_get::<i64, _>(3)? != 0,
-                    state == "open",
-                ),
+                r.try_get(0)?,
+                LeaseInfo {
+                    account_id: r.try_get(1)?,
+                    key_id: r.try_get(2)?,
+                    key_reserved: r.try_get::<i64, _>(3)? != 0,
+                    open: state == "open",
+                },
             );
         }
         let finals: Vec<LeaseFinal> = finals
             .into_iter()
             .map(|f| {
-                let open = matches!(leases.get(&f.lease_id), Some((_, _, _, true)));
+                let open = leases.get(&f.lease_id).is_some_and(|l| l.open);
                 lease_checked(f, open)
             })
             .collect();
@@ -837,46 +947,8 @@ impl Store {
         for (f, _) in finals.iter().zip(&inserted).filter(|(_, new)| **new) {
             charges.add(f);
         }
-        for (key_id, spent) in charges.per_key {
-            sqlx::query(ADD_KEY_SPENT)
-                .bind(spent)
-                .bind(key_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        for (lease_id, (captured, network)) in charges.per_lease {
-            let Some((account_id, key_id, key_reserved, _)) = leases.get(lease_id) else {
-                continue;
-            };
-            sqlx::query(ADD_LEASE_CAPTURED)
-                .bind(captured)
-                .bind(lease_id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(TAKE_ACCOUNT_HELD)
-                .bind(captured)
-                .bind(account_id)
-                .execute(&mut *tx)
-                .await?;
-            if let (Some(k), true) = (key_id, *key_reserved) {
-                sqlx::query(TAKE_KEY_RESERVED)
-                    .bind(captured)
-                    .bind(k)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let phase = format!("capture:{}", new_id("c"));
-            ledger_txn(
-                &mut tx,
-                "capture",
-                account_id,
-                lease_id,
-                &phase,
-                captured,
-                &capture_lines(&held_of(account_id), captured, network),
-                now,
-            )
-            .await?;
+        for (sql, args) in capture_statements(&charges, &leases, now) {
+            bind_args(sqlx::query(sql), args).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(Ok(inserted.iter().filter(|new| **new).count() as u64))

@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod attempts;
 mod batch;
 pub mod check;
+mod lease_copy;
 mod lease_writer;
 pub mod leases;
 pub mod ledger;
@@ -73,6 +74,8 @@ pub struct Store {
     /// SQLite file: the thread that writes lease finals (see [`lease_writer`]), started on first
     /// use. `None` on PostgreSQL and on an in-memory SQLite database (no file to share).
     lease_writer: Option<Arc<lease_writer::LeaseWriter>>,
+    /// PostgreSQL: the pool lease finals are copied through (see [`lease_copy`]).
+    lease_pg: Option<sqlx::PgPool>,
 }
 
 /// Settings of every SQLite connection, the pool's and the lease writer's (on top of sqlx's default
@@ -180,6 +183,10 @@ impl Store {
             write_gate: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
             batcher: None,
             lease_writer: sqlite_file.map(|f| Arc::new(lease_writer::LeaseWriter::new(f))),
+            lease_pg: match backend {
+                Backend::Postgres => Some(lease_copy::pool(&url)?),
+                Backend::Sqlite => None,
+            },
         };
         store.batcher = batch::spawn(&store);
         Ok(store)
@@ -231,6 +238,9 @@ impl Store {
         }
         if let Some(w) = &self.lease_writer {
             w.close().await;
+        }
+        if let Some(p) = &self.lease_pg {
+            p.close().await;
         }
         self.pool.close().await;
     }
