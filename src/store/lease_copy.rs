@@ -10,15 +10,14 @@
 //! after a crash writes one) fails the whole statement, the transaction is rolled back and the
 //! rows are handed back for the sqlx path's replay, which skips what is there.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Row};
+use sqlx::ConnectOptions;
 
 use super::leases::{
-    bind_args, capture_statements, final_values, lease_checked, Charges, LeaseFinal, LeaseInfo,
-    Val, FINAL_TARGET,
+    bind_args, capture_statements, checked_against, final_values, leases_of, LeaseFinal, Val,
+    FINAL_TARGET, LEASE_COLS,
 };
 use super::{now_ms, StoreError};
 
@@ -49,33 +48,15 @@ pub(super) async fn apply(
     let mut lease_ids: Vec<&str> = finals.iter().map(|f| f.lease_id.as_str()).collect();
     lease_ids.sort_unstable();
     lease_ids.dedup();
-    let mut leases: HashMap<String, LeaseInfo> = HashMap::new();
-    for r in sqlx::query(
-        "SELECT id, account_id, key_id, key_reserved, state FROM credit_leases \
-         WHERE id = ANY($1) FOR UPDATE",
-    )
-    .bind(&lease_ids)
-    .fetch_all(&mut *tx)
-    .await?
-    {
-        let state: String = r.try_get(4)?;
-        leases.insert(
-            r.try_get(0)?,
-            LeaseInfo {
-                account_id: r.try_get(1)?,
-                key_id: r.try_get(2)?,
-                key_reserved: r.try_get::<i64, _>(3)? != 0,
-                open: state == "open",
-            },
-        );
-    }
-    let finals: Vec<LeaseFinal> = finals
-        .into_iter()
-        .map(|f| {
-            let open = leases.get(&f.lease_id).is_some_and(|l| l.open);
-            lease_checked(f, open)
-        })
-        .collect();
+    let leases = leases_of(
+        sqlx::query(&format!(
+            "SELECT {LEASE_COLS} FROM credit_leases WHERE id = ANY($1) FOR UPDATE"
+        ))
+        .bind(&lease_ids)
+        .fetch_all(&mut *tx)
+        .await?,
+    )?;
+    let finals = checked_against(finals, &leases);
 
     let mut data = String::with_capacity(finals.len() * 320);
     for f in &finals {
@@ -104,11 +85,7 @@ pub(super) async fn apply(
         Err(e) => return Err(e.into()),
     }
 
-    let mut charges = Charges::default();
-    for f in &finals {
-        charges.add(f);
-    }
-    for (sql, args) in capture_statements(&charges, &leases, now) {
+    for (sql, args) in capture_statements(&finals, &leases, now) {
         bind_args(sqlx::query(sql), args).execute(&mut *tx).await?;
     }
     tx.commit().await?;

@@ -26,7 +26,7 @@ use rusqlite::{
 use tokio::sync::oneshot;
 
 use super::leases::{
-    capture_statements, final_values, lease_checked, Arg, Charges, LeaseFinal, LeaseInfo, Val,
+    capture_statements, checked_against, final_values, Arg, LeaseFinal, LeaseInfo, Val,
     FINAL_TARGET,
 };
 use super::{now_ms, StoreError, SQLITE_PRAGMAS};
@@ -232,33 +232,24 @@ fn apply(conn: &mut Connection, finals: Vec<LeaseFinal>) -> Result<u64, StoreErr
             }
         }
     }
-    let finals: Vec<LeaseFinal> = finals
-        .into_iter()
-        .map(|f| {
-            let open = leases.get(&f.lease_id).is_some_and(|l| l.open);
-            lease_checked(f, open)
-        })
-        .collect();
+    let finals = checked_against(finals, &leases);
 
     // The rows; each one new (not a replay) is charged.
-    let mut inserted = 0_u64;
-    let mut charges = Charges::default();
+    let mut written = Vec::with_capacity(finals.len());
     {
         let mut insert = tx.prepare_cached(&insert_final_sql())?;
         for f in &finals {
-            if insert.execute(params_from_iter(final_values(f)))? == 0 {
-                continue;
+            if insert.execute(params_from_iter(final_values(f)))? > 0 {
+                written.push(f);
             }
-            inserted += 1;
-            charges.add(f);
         }
     }
 
-    for (sql, args) in capture_statements(&charges, &leases, now) {
+    for (sql, args) in capture_statements(written.iter().copied(), &leases, now) {
         tx.prepare_cached(sql)?.execute(params_from_iter(args))?;
     }
     tx.commit()?;
-    Ok(inserted)
+    Ok(written.len() as u64)
 }
 
 #[cfg(test)]

@@ -141,15 +141,52 @@ impl LeaseFinal {
     }
 }
 
-/// A row as it is written: as recorded if its lease is open (or it costs nothing), else expired at
-/// no charge (its lease was closed, and what it held given back, before the charge arrived).
-pub(crate) fn lease_checked(f: LeaseFinal, lease_open: bool) -> LeaseFinal {
-    if lease_open || f.cost_micros == 0 {
-        f
-    } else {
-        f.expired("lease_closed")
-    }
+/// The rows as they are written: each as recorded if its lease is open (or it costs nothing),
+/// else expired at no charge (its lease was closed, and what it held given back, before the
+/// charge arrived, or it is unknown).
+pub(super) fn checked_against(
+    finals: Vec<LeaseFinal>,
+    leases: &HashMap<String, LeaseInfo>,
+) -> Vec<LeaseFinal> {
+    finals
+        .into_iter()
+        .map(|f| {
+            if f.cost_micros == 0 || leases.get(&f.lease_id).is_some_and(|l| l.open) {
+                f
+            } else {
+                f.expired("lease_closed")
+            }
+        })
+        .collect()
 }
+
+/// The leases a batch's rows belong to, from sqlx rows of [`LEASE_COLS`] (either driver), by id.
+pub(super) fn leases_of<R>(rows: Vec<R>) -> Result<HashMap<String, LeaseInfo>, sqlx::Error>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    rows.iter()
+        .map(|r| {
+            let state: String = r.try_get(4)?;
+            Ok((
+                r.try_get(0)?,
+                LeaseInfo {
+                    account_id: r.try_get(1)?,
+                    key_id: r.try_get(2)?,
+                    key_reserved: r.try_get::<i64, _>(3)? != 0,
+                    open: state == "open",
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The columns [`leases_of`] reads, in its order.
+pub(super) const LEASE_COLS: &str = "id, account_id, key_id, key_reserved, state";
 
 /// Most rows in one [`Store::apply_lease_finals`] statement (30 columns each: far below SQLite's
 /// 32,766 bind parameters).
@@ -345,25 +382,24 @@ fn for_update(b: Backend) -> &'static str {
     }
 }
 
-/// The statements of a batch's captures, shared by the sqlx path and the lease writer (SQLite
-/// numbers `$n` parameters in order of appearance, which here is `n`'s order).
-pub(super) const ADD_KEY_SPENT: &str =
-    "UPDATE api_keys SET spent_micros = spent_micros + $1 WHERE id = $2";
-pub(super) const ADD_LEASE_CAPTURED: &str =
+/// The statements of a batch's captures, run by every writer of lease finals through
+/// [`capture_statements`] (SQLite numbers `$n` parameters in order of appearance, which here is
+/// `n`'s order).
+const ADD_KEY_SPENT: &str = "UPDATE api_keys SET spent_micros = spent_micros + $1 WHERE id = $2";
+const ADD_LEASE_CAPTURED: &str =
     "UPDATE credit_leases SET captured_micros = captured_micros + $1 WHERE id = $2";
-pub(super) const TAKE_ACCOUNT_HELD: &str =
-    "UPDATE accounts SET held_micros = held_micros - $1 WHERE id = $2";
-pub(super) const TAKE_KEY_RESERVED: &str =
+const TAKE_ACCOUNT_HELD: &str = "UPDATE accounts SET held_micros = held_micros - $1 WHERE id = $2";
+const TAKE_KEY_RESERVED: &str =
     "UPDATE api_keys SET reserved_micros = reserved_micros - $1 WHERE id = $2";
-pub(super) const INSERT_LEDGER_TXN: &str = "INSERT INTO ledger_transactions (id, kind, \
+const INSERT_LEDGER_TXN: &str = "INSERT INTO ledger_transactions (id, kind, \
      account_id, request_id, phase, amount_micros, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)";
-pub(super) const INSERT_LEDGER_ENTRY: &str = "INSERT INTO ledger_entries (txn_id, \
+const INSERT_LEDGER_ENTRY: &str = "INSERT INTO ledger_entries (txn_id, \
      ledger_account, amount_micros, created_at) VALUES ($1, $2, $3, $4)";
 
 /// The ledger lines of a lease's capture: `captured` out of the account's held balance (`held`,
 /// see [`held_of`]) into revenue, split into network cost and platform fee. Zero lines are not
 /// written.
-pub(super) fn capture_lines(held: &str, captured: i64, network: i64) -> [(&str, i64); 3] {
+fn capture_lines(held: &str, captured: i64, network: i64) -> [(&str, i64); 3] {
     [
         (held, -captured),
         (REVENUE_NETWORK, network),
@@ -374,13 +410,13 @@ pub(super) fn capture_lines(held: &str, captured: i64, network: i64) -> [(&str, 
 /// What a batch's newly written rows charge: per lease (charged, network share) and per key
 /// (spent). Rows charged nothing add nothing.
 #[derive(Debug, Default)]
-pub(super) struct Charges<'a> {
-    pub(super) per_lease: BTreeMap<&'a str, (i64, i64)>,
-    pub(super) per_key: BTreeMap<&'a str, i64>,
+struct Charges<'a> {
+    per_lease: BTreeMap<&'a str, (i64, i64)>,
+    per_key: BTreeMap<&'a str, i64>,
 }
 
 impl<'a> Charges<'a> {
-    pub(super) fn add(&mut self, f: &'a LeaseFinal) {
+    fn add(&mut self, f: &'a LeaseFinal) {
         if f.cost_micros <= 0 {
             return;
         }
@@ -410,16 +446,21 @@ pub(super) enum Arg {
     Int(i64),
 }
 
-/// The statements that charge a batch's newly written rows, in the order every writer of lease
-/// finals runs them, in the transaction that inserted the rows: per key its spend; per lease its
-/// captured total, the account's held balance, the key's reservation, and the capture's ledger
-/// transaction with its (non-zero) lines. A lease missing from `leases` charges nothing.
-pub(super) fn capture_statements(
-    charges: &Charges<'_>,
+/// The statements that charge a batch's newly written rows (`written`: a replay leaves out those
+/// already there), in the order every writer of lease finals runs them, in the transaction that
+/// inserted the rows: per key its spend; per lease its captured total, the account's held
+/// balance, the key's reservation, and the capture's ledger transaction with its (non-zero)
+/// lines. A lease missing from `leases` charges nothing.
+pub(super) fn capture_statements<'a>(
+    written: impl IntoIterator<Item = &'a LeaseFinal>,
     leases: &HashMap<String, LeaseInfo>,
     now: i64,
 ) -> Vec<(&'static str, Vec<Arg>)> {
     use Arg::{Int, Text};
+    let mut charges = Charges::default();
+    for f in written {
+        charges.add(f);
+    }
     let mut out = Vec::new();
     for (key_id, spent) in &charges.per_key {
         out.push((ADD_KEY_SPENT, vec![Int(*spent), Text(key_id.to_string())]));
@@ -863,33 +904,16 @@ impl Store {
         lease_ids.sort_unstable();
         lease_ids.dedup();
         let sql = format!(
-            "SELECT id, account_id, key_id, key_reserved, state FROM credit_leases WHERE id IN ({}){}",
+            "SELECT {LEASE_COLS} FROM credit_leases WHERE id IN ({}){}",
             in_list(b, lease_ids.len()),
             for_update(b)
         );
-        let mut leases: HashMap<String, LeaseInfo> = HashMap::new();
-        for r in bind_strs(sqlx::query(&sql), b, lease_ids.iter().copied())
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            let state: String = r.try_get(4)?;
-            leases.insert(
-                r.try_get(0)?,
-                LeaseInfo {
-                    account_id: r.try_get(1)?,
-                    key_id: r.try_get(2)?,
-                    key_reserved: r.try_get::<i64, _>(3)? != 0,
-                    open: state == "open",
-                },
-            );
-        }
-        let finals: Vec<LeaseFinal> = finals
-            .into_iter()
-            .map(|f| {
-                let open = leases.get(&f.lease_id).is_some_and(|l| l.open);
-                lease_checked(f, open)
-            })
-            .collect();
+        let leases = leases_of(
+            bind_strs(sqlx::query(&sql), b, lease_ids.iter().copied())
+                .fetch_all(&mut *tx)
+                .await?,
+        )?;
+        let finals = checked_against(finals, &leases);
 
         // The rows, in statements of a few fixed sizes (see [`insert_chunk`]).
         let mut inserted = vec![false; finals.len()];
@@ -942,12 +966,9 @@ impl Store {
             return Ok(Err(finals));
         }
 
-        // Per lease and per key: the charges of the rows actually inserted.
-        let mut charges = Charges::default();
-        for (f, _) in finals.iter().zip(&inserted).filter(|(_, new)| **new) {
-            charges.add(f);
-        }
-        for (sql, args) in capture_statements(&charges, &leases, now) {
+        // The charges of the rows actually inserted.
+        let written = finals.iter().zip(&inserted).filter(|(_, new)| **new);
+        for (sql, args) in capture_statements(written.map(|(f, _)| f), &leases, now) {
             bind_args(sqlx::query(sql), args).execute(&mut *tx).await?;
         }
         tx.commit().await?;
