@@ -1020,11 +1020,8 @@ async fn batch_crash_recovery(db: &Db) -> Billing {
 }
 both_backends!(batch_crash_is_recovered_by_expiry, batch_crash_recovery);
 
-// A journal replay hands the database rows it may already have: each request row is written and
-// charged once, whatever overlap a batch has with what was written before.
-async fn lease_replay(db: &Db) -> Billing {
-    let b = db.billing().await;
-    let (p, _) = funded(&b, "acme", 1_000_000).await;
+/// A lease of `micros` on `p`'s account, granted directly in the store (owner `test`).
+async fn test_lease(b: &Billing, p: &Principal, micros: i64) -> String {
     let got = b
         .store()
         .grant_lease(&LeaseGrant {
@@ -1033,19 +1030,28 @@ async fn lease_replay(db: &Db) -> Billing {
             key_id: None,
             key_capped: false,
             owner: "test".to_string(),
-            want_micros: 500_000,
-            min_micros: 500_000,
+            want_micros: micros,
+            min_micros: micros,
             expires_at: now_ms() + 60_000,
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let GrantOutcome::Granted { lease_id, micros } = got else {
+    let GrantOutcome::Granted {
+        lease_id,
+        micros: got,
+    } = got
+    else {
         panic!("no lease: {got:?}")
     };
-    assert_eq!(micros, 500_000);
-    let row = |id: &str, cost: i64| LeaseFinal {
+    assert_eq!(got, micros);
+    lease_id
+}
+
+/// A settled request row under `lease_id` charging `cost`.
+fn leased_final(lease_id: &str, p: &Principal, id: &str, cost: i64) -> LeaseFinal {
+    LeaseFinal {
         id: id.to_string(),
-        lease_id: lease_id.clone(),
+        lease_id: lease_id.to_string(),
         account_id: p.account_id.clone(),
         key_id: Some(p.key_id.clone()),
         model: "m".to_string(),
@@ -1072,7 +1078,16 @@ async fn lease_replay(db: &Db) -> Billing {
         latency_ms: Some(1),
         created_at: now_ms(),
         finished_at: now_ms(),
-    };
+    }
+}
+
+// A journal replay hands the database rows it may already have: each request row is written and
+// charged once, whatever overlap a batch has with what was written before.
+async fn lease_replay(db: &Db) -> Billing {
+    let b = db.billing().await;
+    let (p, _) = funded(&b, "acme", 1_000_000).await;
+    let lease_id = test_lease(&b, &p, 500_000).await;
+    let row = |id: &str, cost: i64| leased_final(&lease_id, &p, id, cost);
     let ids: Vec<String> = (0..40).map(|i| format!("lr-{i:02}")).collect();
     let apply = |range: std::ops::Range<usize>| {
         let rows: Vec<LeaseFinal> = ids[range].iter().map(|id| row(id, 100)).collect();
@@ -1130,6 +1145,85 @@ async fn lease_replay(db: &Db) -> Billing {
     b
 }
 both_backends!(lease_replay_charges_each_row_once, lease_replay);
+
+// Batches of finals, top-ups and renewals of the same lease at once, from separate connections:
+// every one succeeds. They lock the account, then the lease (`LOCK_ACCOUNTS_PG`); a batch that
+// locked the lease first met a top-up holding the account, and PostgreSQL aborted one of them
+// as a deadlock (seen as a refused request under load).
+async fn lease_lock_order(db: &Db) -> Billing {
+    let b = Arc::new(db.billing().await);
+    let (p, _) = funded(&b, "acme", 10_000_000).await;
+    let lease_id = test_lease(&b, &p, 1_000_000).await;
+    const N: usize = 150;
+    let batches = {
+        let (b, p, lease_id) = (b.clone(), p.clone(), lease_id.clone());
+        tokio::spawn(async move {
+            for i in 0..N {
+                let rows = vec![
+                    leased_final(&lease_id, &p, &format!("lo-{i}-a"), 10),
+                    leased_final(&lease_id, &p, &format!("lo-{i}-b"), 10),
+                ];
+                b.store()
+                    .apply_lease_finals(rows)
+                    .await
+                    .unwrap_or_else(|e| panic!("batch {i}: {e}"));
+            }
+        })
+    };
+    let top_ups = {
+        let (b, p, lease_id) = (b.clone(), p.clone(), lease_id.clone());
+        tokio::spawn(async move {
+            for i in 0..N {
+                let got = b
+                    .store()
+                    .grant_lease(&LeaseGrant {
+                        lease_id: Some(lease_id.clone()),
+                        account_id: p.account_id.clone(),
+                        key_id: None,
+                        key_capped: false,
+                        owner: "test".to_string(),
+                        want_micros: 1_000,
+                        min_micros: 1_000,
+                        expires_at: now_ms() + 60_000,
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("top-up {i}: {e}"));
+                assert!(
+                    matches!(got, GrantOutcome::Granted { micros: 1_000, .. }),
+                    "{got:?}"
+                );
+            }
+        })
+    };
+    let renewals = {
+        let (b, lease_id) = (b.clone(), lease_id.clone());
+        tokio::spawn(async move {
+            for i in 0..N / 3 {
+                let open = b
+                    .store()
+                    .renew_leases(std::slice::from_ref(&lease_id), now_ms() + 60_000)
+                    .await
+                    .unwrap_or_else(|e| panic!("renewal {i}: {e}"));
+                assert!(open.contains(&lease_id));
+            }
+        })
+    };
+    for t in [batches, top_ups, renewals] {
+        t.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let released = b
+        .store()
+        .release_lease(&lease_id, None, true, "release", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let granted = 1_000_000 + N as i64 * 1_000;
+    let charged = N as i64 * 2 * 10;
+    assert_eq!(released, Some(granted - charged));
+    let a = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((a.balance_micros, a.held_micros), (10_000_000 - charged, 0));
+    Arc::try_unwrap(b).unwrap_or_else(|_| panic!("billing still shared"))
+}
+both_backends!(lease_batches_top_ups_and_renewals_at_once, lease_lock_order);
 
 #[test]
 fn library_cost_matches_independent_formula() {

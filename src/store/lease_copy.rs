@@ -16,8 +16,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::ConnectOptions;
 
 use super::leases::{
-    bind_args, capture_statements, checked_against, final_values, leases_of, LeaseFinal, Val,
-    FINAL_TARGET, LEASE_COLS,
+    accounts_of, bind_args, capture_statements, checked_against, final_values, leases_of,
+    LeaseFinal, Val, FINAL_TARGET, LEASE_COLS, LOCK_ACCOUNTS_PG,
 };
 use super::{now_ms, StoreError};
 
@@ -44,13 +44,18 @@ pub(super) async fn apply(
     let now = now_ms();
     let mut tx = pool.begin().await?;
 
+    // The accounts first, then the leases (the lock order of `LOCK_ACCOUNTS_PG`).
+    sqlx::query(LOCK_ACCOUNTS_PG)
+        .bind(accounts_of(&finals))
+        .fetch_all(&mut *tx)
+        .await?;
     // The leases involved, locked so a sweeper cannot close one meanwhile.
     let mut lease_ids: Vec<&str> = finals.iter().map(|f| f.lease_id.as_str()).collect();
     lease_ids.sort_unstable();
     lease_ids.dedup();
     let leases = leases_of(
         sqlx::query(&format!(
-            "SELECT {LEASE_COLS} FROM credit_leases WHERE id = ANY($1) FOR UPDATE"
+            "SELECT {LEASE_COLS} FROM credit_leases WHERE id = ANY($1) ORDER BY id FOR UPDATE"
         ))
         .bind(&lease_ids)
         .fetch_all(&mut *tx)

@@ -382,6 +382,23 @@ fn for_update(b: Backend) -> &'static str {
     }
 }
 
+/// The lock order of every transaction that changes a lease and its account's balance — a grant,
+/// a release, a batch of finals: the accounts' rows first (in id order), then the leases', then
+/// the keys'. A grant locks its account before it tops up the lease; a batch of finals that
+/// locked the lease first and the account after could wait on a grant waiting on it, and
+/// PostgreSQL's deadlock detector would abort one of the two (a refused request, or a batch to
+/// retry). SQLite needs no row locks: its write transactions exclude each other.
+pub(super) const LOCK_ACCOUNTS_PG: &str =
+    "SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+
+/// The distinct accounts of a batch of finals, for [`LOCK_ACCOUNTS_PG`].
+pub(super) fn accounts_of(finals: &[LeaseFinal]) -> Vec<&str> {
+    let mut ids: Vec<&str> = finals.iter().map(|f| f.account_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// The statements of a batch's captures, run by every writer of lease finals through
 /// [`capture_statements`] (SQLite numbers `$n` parameters in order of appearance, which here is
 /// `n`'s order).
@@ -706,8 +723,10 @@ impl Store {
         let ids = ids.iter().map(String::as_str);
         // PostgreSQL: `$1` is the JSON list of ids, `$2` the expiry; SQLite: the expiry, then ids.
         let sql = match self.backend {
+            // The rows locked in id order, as a batch of finals locks them (`LOCK_ACCOUNTS_PG`).
             Backend::Postgres => format!(
-                "UPDATE credit_leases SET expires_at = $2 WHERE state = 'open' AND id IN ({list}) RETURNING id"
+                "UPDATE credit_leases SET expires_at = $2 WHERE id IN (SELECT id FROM credit_leases \
+                 WHERE state = 'open' AND id IN ({list}) ORDER BY id FOR UPDATE) RETURNING id"
             ),
             Backend::Sqlite => format!(
                 "UPDATE credit_leases SET expires_at = ? WHERE state = 'open' AND id IN ({list}) RETURNING id"
@@ -741,6 +760,16 @@ impl Store {
         let _gate = self.write_gate().await;
         let now = now_ms();
         let mut tx = self.begin_write().await?;
+        if b == Backend::Postgres {
+            // The account first (see `LOCK_ACCOUNTS_PG`): a lease's account never changes.
+            sqlx::query(
+                "SELECT a.id FROM accounts a JOIN credit_leases l ON l.account_id = a.id \
+                 WHERE l.id = $1 FOR UPDATE OF a",
+            )
+            .bind(lease_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        }
         let row = sqlx::query(&format!(
             "SELECT account_id, key_id, key_reserved, granted_micros, captured_micros, \
              released_micros, expires_at FROM credit_leases WHERE id = $1 AND state = 'open'{}",
@@ -899,12 +928,23 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
 
+        if b == Backend::Postgres {
+            // The accounts first (see `LOCK_ACCOUNTS_PG`); ids as JSON, as `in_list` binds them.
+            let accounts = accounts_of(&finals);
+            let sql = format!(
+                "SELECT id FROM accounts WHERE id IN ({}) ORDER BY id FOR UPDATE",
+                in_list(b, accounts.len())
+            );
+            bind_strs(sqlx::query(&sql), b, accounts)
+                .fetch_all(&mut *tx)
+                .await?;
+        }
         // The leases involved, locked (PostgreSQL) so a sweeper cannot close one meanwhile.
         let mut lease_ids: Vec<&str> = finals.iter().map(|f| f.lease_id.as_str()).collect();
         lease_ids.sort_unstable();
         lease_ids.dedup();
         let sql = format!(
-            "SELECT {LEASE_COLS} FROM credit_leases WHERE id IN ({}){}",
+            "SELECT {LEASE_COLS} FROM credit_leases WHERE id IN ({}) ORDER BY id{}",
             in_list(b, lease_ids.len()),
             for_update(b)
         );
