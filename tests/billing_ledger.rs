@@ -60,6 +60,7 @@ fn params(id: &str, model: &str, prompt: u64, max_out: u64) -> HoldParams {
         fallback_providers: Vec::new(),
         prompt_tokens_estimate: prompt,
         max_output_tokens: max_out,
+        streamed: false,
     }
 }
 
@@ -1239,5 +1240,82 @@ fn library_cost_matches_independent_formula() {
             compute_cost(&p, &u).total,
             expected_cost(&u, 500_000, 125_000, 2_000_000)
         );
+    }
+}
+
+// Lease admission, a crash with requests in flight: a streamed request (its client has seen its
+// id) is journaled when admitted and recorded `expired`, uncharged, at the next start; one to be
+// answered in one piece (its client learns the id only from the answer) is journaled only when it
+// ends, so one cut short leaves no trace; a finished one is charged once.
+async fn crash_in_flight(db: &Db) -> Billing {
+    let b = db.billing().await;
+    b.set_price(&price("m", 1_000_000, 1_000_000, 1_000_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (p, _) = funded(&b, "acme", 1_000_000).await;
+    let streamed = HoldParams {
+        streamed: true,
+        ..params("streamed", "m", 100, 100)
+    };
+    let hold = |params: HoldParams| {
+        let (b, p) = (&b, &p);
+        async move { b.hold(p, &params).await.unwrap_or_else(|e| panic!("{e}")) }
+    };
+    let _cut_stream = hold(streamed).await;
+    let _cut_whole = hold(params("whole", "m", 100, 100)).await;
+    let done = hold(params("done", "m", 100, 100)).await;
+    let u = Usage {
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        ..Default::default()
+    };
+    let s = b
+        .settle(&done, &ok_input(u))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.charged, 15);
+    // The crash: nothing is flushed; the background writer lets go of the journal within ~20 ms.
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let b = db.billing().await;
+    let r = b
+        .request_record("streamed")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((r.state.as_str(), r.cost_micros), ("expired", 0));
+    match b.request_record("whole").await {
+        Err(BillingError::NotFound(_)) => {}
+        other => panic!("expected no record of the cut whole answer, got {other:?}"),
+    }
+    let r = b
+        .request_record("done")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((r.state.as_str(), r.cost_micros), ("settled", 15));
+    // the previous run's lease was given back at the start: nothing stays held
+    let acct = b.account("acme").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((acct.balance_micros, acct.held_micros), (1_000_000 - 15, 0));
+    b
+}
+
+mod lease_crash_with_requests_in_flight {
+    use super::billing_support::{assert_ledger_ok, Db};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite_lease() {
+        let db = Db::sqlite().await.leased();
+        let b = super::crash_in_flight(&db).await;
+        assert_ledger_ok(&b).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_lease() {
+        if let Some(db) = Db::postgres().await {
+            let db = db.leased();
+            let b = super::crash_in_flight(&db).await;
+            assert_ledger_ok(&b).await;
+            b.store().close().await;
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Lease admission (`[billing] admission = "lease"`): requests are admitted in memory against a
-//! durable credit lease, each hold and charge is appended to the local journal before the caller
-//! goes on, and a background task writes request rows and aggregated captures in batches.
+//! durable credit lease, each charge (and the admission of a streamed request) is appended to the
+//! local journal before the caller goes on, and a background task writes request rows and
+//! aggregated captures in batches.
 //!
 //! Guarantees (docs/billing.md "Lease admission"):
 //! * no overdraft: a lease is a durable hold on the account (and the key's cap) taken before any
@@ -8,8 +9,10 @@
 //! * exactly once: a request's row and its charge are written in one transaction that skips ids
 //!   already present, so a replay of the journal never charges twice;
 //! * `kill -9`: the journal survives (a record is in the page cache once appended); on restart
-//!   the instance applies it — finished requests are charged, interrupted ones recorded
-//!   `expired` at no charge — and gives back the leases of its previous run;
+//!   the instance applies it — finished requests are charged, interrupted streamed ones recorded
+//!   `expired` at no charge — and gives back the leases of its previous run. A request answered
+//!   in one piece is journaled once, at its end: its client learns its id only from the answer,
+//!   so one interrupted before that is never seen, and is neither charged nor recorded;
 //! * an instance that never comes back: its leases expire and any sweeper returns what they still
 //!   hold; charges in its lost journal are lost (never double-charged), at most one lease slice
 //!   per key.
@@ -95,11 +98,11 @@ struct Queue {
     /// Journal sequence numbers not yet reflected in the database.
     outstanding: BTreeSet<u64>,
     last_seq: u64,
-    /// Requests in flight: id → sequence number of their hold record.
-    open: HashMap<String, u64>,
-    /// Finished, not yet written: (final seq, hold seq, row).
+    /// Requests in flight: id → sequence number of their hold record (if journaled).
+    open: HashMap<String, Option<u64>>,
+    /// Finished, not yet written: their journal sequence numbers and row.
     /// Shared, so the writer takes a batch under the lock without copying rows there.
-    pending: Vec<(u64, u64, Arc<LeaseFinal>)>,
+    pending: Vec<(Seqs, Arc<LeaseFinal>)>,
 }
 
 impl Queue {
@@ -111,6 +114,10 @@ impl Queue {
         }
     }
 }
+
+/// A finished request's journal sequence numbers: its final record's, and its hold record's when
+/// its admission was journaled.
+type Seqs = (u64, Option<u64>);
 
 /// The lease admission machinery of one instance.
 pub struct Leases {
@@ -289,39 +296,48 @@ impl Leases {
         book
     }
 
-    /// Admits a request of `hold.amount` against the key's lease (taking or topping up the lease
-    /// when it is short), and journals it. Returns the lease id.
-    pub async fn admit(&self, p: &Principal, row: LeaseFinal) -> Result<String, BillingError> {
-        let amount = row.hold_micros;
+    /// Admits request `id` for `amount` against the key's lease (taking or topping up the lease
+    /// when it is short). Returns the lease id. `record` (the request's row as it would be if it
+    /// never finished) is journaled: pass it when the client can learn the id before the request
+    /// ends (a streamed answer), so a crash leaves the request recorded; without it the admission
+    /// is kept in memory only.
+    pub async fn admit(
+        &self,
+        p: &Principal,
+        id: &str,
+        amount: i64,
+        record: Option<LeaseFinal>,
+    ) -> Result<String, BillingError> {
         let book_name = book_of(p);
         let book = self.book(&book_name);
         let lease_id = match book.take(amount, Instant::now()) {
             Some(id) => id,
             None => self.refill(p, &book, amount).await?,
         };
-        let mut row = row;
-        row.lease_id = lease_id.clone();
-        let id = row.id.clone();
         // Encoded before the lock; checked, journaled and registered under it, so a concurrent
         // `finish` or a duplicate id sees either nothing or all of it.
-        let res = Journal::encode(&Entry::Hold(Arc::new(row)))
-            .map_err(io_err)
-            .and_then(|rec| {
-                let mut guard = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                let q = &mut *guard;
-                match q.open.entry(id) {
-                    std::collections::hash_map::Entry::Occupied(o) => {
-                        Err(BillingError::DuplicateRequest(o.key().clone()))
-                    }
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        let seq = self.journal.append_encoded(rec).map_err(io_err)?;
-                        v.insert(seq);
-                        q.outstanding.insert(seq);
-                        q.last_seq = q.last_seq.max(seq);
-                        Ok(())
-                    }
+        let rec = record.map(|mut row| {
+            row.lease_id = lease_id.clone();
+            Journal::encode(&Entry::Hold(Arc::new(row)))
+        });
+        let res = rec.transpose().map_err(io_err).and_then(|rec| {
+            let mut guard = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let q = &mut *guard;
+            if q.open.contains_key(id) {
+                return Err(BillingError::DuplicateRequest(id.to_string()));
+            }
+            let seq = match rec {
+                Some(rec) => {
+                    let seq = self.journal.append_encoded(rec).map_err(io_err)?;
+                    q.outstanding.insert(seq);
+                    q.last_seq = q.last_seq.max(seq);
+                    Some(seq)
                 }
-            });
+                None => None,
+            };
+            q.open.insert(id.to_string(), seq);
+            Ok(())
+        });
         match res {
             Ok(()) => Ok(lease_id),
             Err(e) => {
@@ -466,7 +482,7 @@ impl Leases {
             q.open.remove(&hold.request_id);
             q.outstanding.insert(seq);
             q.last_seq = q.last_seq.max(seq);
-            q.pending.push((seq, hold_seq, row));
+            q.pending.push(((seq, hold_seq), row));
         }
         let lease_id = hold.lease_id.as_deref().unwrap_or_default();
         self.give_back(&book, lease_id, hold.amount, charged);
@@ -486,8 +502,8 @@ impl Leases {
         let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         q.pending
             .iter()
-            .find(|(_, _, f)| f.id == id)
-            .map(|(_, _, f)| LeaseFinal::clone(f))
+            .find(|(_, f)| f.id == id)
+            .map(|(_, f)| LeaseFinal::clone(f))
     }
 
     /// Writes one batch of finished requests; `false` when there was nothing to write. Rows stay
@@ -497,12 +513,12 @@ impl Leases {
         let _one = self.writer.lock().await;
         // Under the lock (which every finishing request takes) only the shared rows are taken;
         // each is copied once, after, for the store.
-        let (seqs, shared): (Vec<(u64, u64)>, Vec<Arc<LeaseFinal>>) = {
+        let (seqs, shared): (Vec<Seqs>, Vec<Arc<LeaseFinal>>) = {
             let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let n = q.pending.len().min(MAX_FINALS);
             q.pending[..n]
                 .iter()
-                .map(|(s, h, f)| ((*s, *h), Arc::clone(f)))
+                .map(|(seqs, f)| (*seqs, Arc::clone(f)))
                 .unzip()
         };
         let rows: Vec<LeaseFinal> = shared.iter().map(|f| LeaseFinal::clone(f)).collect();
@@ -519,7 +535,9 @@ impl Leases {
                 q.pending.drain(..seqs.len());
                 for (s, h) in &seqs {
                     q.outstanding.remove(s);
-                    q.outstanding.remove(h);
+                    if let Some(h) = h {
+                        q.outstanding.remove(h);
+                    }
                 }
                 true
             }

@@ -191,6 +191,9 @@ pub struct HoldParams {
     pub prompt_tokens_estimate: u64,
     /// min(max_tokens requested, model max output) — the caller clamps.
     pub max_output_tokens: u64,
+    /// The answer is streamed, so the client sees the request's id before it ends. Under lease
+    /// admission such a request's admission is journaled too (see [`super::lease`]).
+    pub streamed: bool,
 }
 
 /// A placed hold. Settle or release it exactly once; if the process dies, the sweeper releases it
@@ -623,7 +626,7 @@ impl Billing {
         };
         if let Some(leases) = &self.leases {
             let now = now_ms();
-            let row = LeaseFinal {
+            let record = params.streamed.then(|| LeaseFinal {
                 id: params.request_id.clone(),
                 lease_id: String::new(),
                 account_id: p.account_id.clone(),
@@ -652,8 +655,8 @@ impl Billing {
                 latency_ms: None,
                 created_at: now,
                 finished_at: now,
-            };
-            let lease_id = leases.admit(p, row).await?;
+            });
+            let lease_id = leases.admit(p, &params.request_id, amount, record).await?;
             return Ok(held(price, Some(lease_id)));
         }
         let ins = HoldInsert {

@@ -116,6 +116,7 @@ pub async fn hold(
         fallback_providers: providers.collect(),
         prompt_tokens_estimate: prompt_upper_bound,
         max_output_tokens: max_out,
+        streamed: prepared.request.stream,
     };
     let hold = billing.hold(p, &params).await.map_err(to_gateway_error)?;
     Ok(Some(Ticket {
