@@ -7,6 +7,9 @@
 #
 #   bench/billing.sh [seconds-per-slot] [rounds] [concurrency] [upstream-delay-ms]  # defaults: 5 3 32 0
 #   PROFILE=dev bench/billing.sh ...                                # a debug build instead
+#   PLACEMENT=isolated bench/billing.sh ...   # performance.md §6.3 "Run A": the gateways and
+#       PostgreSQL pinned to CPU 1, the load generator and fake upstream to CPU 0 (default
+#       "shared": everything unpinned, "Run B")
 # Wrapped in `flock /work/notes/bench.lock` when /work/notes exists (shared machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,13 +27,26 @@ else
     dir=target/debug
 fi
 tmp=$(mktemp -d)
-eval "$(scripts/pg-test.sh start)"
+placement="${PLACEMENT:-shared}"
+gw="$dir/tollgate"
+load=()
+case "$placement" in
+    shared) eval "$(scripts/pg-test.sh start)" ;;
+    isolated)
+        eval "$(taskset -c 1 scripts/pg-test.sh start)"
+        gw="$tmp/gateway"
+        printf '#!/bin/sh\nexec taskset -c 1 %s "$@"\n' "$(readlink -f "$dir/tollgate")" >"$gw"
+        chmod +x "$gw"
+        load=(taskset -c 0)
+        ;;
+    *) echo "PLACEMENT must be shared or isolated" >&2; exit 2 ;;
+esac
 trap 'scripts/pg-test.sh stop "$TOLLGATE_TEST_PG_DIR"; rm -rf "$tmp"' EXIT
-echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), profile $profile, $(nproc) CPUs, $(date -u +%FT%TZ)"
+echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), profile $profile, placement $placement, $(nproc) CPUs, $(date -u +%FT%TZ)"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 lock=()
 if [ -d /work/notes ]; then lock=(flock /work/notes/bench.lock); fi
-"${lock[@]}" "$dir/examples/billing_bench" --bin "$dir/tollgate" --secs "$secs" --rounds "$rounds" \
+"${lock[@]}" "${load[@]}" "$dir/examples/billing_bench" --bin "$gw" --secs "$secs" --rounds "$rounds" \
     --concurrency "$conc" --delay-ms "$delay" --sqlite "sqlite://$tmp/bench.db" --pg "$TOLLGATE_TEST_PG_URL" \
     --lease-sqlite "sqlite://$tmp/lease.db" --lease-pg "$TOLLGATE_TEST_PG_URL"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

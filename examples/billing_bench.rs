@@ -5,7 +5,9 @@
 //! `--lease-*` gateways bill with `[billing] admission = "lease"`. One gateway process per mode (billing off, billing on
 //! over SQLite, billing on over PostgreSQL) runs from the same binary for the whole run; the modes
 //! are measured in turn, round after round, so slow drift of the shared machine hits them alike.
-//! Each mode's figure is the median of its rounds; the cost of billing is `1 - on / off`.
+//! Each mode's figure is the median of its rounds; the cost of billing is `1 - on / off`. Beside
+//! it, the CPU each billed request took (performance.md §6.3, "Resources"): the gateway process's
+//! and, for the PostgreSQL modes, that of every `postgres` process, from `/proc` (`utime + stime`).
 //! `--delay-ms` makes the fake upstream wait before it answers (default 0: answers at once).
 
 use std::net::SocketAddr;
@@ -47,6 +49,7 @@ fn arg(name: &str) -> Option<String> {
 
 struct Gw {
     child: Child,
+    pid: u32,
     _dir: tempfile::TempDir,
     label: String,
     url: String,
@@ -122,6 +125,7 @@ async fn start(
         .spawn()
         .map_err(|e| e.to_string())?;
     let gw = Gw {
+        pid: child.id(),
         child,
         _dir: dir,
         label: label.to_string(),
@@ -153,9 +157,45 @@ fn body() -> Value {
     json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]})
 }
 
+/// CPU seconds (user + system) used so far by process `pid`; 0 if it cannot be read. `/proc`
+/// counts in USER_HZ ticks, 100 per second on Linux.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// CPU seconds used so far by every process named `postgres`.
+fn postgres_cpu_secs() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(cpu_secs)
+        .sum()
+}
+
+/// One slot's result.
+struct Slot {
+    rps: f64,
+    failed: u64,
+    /// CPU per successful request, µs: the gateway's, and PostgreSQL's.
+    gw_us: f64,
+    pg_us: f64,
+}
+
 /// Closed-loop load on one gateway: `conc` clients, 1 s warm-up, then `secs` measured.
-/// Returns (ok req/s, failed requests).
-async fn measure(client: &reqwest::Client, gw: &Gw, secs: f64, conc: usize) -> (f64, u64) {
+async fn measure(client: &reqwest::Client, gw: &Gw, secs: f64, conc: usize) -> Slot {
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -184,19 +224,24 @@ async fn measure(client: &reqwest::Client, gw: &Gw, secs: f64, conc: usize) -> (
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
+    let (gw0, pg0) = (cpu_secs(gw.pid), postgres_cpu_secs());
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
+    let (gw1, pg1) = (cpu_secs(gw.pid), postgres_cpu_secs());
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
     }
-    (
-        ok.load(Ordering::Relaxed) as f64 / elapsed,
-        errors.load(Ordering::Relaxed),
-    )
+    let n = ok.load(Ordering::Relaxed).max(1) as f64;
+    Slot {
+        rps: ok.load(Ordering::Relaxed) as f64 / elapsed,
+        failed: errors.load(Ordering::Relaxed),
+        gw_us: (gw1 - gw0) * 1e6 / n,
+        pg_us: (pg1 - pg0) * 1e6 / n,
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -270,21 +315,24 @@ async fn main() {
         }
     }
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); gws.len()];
+    let mut cpu: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); gws.len()];
     let mut failed = vec![0u64; gws.len()];
     for round in 1..=rounds {
         let mut line = format!("round {round}:");
         for (i, gw) in gws.iter().enumerate() {
-            let (rps, errs) = measure(&client, gw, secs, conc).await;
-            results[i].push(rps);
-            failed[i] += errs;
-            line.push_str(&format!("  {} {rps:.0}", gw.label));
+            let s = measure(&client, gw, secs, conc).await;
+            results[i].push(s.rps);
+            cpu[i].0.push(s.gw_us);
+            cpu[i].1.push(s.pg_us);
+            failed[i] += s.failed;
+            line.push_str(&format!("  {} {:.0}", gw.label, s.rps));
         }
         println!("{line}");
     }
     let off = median(&results[0]);
     println!();
-    println!("| mode | req/s (median of {rounds} × {secs} s, concurrency {conc}, upstream delay {delay_ms} ms) | rounds | failed | cost of billing |");
-    println!("|---|---|---|---|---|");
+    println!("| mode | req/s (median of {rounds} × {secs} s, concurrency {conc}, upstream delay {delay_ms} ms) | rounds | failed | cost of billing | CPU µs/request: gateway (+ PostgreSQL) |");
+    println!("|---|---|---|---|---|---|");
     for (i, gw) in gws.iter().enumerate() {
         let m = median(&results[i]);
         let rounds: Vec<String> = results[i].iter().map(|r| format!("{r:.0}")).collect();
@@ -293,8 +341,14 @@ async fn main() {
         } else {
             format!("{:.1}%", (1.0 - m / off) * 100.0)
         };
+        let (gw_us, pg_us) = (median(&cpu[i].0), median(&cpu[i].1));
+        let cpu = if gw.label.starts_with("PostgreSQL") {
+            format!("{gw_us:.1} + {pg_us:.1}")
+        } else {
+            format!("{gw_us:.1}")
+        };
         println!(
-            "| billing {} | {m:.0} | {} | {} | {cost} |",
+            "| billing {} | {m:.0} | {} | {} | {cost} | {cpu} |",
             if i == 0 {
                 "off".to_string()
             } else {
