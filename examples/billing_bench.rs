@@ -314,34 +314,32 @@ async fn main() {
             }
         }
     }
-    let mut results: Vec<Vec<f64>> = vec![Vec::new(); gws.len()];
-    let mut cpu: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); gws.len()];
-    let mut failed = vec![0u64; gws.len()];
+    let mut slots: Vec<Vec<Slot>> = gws.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         let mut line = format!("round {round}:");
         for (i, gw) in gws.iter().enumerate() {
             let s = measure(&client, gw, secs, conc).await;
-            results[i].push(s.rps);
-            cpu[i].0.push(s.gw_us);
-            cpu[i].1.push(s.pg_us);
-            failed[i] += s.failed;
             line.push_str(&format!("  {} {:.0}", gw.label, s.rps));
+            slots[i].push(s);
         }
         println!("{line}");
     }
-    let off = median(&results[0]);
+    let of = |i: usize, f: fn(&Slot) -> f64| -> Vec<f64> { slots[i].iter().map(f).collect() };
+    let off = median(&of(0, |s| s.rps));
     println!();
     println!("| mode | req/s (median of {rounds} × {secs} s, concurrency {conc}, upstream delay {delay_ms} ms) | rounds | failed | cost of billing | CPU µs/request: gateway (+ PostgreSQL) |");
     println!("|---|---|---|---|---|---|");
     for (i, gw) in gws.iter().enumerate() {
-        let m = median(&results[i]);
-        let rounds: Vec<String> = results[i].iter().map(|r| format!("{r:.0}")).collect();
+        let rps = of(i, |s| s.rps);
+        let m = median(&rps);
+        let rounds: Vec<String> = rps.iter().map(|r| format!("{r:.0}")).collect();
+        let failed: u64 = slots[i].iter().map(|s| s.failed).sum();
         let cost = if i == 0 {
             "—".to_string()
         } else {
             format!("{:.1}%", (1.0 - m / off) * 100.0)
         };
-        let (gw_us, pg_us) = (median(&cpu[i].0), median(&cpu[i].1));
+        let (gw_us, pg_us) = (median(&of(i, |s| s.gw_us)), median(&of(i, |s| s.pg_us)));
         let cpu = if gw.label.starts_with("PostgreSQL") {
             format!("{gw_us:.1} + {pg_us:.1}")
         } else {
@@ -355,7 +353,7 @@ async fn main() {
                 format!("on ({})", gw.label)
             },
             rounds.join(" / "),
-            failed[i]
+            failed
         );
     }
 }

@@ -1299,23 +1299,4 @@ async fn crash_in_flight(db: &Db) -> Billing {
     b
 }
 
-mod lease_crash_with_requests_in_flight {
-    use super::billing_support::{assert_ledger_ok, Db};
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn sqlite_lease() {
-        let db = Db::sqlite().await.leased();
-        let b = super::crash_in_flight(&db).await;
-        assert_ledger_ok(&b).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn postgres_lease() {
-        if let Some(db) = Db::postgres().await {
-            let db = db.leased();
-            let b = super::crash_in_flight(&db).await;
-            assert_ledger_ok(&b).await;
-            b.store().close().await;
-        }
-    }
-}
+lease_admission!(lease_crash_with_requests_in_flight, crash_in_flight);

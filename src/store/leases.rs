@@ -388,15 +388,16 @@ fn for_update(b: Backend) -> &'static str {
 /// locked the lease first and the account after could wait on a grant waiting on it, and
 /// PostgreSQL's deadlock detector would abort one of the two (a refused request, or a batch to
 /// retry). SQLite needs no row locks: its write transactions exclude each other.
-pub(super) const LOCK_ACCOUNTS_PG: &str =
-    "SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+/// `$1` is the batch's account ids as a JSON array (see [`accounts_of`]), as [`in_list`] reads
+/// them: the statement is the same for sqlx's `Any` driver (no arrays) and its PostgreSQL driver.
+pub(super) const LOCK_ACCOUNTS_PG: &str = "SELECT id FROM accounts \
+     WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) ORDER BY id FOR UPDATE";
 
-/// The distinct accounts of a batch of finals, for [`LOCK_ACCOUNTS_PG`].
-pub(super) fn accounts_of(finals: &[LeaseFinal]) -> Vec<&str> {
-    let mut ids: Vec<&str> = finals.iter().map(|f| f.account_id.as_str()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+/// The distinct accounts of a batch of finals, as the JSON array [`LOCK_ACCOUNTS_PG`] binds.
+pub(super) fn accounts_of(finals: &[LeaseFinal]) -> String {
+    let ids: std::collections::BTreeSet<&str> =
+        finals.iter().map(|f| f.account_id.as_str()).collect();
+    serde_json::Value::from_iter(ids).to_string()
 }
 
 /// The statements of a batch's captures, run by every writer of lease finals through
@@ -929,13 +930,9 @@ impl Store {
         let mut tx = self.begin_write().await?;
 
         if b == Backend::Postgres {
-            // The accounts first (see `LOCK_ACCOUNTS_PG`); ids as JSON, as `in_list` binds them.
-            let accounts = accounts_of(&finals);
-            let sql = format!(
-                "SELECT id FROM accounts WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                in_list(b, accounts.len())
-            );
-            bind_strs(sqlx::query(&sql), b, accounts)
+            // The accounts first (see `LOCK_ACCOUNTS_PG`).
+            sqlx::query(LOCK_ACCOUNTS_PG)
+                .bind(accounts_of(&finals))
                 .fetch_all(&mut *tx)
                 .await?;
         }

@@ -147,20 +147,39 @@ macro_rules! all_admissions {
     ($name:ident, $body:ident) => {
         mod $name {
             $crate::backend_tests!($body);
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite_lease() {
-                let db = $crate::billing_support::Db::sqlite().await.leased();
+            $crate::lease_tests!($body);
+        }
+    };
+}
+
+/// Declares the lease admission tests only: `NAME::sqlite_lease` and `NAME::postgres_lease`.
+#[macro_export]
+macro_rules! lease_admission {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            $crate::lease_tests!($body);
+        }
+    };
+}
+
+/// The `sqlite_lease` and `postgres_lease` tests of [`all_admissions`] and [`lease_admission`],
+/// inside the module they declare.
+#[macro_export]
+macro_rules! lease_tests {
+    ($body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn sqlite_lease() {
+            let db = $crate::billing_support::Db::sqlite().await.leased();
+            let b = super::$body(&db).await;
+            $crate::billing_support::assert_ledger_ok(&b).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn postgres_lease() {
+            if let Some(db) = $crate::billing_support::Db::postgres().await {
+                let db = db.leased();
                 let b = super::$body(&db).await;
                 $crate::billing_support::assert_ledger_ok(&b).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres_lease() {
-                if let Some(db) = $crate::billing_support::Db::postgres().await {
-                    let db = db.leased();
-                    let b = super::$body(&db).await;
-                    $crate::billing_support::assert_ledger_ok(&b).await;
-                    b.store().close().await;
-                }
+                b.store().close().await;
             }
         }
     };
