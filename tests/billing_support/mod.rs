@@ -167,21 +167,7 @@ macro_rules! lease_admission {
 #[macro_export]
 macro_rules! lease_tests {
     ($body:ident) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn sqlite_lease() {
-            let db = $crate::billing_support::Db::sqlite().await.leased();
-            let b = super::$body(&db).await;
-            $crate::billing_support::assert_ledger_ok(&b).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn postgres_lease() {
-            if let Some(db) = $crate::billing_support::Db::postgres().await {
-                let db = db.leased();
-                let b = super::$body(&db).await;
-                $crate::billing_support::assert_ledger_ok(&b).await;
-                b.store().close().await;
-            }
-        }
+        $crate::db_tests!($body, sqlite_lease, postgres_lease, true);
     };
 }
 
@@ -224,15 +210,27 @@ macro_rules! both_backends {
 #[macro_export]
 macro_rules! backend_tests {
     ($body:ident) => {
+        $crate::db_tests!($body, sqlite, postgres, false);
+    };
+}
+
+/// A SQLite and a PostgreSQL test named `$sqlite` and `$postgres` running `$body` (under lease
+/// admission if `$lease`), then the ledger checker. Without a PostgreSQL server configured the
+/// PostgreSQL test does nothing, unless `CI` is set (see [`Db::postgres`]).
+#[macro_export]
+macro_rules! db_tests {
+    ($body:ident, $sqlite:ident, $postgres:ident, $lease:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn sqlite() {
+        async fn $sqlite() {
             let db = $crate::billing_support::Db::sqlite().await;
+            let db = if $lease { db.leased() } else { db };
             let b = super::$body(&db).await;
             $crate::billing_support::assert_ledger_ok(&b).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn postgres() {
+        async fn $postgres() {
             if let Some(db) = $crate::billing_support::Db::postgres().await {
+                let db = if $lease { db.leased() } else { db };
                 let b = super::$body(&db).await;
                 $crate::billing_support::assert_ledger_ok(&b).await;
                 b.store().close().await;
