@@ -1091,7 +1091,8 @@ async fn lease_replay(db: &Db) -> Billing {
     let row = |id: &str, cost: i64| leased_final(&lease_id, &p, id, cost);
     let ids: Vec<String> = (0..40).map(|i| format!("lr-{i:02}")).collect();
     let apply = |range: std::ops::Range<usize>| {
-        let rows: Vec<LeaseFinal> = ids[range].iter().map(|id| row(id, 100)).collect();
+        let rows: Vec<Arc<LeaseFinal>> =
+            ids[range].iter().map(|id| Arc::new(row(id, 100))).collect();
         let store = b.store().clone();
         async move {
             store
@@ -1115,7 +1116,7 @@ async fn lease_replay(db: &Db) -> Billing {
     weird.status = None;
     assert_eq!(
         b.store()
-            .apply_lease_finals(vec![weird])
+            .apply_lease_finals(vec![Arc::new(weird)])
             .await
             .unwrap_or_else(|e| panic!("{e}")),
         1
@@ -1161,8 +1162,8 @@ async fn lease_lock_order(db: &Db) -> Billing {
         tokio::spawn(async move {
             for i in 0..N {
                 let rows = vec![
-                    leased_final(&lease_id, &p, &format!("lo-{i}-a"), 10),
-                    leased_final(&lease_id, &p, &format!("lo-{i}-b"), 10),
+                    Arc::new(leased_final(&lease_id, &p, &format!("lo-{i}-a"), 10)),
+                    Arc::new(leased_final(&lease_id, &p, &format!("lo-{i}-b"), 10)),
                 ];
                 b.store()
                     .apply_lease_finals(rows)

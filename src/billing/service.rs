@@ -214,8 +214,8 @@ pub struct Hold {
     pub started: Instant,
     /// Admitted under this credit lease (lease admission) instead of a hold of its own.
     pub lease_id: Option<String>,
-    /// The lease book it came from (see [`super::lease::book_of`]).
-    pub lease_book: Option<String>,
+    /// The lease book it came from (its account's, or its capped key's).
+    pub lease_book: Option<super::lease::BookRef>,
 }
 
 /// What happened, reported after the upstream call.
@@ -429,7 +429,7 @@ impl Billing {
             key_prefix: row.prefix.clone(),
             is_admin: row.is_admin,
             spend_cap_micros: row.spend_cap_micros,
-            limits: Some(std::sync::Arc::new(row.limits.clone())),
+            limits: Some(row.limits.clone()),
         })
     }
 
@@ -610,19 +610,22 @@ impl Billing {
         let ttl_ms = i64::try_from(self.settings.hold_ttl.as_millis()).unwrap_or(i64::MAX / 4);
         let expires_at = now_ms().saturating_add(ttl_ms);
         // The admitted request, under a lease (its id and book) or a hold of its own.
-        let held = |price: PriceRow, lease: Option<String>| Hold {
-            request_id: params.request_id.clone(),
-            account_id: p.account_id.clone(),
-            key_id: Some(p.key_id.clone()),
-            amount,
-            price,
-            route_prices: Vec::new(),
-            model: params.model.clone(),
-            provider: params.provider.clone(),
-            expires_at,
-            started: Instant::now(),
-            lease_book: lease.is_some().then(|| super::lease::book_of(p)),
-            lease_id: lease,
+        let held = |price: PriceRow, lease: Option<(String, super::lease::BookRef)>| {
+            let (lease_id, lease_book) = lease.unzip();
+            Hold {
+                request_id: params.request_id.clone(),
+                account_id: p.account_id.clone(),
+                key_id: Some(p.key_id.clone()),
+                amount,
+                price,
+                route_prices: Vec::new(),
+                model: params.model.clone(),
+                provider: params.provider.clone(),
+                expires_at,
+                started: Instant::now(),
+                lease_id,
+                lease_book,
+            }
         };
         if let Some(leases) = &self.leases {
             let now = now_ms();
@@ -656,8 +659,8 @@ impl Billing {
                 created_at: now,
                 finished_at: now,
             });
-            let lease_id = leases.admit(p, &params.request_id, amount, record).await?;
-            return Ok(held(price, Some(lease_id)));
+            let lease = leases.admit(p, &params.request_id, amount, record).await?;
+            return Ok(held(price, Some(lease)));
         }
         let ins = HoldInsert {
             request_id: params.request_id.clone(),
@@ -736,7 +739,7 @@ impl Billing {
         };
         // Written now, or found already final (then the stored outcome is the answer).
         let written = if let (Some(leases), Some(lease_id)) = (&self.leases, &hold.lease_id) {
-            let row = leased_row(hold, lease_id, state, &w);
+            let row = leased_row(hold, lease_id, state, w);
             leases.finish(hold, row).await?.is_some()
         } else {
             self.store
@@ -1091,20 +1094,21 @@ impl Billing {
 }
 
 /// A leased request's final row from its hold and settlement.
-fn leased_row(hold: &Hold, lease_id: &str, state: FinalState, w: &SettleWrite) -> LeaseFinal {
+fn leased_row(hold: &Hold, lease_id: &str, state: FinalState, w: SettleWrite) -> LeaseFinal {
+    let now = now_ms();
     LeaseFinal {
         id: hold.request_id.clone(),
         lease_id: lease_id.to_string(),
         account_id: hold.account_id.clone(),
         key_id: hold.key_id.clone(),
         model: hold.model.clone(),
-        provider: w.provider.clone(),
-        upstream_model: w.upstream_model.clone(),
+        provider: w.provider,
+        upstream_model: w.upstream_model,
         price_id: hold.price.id,
         state: state.as_str().to_string(),
         hold_micros: hold.amount,
         hold_expires_at: hold.expires_at,
-        status: w.status.clone(),
+        status: w.status,
         http_status: w.http_status,
         prompt_tokens: w.prompt_tokens,
         cached_tokens: w.cached_tokens,
@@ -1119,8 +1123,8 @@ fn leased_row(hold: &Hold, lease_id: &str, state: FinalState, w: &SettleWrite) -
         estimated: w.estimated,
         delivered: w.delivered,
         latency_ms: w.latency_ms,
-        created_at: now_ms() - w.latency_ms.unwrap_or(0),
-        finished_at: now_ms(),
+        created_at: now - w.latency_ms.unwrap_or(0),
+        finished_at: now,
     }
 }
 

@@ -49,7 +49,7 @@ pub struct KeyAuthRow {
     pub last_used_at: Option<i64>,
     /// The account's plan and the limit overrides of the account and the key, read in the same
     /// query (so the limiter needs no query of its own).
-    pub limits: crate::limits::overrides::SubjectRow,
+    pub limits: std::sync::Arc<crate::limits::overrides::SubjectRow>,
 }
 
 /// The account columns [`account_from`] reads, from `accounts a`.
@@ -292,7 +292,7 @@ impl Store {
                 spend_cap_micros: row.try_get("spend_cap_micros")?,
                 revoked_at: row.try_get("revoked_at")?,
                 last_used_at: row.try_get("last_used_at")?,
-                limits: crate::limits::overrides::subject_from(&row)?,
+                limits: std::sync::Arc::new(crate::limits::overrides::subject_from(&row)?),
             };
             out.insert(r.key_hash.clone(), r);
         }

@@ -14,6 +14,7 @@
 //! The binary format spares the server parsing each value from text (the columns are `BIGINT`
 //! and `TEXT`: an 8-byte big-endian integer, or the text's bytes) and the client escaping it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -43,8 +44,8 @@ pub(super) fn pool(url: &str) -> Result<PgPool, StoreError> {
 /// transaction. `Err(rows)` (nothing written) when one of the ids is already present.
 pub(super) async fn apply(
     pool: &PgPool,
-    finals: Vec<LeaseFinal>,
-) -> Result<Result<u64, Vec<LeaseFinal>>, StoreError> {
+    finals: Vec<Arc<LeaseFinal>>,
+) -> Result<Result<u64, Vec<Arc<LeaseFinal>>>, StoreError> {
     let now = now_ms();
     let mut tx = pool.begin().await?;
 
@@ -96,7 +97,7 @@ pub(super) async fn apply(
         Err(e) => return Err(e.into()),
     }
 
-    for (sql, args) in capture_statements(&finals, &leases, now) {
+    for (sql, args) in capture_statements(finals.iter().map(|f| &**f), &leases, now) {
         bind_args(sqlx::query(sql), args).execute(&mut *tx).await?;
     }
     tx.commit().await?;

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::types::ToSqlOutput;
@@ -38,7 +38,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 type Reply = oneshot::Sender<Result<u64, StoreError>>;
 
 struct Job {
-    finals: Vec<LeaseFinal>,
+    finals: Vec<Arc<LeaseFinal>>,
     reply: Reply,
 }
 
@@ -70,7 +70,7 @@ impl LeaseWriter {
 
     /// Writes one batch (see [`Store::apply_lease_finals`](super::Store::apply_lease_finals)) on
     /// the writer thread; the caller holds the store's write gate. Returns the rows inserted.
-    pub(crate) async fn apply(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
+    pub(crate) async fn apply(&self, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Job { finals, reply })?;
         match tokio::time::timeout(REPLY_TIMEOUT, answer).await {
@@ -202,7 +202,7 @@ impl ToSql for Val<'_> {
 }
 
 /// One batch in one transaction (the sqlx path's, statement for statement).
-fn apply(conn: &mut Connection, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
+fn apply(conn: &mut Connection, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, StoreError> {
     let now = now_ms();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
 
@@ -245,7 +245,7 @@ fn apply(conn: &mut Connection, finals: Vec<LeaseFinal>) -> Result<u64, StoreErr
         }
     }
 
-    for (sql, args) in capture_statements(written.iter().copied(), &leases, now) {
+    for (sql, args) in capture_statements(written.iter().map(|f| &***f), &leases, now) {
         tx.prepare_cached(sql)?.execute(params_from_iter(args))?;
     }
     tx.commit()?;

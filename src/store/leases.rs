@@ -14,6 +14,7 @@
 //! batches and PostgreSQL's replays.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use sqlx::Row;
 
@@ -145,16 +146,16 @@ impl LeaseFinal {
 /// else expired at no charge (its lease was closed, and what it held given back, before the
 /// charge arrived, or it is unknown).
 pub(super) fn checked_against(
-    finals: Vec<LeaseFinal>,
+    finals: Vec<Arc<LeaseFinal>>,
     leases: &HashMap<String, LeaseInfo>,
-) -> Vec<LeaseFinal> {
+) -> Vec<Arc<LeaseFinal>> {
     finals
         .into_iter()
         .map(|f| {
             if f.cost_micros == 0 || leases.get(&f.lease_id).is_some_and(|l| l.open) {
                 f
             } else {
-                f.expired("lease_closed")
+                Arc::new(Arc::unwrap_or_clone(f).expired("lease_closed"))
             }
         })
         .collect()
@@ -328,7 +329,7 @@ pub(super) fn final_values(f: &LeaseFinal) -> [Val<'_>; 30] {
 
 /// Binds `rows` in [`FINAL_COLS`] order: each value directly on SQLite, one array literal per
 /// column on PostgreSQL.
-fn bind_finals<'q>(q: AnyQuery<'q>, b: Backend, rows: &'q [LeaseFinal]) -> AnyQuery<'q> {
+fn bind_finals<'q>(q: AnyQuery<'q>, b: Backend, rows: &'q [Arc<LeaseFinal>]) -> AnyQuery<'q> {
     match b {
         Backend::Postgres => {
             let mut cols: [String; 30] = std::array::from_fn(|_| String::from("{"));
@@ -345,10 +346,13 @@ fn bind_finals<'q>(q: AnyQuery<'q>, b: Backend, rows: &'q [LeaseFinal]) -> AnyQu
                 q.bind(col)
             })
         }
-        Backend::Sqlite => rows.iter().flat_map(final_values).fold(q, |q, v| match v {
-            Val::Text(t) => q.bind(t),
-            Val::Int(n) => q.bind(n),
-        }),
+        Backend::Sqlite => rows
+            .iter()
+            .flat_map(|f| final_values(f))
+            .fold(q, |q, v| match v {
+                Val::Text(t) => q.bind(t),
+                Val::Int(n) => q.bind(n),
+            }),
     }
 }
 
@@ -394,7 +398,7 @@ pub(super) const LOCK_ACCOUNTS_PG: &str = "SELECT id FROM accounts \
      WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) ORDER BY id FOR UPDATE";
 
 /// The distinct accounts of a batch of finals, as the JSON array [`LOCK_ACCOUNTS_PG`] binds.
-pub(super) fn accounts_of(finals: &[LeaseFinal]) -> String {
+pub(super) fn accounts_of(finals: &[Arc<LeaseFinal>]) -> String {
     let ids: std::collections::BTreeSet<&str> =
         finals.iter().map(|f| f.account_id.as_str()).collect();
     serde_json::Value::from_iter(ids).to_string()
@@ -877,7 +881,10 @@ impl Store {
     /// On a SQLite file the batch is handed to the lease writer's thread (one hand-off, under the
     /// write gate), which learns from each insert whether its row was new. On PostgreSQL the rows
     /// are copied in; a batch holding an id already present (a replay) goes again through sqlx.
-    pub async fn apply_lease_finals(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
+    pub async fn apply_lease_finals(
+        &self,
+        finals: Vec<Arc<LeaseFinal>>,
+    ) -> Result<u64, StoreError> {
         if finals.is_empty() {
             return Ok(0);
         }
@@ -896,7 +903,10 @@ impl Store {
     }
 
     /// [`Self::apply_lease_finals`] through sqlx (an in-memory SQLite database).
-    async fn apply_lease_finals_sqlx(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
+    async fn apply_lease_finals_sqlx(
+        &self,
+        finals: Vec<Arc<LeaseFinal>>,
+    ) -> Result<u64, StoreError> {
         // Outside crash recovery every row is new: plain inserts (an id already present fails the
         // batch, which is then written again skipping what is there).
         let finals = match self.apply_lease_finals_tx(finals, false).await? {
@@ -908,7 +918,7 @@ impl Store {
 
     /// Writes a batch some of whose rows may be in the database already (a replay), learning
     /// which ids each statement wrote.
-    async fn replay_lease_finals(&self, finals: Vec<LeaseFinal>) -> Result<u64, StoreError> {
+    async fn replay_lease_finals(&self, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, StoreError> {
         match self.apply_lease_finals_tx(finals, true).await? {
             Ok(n) => Ok(n),
             Err(_) => Err(StoreError::Invariant(
@@ -921,9 +931,9 @@ impl Store {
     /// back (and nothing is written) when an insert wrote fewer rows than it was given.
     async fn apply_lease_finals_tx(
         &self,
-        finals: Vec<LeaseFinal>,
+        finals: Vec<Arc<LeaseFinal>>,
         per_row: bool,
-    ) -> Result<Result<u64, Vec<LeaseFinal>>, StoreError> {
+    ) -> Result<Result<u64, Vec<Arc<LeaseFinal>>>, StoreError> {
         let b = self.backend;
         let _gate = self.write_gate().await;
         let now = now_ms();
@@ -1005,7 +1015,7 @@ impl Store {
 
         // The charges of the rows actually inserted.
         let written = finals.iter().zip(&inserted).filter(|(_, new)| **new);
-        for (sql, args) in capture_statements(written.map(|(f, _)| f), &leases, now) {
+        for (sql, args) in capture_statements(written.map(|(f, _)| &**f), &leases, now) {
             bind_args(sqlx::query(sql), args).execute(&mut *tx).await?;
         }
         tx.commit().await?;
@@ -1062,9 +1072,15 @@ mod tests {
         assert!(!sql.contains("$31"), "{sql}");
     }
 
-    fn final_row(id: &str, lease: &str, account: &str, key: Option<&str>, cost: i64) -> LeaseFinal {
+    fn final_row(
+        id: &str,
+        lease: &str,
+        account: &str,
+        key: Option<&str>,
+        cost: i64,
+    ) -> Arc<LeaseFinal> {
         let now = now_ms();
-        LeaseFinal {
+        Arc::new(LeaseFinal {
             id: id.to_string(),
             lease_id: lease.to_string(),
             account_id: account.to_string(),
@@ -1093,7 +1109,7 @@ mod tests {
             latency_ms: Some(5),
             created_at: now,
             finished_at: now,
-        }
+        })
     }
 
     async fn one_i64(store: &Store, sql: &str, arg: &str) -> i64 {
@@ -1172,13 +1188,13 @@ mod tests {
             .unwrap_or_else(|e| panic!("release: {e}"));
         assert_eq!(released, Some(100_000));
 
-        let mut batch: Vec<LeaseFinal> = (0..20)
+        let mut batch: Vec<Arc<LeaseFinal>> = (0..20)
             .map(|i| final_row(&format!("a{i}"), &open, &acct.id, Some(&key.id), 1_000))
             .collect();
         batch.push(final_row("a-free", &open, &acct.id, Some(&key.id), 0));
         batch.push(final_row("b0", &closed, &acct.id, None, 500));
         batch.push(final_row("b1", &closed, &acct.id, None, 500));
-        let apply = |rows: Vec<LeaseFinal>| {
+        let apply = |rows: Vec<Arc<LeaseFinal>>| {
             let store = store.clone();
             async move {
                 store
@@ -1229,12 +1245,12 @@ mod tests {
             .unwrap_or_else(|| panic!("a0 not written"));
         assert_eq!(
             serde_json::to_value(&a0).ok(),
-            serde_json::to_value(batch[0].clone().into_row()).ok(),
+            serde_json::to_value(LeaseFinal::clone(&batch[0]).into_row()).ok(),
             "every column as recorded"
         );
 
         // Half a batch written (through sqlx), then all of it (through the writer).
-        let more: Vec<LeaseFinal> = (0..4)
+        let more: Vec<Arc<LeaseFinal>> = (0..4)
             .map(|i| final_row(&format!("c{i}"), &open, &acct.id, Some(&key.id), 1_000))
             .collect();
         let half = store
