@@ -53,10 +53,12 @@ run: deps-build model
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features calibration -- -D warnings
 
 test: deps-test model
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features calibration -- -D warnings
 	@if [ -x scripts/test-services.sh ]; then source scripts/test-services.sh; fi; \
 	  $(CARGO) test --all-targets -- --test-threads=4
 

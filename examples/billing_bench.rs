@@ -9,6 +9,9 @@
 //! it, the CPU each billed request took (performance.md §6.3, "Resources"): the gateway process's
 //! and, for the PostgreSQL modes, that of every `postgres` process, from `/proc` (`utime + stime`).
 //! `--delay-ms` makes the fake upstream wait before it answers (default 0: answers at once).
+//! `--burn-ns N,N,…` (bench/calibrate.sh, a binary built with the `calibration` feature) adds one
+//! billing-off gateway per value that spins that many nanoseconds per request, beside the plain
+//! billing-off one: what a known amount of added work costs here.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -63,13 +66,13 @@ impl Drop for Gw {
     }
 }
 
-/// Starts one gateway: billing off (`db` None, open mode) or on over `db`, with a funded key.
+/// Starts one gateway: billing off (`db` None, open mode) or on over `db`, with a funded key;
+/// `burn_ns` > 0 makes it spin that long per request (a `calibration` build).
 async fn start(
     bin: &str,
     up: SocketAddr,
     label: &str,
-    db: Option<&str>,
-    lease: bool,
+    (db, lease, burn_ns): (Option<&str>, bool, u64),
     client: &reqwest::Client,
 ) -> Result<Gw, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -119,6 +122,7 @@ async fn start(
         .arg(&cfg_path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("TOLLGATE_SECRET", SECRET)
+        .env("TOLLGATE_CALIBRATION_BURN_NS", burn_ns.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -292,7 +296,8 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let mut modes: Vec<(&str, Option<String>, bool)> = vec![("off", None, false)];
+    let mut modes: Vec<(String, Option<String>, bool, u64)> =
+        vec![("off".to_string(), None, false, 0)];
     for (flag, label, lease) in [
         ("--sqlite", "SQLite", false),
         ("--pg", "PostgreSQL", false),
@@ -300,12 +305,21 @@ async fn main() {
         ("--lease-pg", "PostgreSQL, lease admission", true),
     ] {
         if let Some(u) = arg(flag) {
-            modes.push((label, Some(u), lease));
+            modes.push((label.to_string(), Some(u), lease, 0));
         }
     }
+    for ns in arg("--burn-ns")
+        .iter()
+        .flat_map(|l| l.split(','))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .filter(|&n| n > 0)
+    {
+        let label = format!("off + {:.1} µs spin", ns as f64 / 1000.0);
+        modes.push((label, None, false, ns));
+    }
     let mut gws = Vec::new();
-    for (label, db, lease) in &modes {
-        match start(&bin, up, label, db.as_deref(), *lease, &client).await {
+    for (label, db, lease, burn) in &modes {
+        match start(&bin, up, label, (db.as_deref(), *lease, *burn), &client).await {
             Ok(g) => gws.push(g),
             Err(e) => {
                 eprintln!("{e}");
@@ -327,7 +341,7 @@ async fn main() {
     let of = |i: usize, f: fn(&Slot) -> f64| -> Vec<f64> { slots[i].iter().map(f).collect() };
     let off = median(&of(0, |s| s.rps));
     println!();
-    println!("| mode | req/s (median of {rounds} × {secs} s, concurrency {conc}, upstream delay {delay_ms} ms) | rounds | failed | cost of billing | CPU µs/request: gateway (+ PostgreSQL) |");
+    println!("| mode | req/s (median of {rounds} × {secs} s, concurrency {conc}, upstream delay {delay_ms} ms) | rounds | failed | cost (vs billing off) | CPU µs/request: gateway (+ PostgreSQL) |");
     println!("|---|---|---|---|---|---|");
     for (i, gw) in gws.iter().enumerate() {
         let rps = of(i, |s| s.rps);
@@ -347,8 +361,8 @@ async fn main() {
         };
         println!(
             "| billing {} | {m:.0} | {} | {} | {cost} | {cpu} |",
-            if i == 0 {
-                "off".to_string()
+            if gw.label.starts_with("off") {
+                gw.label.clone()
             } else {
                 format!("on ({})", gw.label)
             },

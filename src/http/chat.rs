@@ -123,6 +123,8 @@ pub async fn handle<T>(
     parse: impl FnOnce(&[u8]) -> Result<(ChatRequest, T), GatewayError>,
 ) -> Result<(Dispatched, T), GatewayError> {
     let started = Instant::now();
+    #[cfg(feature = "calibration")]
+    super::calibration::burn();
     let request_id = req
         .extensions()
         .get::<RequestId>()

@@ -2,6 +2,8 @@
 
 pub mod admin;
 pub mod billing;
+#[cfg(feature = "calibration")]
+mod calibration;
 pub mod chat;
 mod conn;
 pub mod error;
