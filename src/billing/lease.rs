@@ -136,7 +136,8 @@ pub struct Leases {
     slice: i64,
     ttl: Duration,
     journal: Journal<Entry>,
-    books: StdMutex<HashMap<String, Arc<Book>>>,
+    /// The books in use: an account's by its id, and a capped key's by its own (see [`book_of`]).
+    books: StdMutex<[HashMap<String, Arc<Book>>; 2]>,
     queue: StdMutex<Queue>,
     /// One batch writer at a time (the background task, or a read that needs every charge).
     writer: Mutex<()>,
@@ -239,7 +240,7 @@ impl Leases {
             slice,
             ttl,
             journal,
-            books: StdMutex::new(HashMap::new()),
+            books: StdMutex::new([HashMap::new(), HashMap::new()]),
             queue: StdMutex::new(Queue {
                 last_seq: last,
                 ..Default::default()
@@ -292,9 +293,11 @@ impl Leases {
         });
     }
 
-    fn book(&self, name: &str) -> Arc<Book> {
-        let mut books = self.books.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = books.get(name) {
+    fn book(&self, p: &Principal) -> Arc<Book> {
+        let (kind, id) = book_of(p);
+        let mut all = self.books.lock().unwrap_or_else(|e| e.into_inner());
+        let books = &mut all[kind as usize];
+        if let Some(b) = books.get(id) {
             return b.clone();
         }
         let now = Instant::now();
@@ -309,7 +312,7 @@ impl Leases {
             }),
             slow: Mutex::new(()),
         });
-        books.insert(name.to_string(), book.clone());
+        books.insert(id.to_string(), book.clone());
         book
     }
 
@@ -325,7 +328,7 @@ impl Leases {
         amount: i64,
         record: Option<LeaseFinal>,
     ) -> Result<(String, BookRef), BillingError> {
-        let book = self.book(&book_of(p));
+        let book = self.book(p);
         let lease_id = match book.take(amount, Instant::now()) {
             Some(id) => id,
             None => self.refill(p, &book, amount).await?,
@@ -623,7 +626,7 @@ impl Leases {
 
     fn all_books(&self) -> Vec<Arc<Book>> {
         let b = self.books.lock().unwrap_or_else(|e| e.into_inner());
-        b.values().cloned().collect()
+        b.iter().flat_map(|m| m.values().cloned()).collect()
     }
 
     /// Writes what is pending now (reads that must see every answered charge call this first);
@@ -667,12 +670,19 @@ impl Leases {
 
 /// Which lease a principal's requests use: the account's, shared by its keys; a key with a spend
 /// cap has its own, which also reserves against the cap.
-fn book_of(p: &Principal) -> String {
+fn book_of(p: &Principal) -> (BookKind, &str) {
     if p.spend_cap_micros.is_some() {
-        format!("key:{}", p.key_id)
+        (BookKind::Key, &p.key_id)
     } else {
-        format!("account:{}", p.account_id)
+        (BookKind::Account, &p.account_id)
     }
+}
+
+/// Whose credit a book holds: the index of its map in [`Leases`]' books.
+#[derive(Clone, Copy)]
+enum BookKind {
+    Account = 0,
+    Key = 1,
 }
 
 /// This directory's instance id (kept in `owner`, made on first use).

@@ -205,9 +205,9 @@ pub struct Hold {
     pub key_id: Option<String>,
     pub amount: Micros,
     /// The price the hold was computed at (the dearest candidate route).
-    pub price: PriceRow,
+    pub price: Arc<PriceRow>,
     /// Prices of every candidate route by provider; settlement uses the serving route's.
-    pub route_prices: Vec<(String, PriceRow)>,
+    pub route_prices: Vec<(String, Arc<PriceRow>)>,
     pub model: String,
     pub provider: Option<String>,
     pub expires_at: i64,
@@ -258,7 +258,9 @@ pub struct CreditResult {
 
 struct PriceCache {
     loaded: Option<Instant>,
-    by_route: HashMap<(String, String), Vec<PriceRow>>,
+    /// Versions by model, then by provider ("" = every route of the model), oldest first; looked
+    /// up by `&str` on every request, so nothing is allocated for it.
+    by_route: HashMap<String, HashMap<String, Vec<Arc<PriceRow>>>>,
 }
 
 const PRICE_CACHE_TTL: Duration = Duration::from_secs(5);
@@ -360,11 +362,13 @@ impl Billing {
         };
         let now = now_ms();
         let mut map = crate::gateway::prices::PriceMap::new();
-        for ((model, provider), versions) in &c.by_route {
-            if let Some(row) = versions.iter().rev().find(|p| p.effective_at <= now) {
-                map.entry(model.clone())
-                    .or_default()
-                    .insert(provider.clone(), super::pricing::per_mtok_totals(row));
+        for (model, routes) in &c.by_route {
+            for (provider, versions) in routes {
+                if let Some(row) = versions.iter().rev().find(|p| p.effective_at <= now) {
+                    map.entry(model.clone())
+                        .or_default()
+                        .insert(provider.clone(), super::pricing::per_mtok_totals(row));
+                }
             }
         }
         book.replace(map);
@@ -468,14 +472,16 @@ impl Billing {
             return Ok(());
         }
         let all = self.store.all_prices().await?;
-        let mut by_route: HashMap<(String, String), Vec<PriceRow>> = HashMap::new();
+        let mut by_route: HashMap<String, HashMap<String, Vec<Arc<PriceRow>>>> = HashMap::new();
         for p in all {
             by_route
-                .entry((p.model.clone(), p.provider.clone()))
+                .entry(p.model.clone())
                 .or_default()
-                .push(p);
+                .entry(p.provider.clone())
+                .or_default()
+                .push(Arc::new(p));
         }
-        for v in by_route.values_mut() {
+        for v in by_route.values_mut().flat_map(|r| r.values_mut()) {
             v.sort_by_key(|p| (p.effective_at, p.id));
         }
         if let Ok(mut c) = self.prices.write() {
@@ -492,16 +498,17 @@ impl Billing {
         &self,
         model: &str,
         provider: Option<&str>,
-    ) -> Result<Option<PriceRow>, BillingError> {
+    ) -> Result<Option<Arc<PriceRow>>, BillingError> {
         self.refresh_prices(false).await?;
         let now = now_ms();
         let c = self
             .prices
             .read()
             .map_err(|_| BillingError::Invalid("price cache poisoned".to_string()))?;
+        let routes = c.by_route.get(model);
         let pick = |prov: &str| {
-            c.by_route
-                .get(&(model.to_string(), prov.to_string()))
+            routes
+                .and_then(|r| r.get(prov))
                 .and_then(|v| v.iter().rev().find(|p| p.effective_at <= now).cloned())
         };
         Ok(provider.and_then(pick).or_else(|| pick("")))
@@ -562,14 +569,14 @@ impl Billing {
     /// Holds the worst-case cost before the upstream call. Fails with `InsufficientCredits`
     /// (HTTP 402) without any upstream call when the available balance is too low.
     pub async fn hold(&self, p: &Principal, params: &HoldParams) -> Result<Hold, BillingError> {
-        let mut candidates: Vec<Option<&str>> = vec![params.provider.as_deref()];
-        candidates.extend(params.fallback_providers.iter().map(|s| Some(s.as_str())));
+        let candidates = std::iter::once(params.provider.as_deref())
+            .chain(params.fallback_providers.iter().map(|s| Some(s.as_str())));
         let mut route_prices = Vec::new();
-        let mut dearest: Option<(Micros, PriceRow)> = None;
+        let mut dearest: Option<(Micros, Arc<PriceRow>)> = None;
         for prov in candidates {
             let price = match self.price_for(&params.model, prov).await? {
                 Some(pr) => pr,
-                None if self.settings.allow_unpriced => free_price(&params.model),
+                None if self.settings.allow_unpriced => Arc::new(free_price(&params.model)),
                 None => return Err(BillingError::NoPrice(params.model.clone())),
             };
             let amount = hold_amount(
@@ -597,7 +604,7 @@ impl Billing {
         &self,
         p: &Principal,
         params: &HoldParams,
-        price: PriceRow,
+        price: Arc<PriceRow>,
     ) -> Result<Hold, BillingError> {
         if params.request_id.is_empty() {
             return Err(BillingError::Invalid("empty request id".to_string()));
@@ -610,7 +617,7 @@ impl Billing {
         let ttl_ms = i64::try_from(self.settings.hold_ttl.as_millis()).unwrap_or(i64::MAX / 4);
         let expires_at = now_ms().saturating_add(ttl_ms);
         // The admitted request, under a lease (its id and book) or a hold of its own.
-        let held = |price: PriceRow, lease: Option<(String, super::lease::BookRef)>| {
+        let held = |price: Arc<PriceRow>, lease: Option<(String, super::lease::BookRef)>| {
             let (lease_id, lease_book) = lease.unzip();
             Hold {
                 request_id: params.request_id.clone(),

@@ -74,11 +74,14 @@ fn subject_of(state: &AppState, key_id: &str, account_id: &str, row: &SubjectRow
 }
 
 /// The subject a request is limited as: its key and account, under the account's plan and the
-/// overrides of both. `None` in open mode (no principal), which is never limited.
+/// overrides of both. `None` in open mode (no principal), which is never limited, and for a key
+/// with no limit at all.
 pub async fn subject(state: &AppState, principal: Option<&Principal>) -> Option<LimitSubject> {
     let p = principal?;
     let row = subject_row(state, p).await?;
-    Some(subject_of(state, &p.key_id, &p.account_id, &row))
+    let s = subject_of(state, &p.key_id, &p.account_id, &row);
+    // Without a limit there is nothing to admit, reserve or settle (and no header to send).
+    s.is_limited().then_some(s)
 }
 
 /// Where the request path leaves the rate headers for [`rate_headers`] to put on the response,
