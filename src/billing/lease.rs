@@ -41,7 +41,6 @@ enum Entry {
     Final(Arc<LeaseFinal>),
 }
 
-/// A key's lease as this instance sees it.
 /// A request's book, kept by its hold so that the request's end needs no lookup by name.
 #[derive(Clone)]
 pub struct BookRef(Arc<Book>);
@@ -52,6 +51,7 @@ impl std::fmt::Debug for BookRef {
     }
 }
 
+/// An account's lease (or a capped key's) as this instance sees it.
 struct Book {
     state: StdMutex<BookState>,
     /// Serializes what talks to the database about the lease (taking, topping up, renewing after
