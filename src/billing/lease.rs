@@ -41,13 +41,19 @@ enum Entry {
     Final(Arc<LeaseFinal>),
 }
 
-/// A request's book, kept by its hold so that the request's end needs no lookup by name.
+/// What a request admitted under a lease keeps until it ends: the lease's id, and the book it
+/// came from (so its end gives back to that book without looking it up).
 #[derive(Clone)]
-pub struct BookRef(Arc<Book>);
+pub struct Leased {
+    pub lease_id: String,
+    book: Arc<Book>,
+}
 
-impl std::fmt::Debug for BookRef {
+impl std::fmt::Debug for Leased {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BookRef")
+        f.debug_struct("Leased")
+            .field("lease_id", &self.lease_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -317,7 +323,7 @@ impl Leases {
     }
 
     /// Admits request `id` for `amount` against the key's lease (taking or topping up the lease
-    /// when it is short). Returns the lease id. `record` (the request's row as it would be if it
+    /// when it is short). Returns the lease it was admitted under. `record` (the request's row as it would be if it
     /// never finished) is journaled: pass it when the client can learn the id before the request
     /// ends (a streamed answer), so a crash leaves the request recorded; without it the admission
     /// is kept in memory only.
@@ -327,7 +333,7 @@ impl Leases {
         id: &str,
         amount: i64,
         record: Option<LeaseFinal>,
-    ) -> Result<(String, BookRef), BillingError> {
+    ) -> Result<Leased, BillingError> {
         let book = self.book(p);
         let lease_id = match book.take(amount, Instant::now()) {
             Some(id) => id,
@@ -358,7 +364,7 @@ impl Leases {
             Ok(())
         });
         match res {
-            Ok(()) => Ok((lease_id, BookRef(book))),
+            Ok(()) => Ok(Leased { lease_id, book }),
             Err(e) => {
                 self.give_back(&book, &lease_id, amount, 0);
                 Err(e)
@@ -501,8 +507,8 @@ impl Leases {
             q.last_seq = q.last_seq.max(seq);
             q.pending.push(((seq, hold_seq), row));
         }
-        if let (Some(book), Some(lease_id)) = (&hold.lease_book, &hold.lease_id) {
-            self.give_back(&book.0, lease_id, hold.amount, charged);
+        if let Some(l) = &hold.lease {
+            self.give_back(&l.book, &l.lease_id, hold.amount, charged);
         }
         self.wake.notify_one();
         Ok(Some(()))

@@ -213,9 +213,7 @@ pub struct Hold {
     pub expires_at: i64,
     pub started: Instant,
     /// Admitted under this credit lease (lease admission) instead of a hold of its own.
-    pub lease_id: Option<String>,
-    /// The lease book it came from (its account's, or its capped key's).
-    pub lease_book: Option<super::lease::BookRef>,
+    pub lease: Option<super::lease::Leased>,
 }
 
 /// What happened, reported after the upstream call.
@@ -617,22 +615,18 @@ impl Billing {
         let ttl_ms = i64::try_from(self.settings.hold_ttl.as_millis()).unwrap_or(i64::MAX / 4);
         let expires_at = now_ms().saturating_add(ttl_ms);
         // The admitted request, under a lease (its id and book) or a hold of its own.
-        let held = |price: Arc<PriceRow>, lease: Option<(String, super::lease::BookRef)>| {
-            let (lease_id, lease_book) = lease.unzip();
-            Hold {
-                request_id: params.request_id.clone(),
-                account_id: p.account_id.clone(),
-                key_id: Some(p.key_id.clone()),
-                amount,
-                price,
-                route_prices: Vec::new(),
-                model: params.model.clone(),
-                provider: params.provider.clone(),
-                expires_at,
-                started: Instant::now(),
-                lease_id,
-                lease_book,
-            }
+        let held = |price: Arc<PriceRow>, lease: Option<super::lease::Leased>| Hold {
+            request_id: params.request_id.clone(),
+            account_id: p.account_id.clone(),
+            key_id: Some(p.key_id.clone()),
+            amount,
+            price,
+            route_prices: Vec::new(),
+            model: params.model.clone(),
+            provider: params.provider.clone(),
+            expires_at,
+            started: Instant::now(),
+            lease,
         };
         if let Some(leases) = &self.leases {
             let now = now_ms();
@@ -745,8 +739,8 @@ impl Billing {
             replayed: false,
         };
         // Written now, or found already final (then the stored outcome is the answer).
-        let written = if let (Some(leases), Some(lease_id)) = (&self.leases, &hold.lease_id) {
-            let row = leased_row(hold, lease_id, state, w);
+        let written = if let (Some(leases), Some(lease)) = (&self.leases, &hold.lease) {
+            let row = leased_row(hold, &lease.lease_id, state, w);
             leases.finish(hold, row).await?.is_some()
         } else {
             self.store
