@@ -3,13 +3,15 @@
 //! never in logs, and `kill -9` recovery during 200 streamed requests.
 
 mod billing_support;
+#[path = "support/listening.rs"]
+mod listening;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -188,44 +190,29 @@ impl Drop for Gw {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("free port: {e}"))
-}
-
+/// Starts `tollgate serve` on a port the kernel picks; returns it once it listens. Its stderr is
+/// appended to `log` (restarts share the file).
 fn spawn_gw(config: &Path, log: &Path) -> (Child, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let from = std::fs::metadata(log)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap_or_else(|e| panic!("log: {e}"));
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
-        .args(["--listen", &addr.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
         .env("TOLLGATE_SECRET", SECRET)
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(Stdio::from(logf))
         .spawn()
         .unwrap_or_else(|e| panic!("spawn tollgate: {e}"));
+    let addr = listening::wait_listening(&mut child, log, from, Duration::from_secs(30));
     (child, addr)
-}
-
-async fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("tollgate did not start on {addr}");
 }
 
 async fn start_gw(db: &Db, up: SocketAddr, hold_ttl_secs: u64) -> Gw {
@@ -237,7 +224,6 @@ async fn start_gw(db: &Db, up: SocketAddr, hold_ttl_secs: u64) -> Gw {
     .unwrap_or_else(|e| panic!("{e}"));
     let log = db.dir.path().join("tollgate.log");
     let (child, addr) = spawn_gw(&config, &log);
-    wait_ready(addr).await;
     Gw {
         child,
         addr,
@@ -675,7 +661,6 @@ async fn kill9(db: &Db) -> Billing {
         let _ = g.child.wait();
         kills += 1;
         let (child, a) = spawn_gw(&config, &log);
-        wait_ready(a).await;
         g.child = child;
         g.addr = a;
         *addr.write().unwrap_or_else(|e| e.into_inner()) = a;

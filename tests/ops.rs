@@ -6,14 +6,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+#[path = "support/listening.rs"]
+mod listening;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
 fn write_config(dir: &tempfile::TempDir, body: &str) -> std::path::PathBuf {
     let path = dir.path().join("tollgate.toml");
@@ -76,27 +72,28 @@ fn start(config: &std::path::Path) -> Server {
 
 fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let key = customer_key(config);
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    // The log goes beside the config; a second start appends, and only its own lines count.
+    let log = config.with_file_name("serve.log");
+    let from = std::fs::metadata(&log)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("log file");
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
-        .args(["--listen", &addr.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
         .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(logf))
         .spawn()
         .expect("spawn tollgate");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect(addr).is_ok() {
-            return Server { child, addr, key };
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("tollgate did not start listening on {addr}");
+    let addr = listening::wait_listening(&mut child, &log, from, Duration::from_secs(20));
+    Server { child, addr, key }
 }
 
 /// Sends raw bytes and reads the whole response (the server closes or we time out).
@@ -412,7 +409,7 @@ fn metrics_count_requests_tokens_and_attempts() {
     let out = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&cfg)
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen", "127.0.0.1:0"])
         .env_remove("TG_OPS_METRICS_TOKEN")
         .output()
         .expect("run serve");

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use axum::response::IntoResponse;
 
+#[path = "../support/listening.rs"]
+mod listening;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
 pub fn free_port() -> u16 {
@@ -295,7 +298,7 @@ impl Redis {
             .spawn()
             .expect("spawn redis-server");
         self.child = Some(child);
-        wait_port(self.port, Duration::from_secs(10));
+        wait_redis(self.port, Duration::from_secs(10));
     }
 
     /// `kill -9`.
@@ -313,15 +316,25 @@ impl Drop for Redis {
     }
 }
 
-fn wait_port(port: u16, max: Duration) {
+/// Waits until the Redis on `port` answers PING (a bare connect is not proof: on loopback it can
+/// connect to itself while nothing listens yet).
+fn wait_redis(port: u16, max: Duration) {
+    use std::io::{Read, Write};
     let deadline = Instant::now() + max;
     while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut buf = [0u8; 7];
+            if s.write_all(b"PING\r\n").is_ok()
+                && s.read_exact(&mut buf).is_ok()
+                && &buf == b"+PONG\r\n"
+            {
+                return;
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("nothing listens on port {port}");
+    panic!("no Redis answers on port {port}");
 }
 
 /// A running `tollgate serve`; killed on drop. Its log goes to a file in its temp dir.
@@ -336,21 +349,20 @@ impl Tollgate {
     pub fn start_file(cfg: &Path, args: &[&str]) -> Tollgate {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("tollgate.log");
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let child = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .arg("--config")
             .arg(cfg)
             .arg("serve")
-            .args(["--listen", &addr.to_string()])
+            .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("TOLLGATE_REDIS_URL")
             .env("TOLLGATE_SECRET", SECRET)
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn tollgate");
-        wait_port(port, Duration::from_secs(30));
+        let addr = listening::wait_listening(&mut child, &log, 0, Duration::from_secs(30));
         Tollgate {
             addr,
             child,
