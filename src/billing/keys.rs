@@ -88,9 +88,10 @@ pub fn imported_prefix(digest: &str) -> String {
     format!("imp-{}", digest.get(..12).unwrap_or(digest))
 }
 
-/// The server secret keyed into every key digest.
+/// The server secret keyed into every key digest, held as the HMAC state already keyed with it
+/// (each digest then starts from a copy instead of hashing the secret's pads again).
 #[derive(Clone)]
-pub struct ServerSecret(Vec<u8>);
+pub struct ServerSecret(Hmac<Sha256>);
 
 impl std::fmt::Debug for ServerSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,15 +101,17 @@ impl std::fmt::Debug for ServerSecret {
 
 impl ServerSecret {
     pub fn from_bytes(b: Vec<u8>) -> ServerSecret {
-        ServerSecret(b)
+        ServerSecret::keyed(&b)
+    }
+
+    fn keyed(secret: &[u8]) -> ServerSecret {
+        // HMAC takes keys of any length, so this cannot fail.
+        ServerSecret(Hmac::<Sha256>::new_from_slice(secret).unwrap_or_else(|_| unreachable!()))
     }
 
     /// Hex HMAC-SHA256 of the raw key under this secret: the only form a key is stored in.
     pub fn digest(&self, raw_key: &str) -> String {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.0) else {
-            // HMAC accepts keys of any length; this branch cannot be taken.
-            return String::new();
-        };
+        let mut mac = self.0.clone();
         mac.update(raw_key.as_bytes());
         hex(&mac.finalize().into_bytes())
     }
@@ -120,7 +123,7 @@ impl ServerSecret {
             if v.len() < 32 {
                 return Err(SecretError::TooShort(env_name.to_string()));
             }
-            return Ok(ServerSecret(v.into_bytes()));
+            return Ok(ServerSecret::keyed(v.as_bytes()));
         }
         let Some(path) = file else {
             return Err(SecretError::Missing(env_name.to_string()));
@@ -132,7 +135,7 @@ impl ServerSecret {
                 if b.len() < 32 {
                     return Err(SecretError::Malformed(path.to_path_buf()));
                 }
-                Ok(ServerSecret(b))
+                Ok(ServerSecret::keyed(&b))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_secret_file(path),
             Err(e) => Err(SecretError::File(path.to_path_buf(), e)),
@@ -157,7 +160,7 @@ fn create_secret_file(path: &Path) -> Result<ServerSecret, SecretError> {
                 .and_then(|_| f.sync_all())
                 .map_err(|e| SecretError::File(path.to_path_buf(), e))?;
             tracing::info!(path = %path.display(), "created a new server secret file (mode 0600)");
-            Ok(ServerSecret(bytes))
+            Ok(ServerSecret::keyed(&bytes))
         }
         // Another process created it first: use theirs.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -165,7 +168,7 @@ fn create_secret_file(path: &Path) -> Result<ServerSecret, SecretError> {
                 .map_err(|e| SecretError::File(path.to_path_buf(), e))?;
             unhex(s.trim())
                 .filter(|b| b.len() >= 32)
-                .map(ServerSecret)
+                .map(|b| ServerSecret::keyed(&b))
                 .ok_or_else(|| SecretError::Malformed(path.to_path_buf()))
         }
         Err(e) => Err(SecretError::File(path.to_path_buf(), e)),
@@ -225,6 +228,19 @@ mod tests {
         assert_eq!(base62(&[61], 1), "z");
         assert_eq!(base62(&[62], 1), "10");
         assert_eq!(base62(&[0xff; 32], 43).len(), 43);
+    }
+
+    /// RFC 4231 test case 2: stored digests of existing keys must not change.
+    #[test]
+    fn digest_is_standard_hmac_sha256() {
+        let s = ServerSecret::from_bytes(b"Jefe".to_vec());
+        let want = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
+        assert_eq!(s.digest("what do ya want for nothing?"), want);
+        assert_eq!(
+            s.digest("what do ya want for nothing?"),
+            want,
+            "the keyed state is reused, not consumed"
+        );
     }
 
     #[test]

@@ -552,14 +552,19 @@ impl Leases {
                 .await;
         match res {
             Ok(Ok(_)) => {
-                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                q.pending.drain(..seqs.len());
-                for (s, h) in &seqs {
-                    q.outstanding.remove(s);
-                    if let Some(h) = h {
-                        q.outstanding.remove(h);
+                let written: Vec<_> = {
+                    let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                    for (s, h) in &seqs {
+                        q.outstanding.remove(s);
+                        if let Some(h) = h {
+                            q.outstanding.remove(h);
+                        }
                     }
-                }
+                    q.pending.drain(..seqs.len()).collect()
+                };
+                // The last references to the rows (the store's are gone): freeing a batch of
+                // them is not done under the lock that every finishing request takes.
+                drop(written);
                 true
             }
             Ok(Err(e)) => {
