@@ -152,9 +152,7 @@ impl LimitSubject {
     ) -> LimitSubject {
         let none = PlanConfig::default();
         let base = plan.unwrap_or(&none);
-        let overridden = [account_overrides, key_overrides]
-            .iter()
-            .any(|o| LimitKind::ALL.iter().any(|k| k.of(o).is_some()));
+        let overridden = LimitKind::any_set(account_overrides) || LimitKind::any_set(key_overrides);
         let name = match (plan, overridden) {
             (Some(p), false) => p.name.clone(),
             (Some(p), true) => format!("{} + overrides", p.name),
@@ -278,6 +276,11 @@ impl LimitKind {
             LimitKind::SpendCapMonthly => &mut p.spend_cap_monthly_micros,
         };
         *field = v;
+    }
+
+    /// Whether `p` sets any limit at all.
+    pub fn any_set(p: &PlanConfig) -> bool {
+        LimitKind::ALL.iter().any(|k| k.of(p).is_some())
     }
 
     /// The plan's value for this limit.
