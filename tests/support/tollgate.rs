@@ -1,6 +1,6 @@
 //! Harness that runs the real `tollgate` binary for integration tests: builds a temp
-//! `tollgate.toml`, starts `tollgate serve --config FILE --listen 127.0.0.1:PORT`, waits for
-//! `/healthz`, captures its logs, and kills it on drop.
+//! `tollgate.toml`, starts `tollgate serve --config FILE --listen 127.0.0.1:0`, reads the port
+//! from its log, waits for `/healthz`, captures its logs, and kills it on drop.
 //!
 //! ```ignore
 //! let up = FakeUpstream::start(Scenario::new(Behavior::moonshot())).await;
@@ -21,10 +21,12 @@
 
 use std::fmt::Write as _;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::listening;
 
 /// Path of the binary under test.
 pub fn binary() -> &'static str {
@@ -320,11 +322,14 @@ fn import_keys(config: &Path, keys: &[String]) {
     }
 }
 
-fn reserve_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .unwrap_or_else(|e| panic!("reserve a port on 127.0.0.1: {e}"));
-    l.local_addr()
-        .unwrap_or_else(|e| panic!("local_addr of reserved port: {e}"))
+/// `TOLLGATE_TEST_LOG` (default `info`), keeping the `info` line that says where the server
+/// listens.
+fn log_filter() -> String {
+    match std::env::var("TOLLGATE_TEST_LOG") {
+        Ok(f) if f.contains("tollgate::http") => f,
+        Ok(f) => format!("{f},tollgate::http=info"),
+        Err(_) => "info".into(),
+    }
 }
 
 fn read_file(p: &Path) -> String {
@@ -337,7 +342,7 @@ fn read_file(p: &Path) -> String {
 
 impl Tollgate {
     pub async fn start(cfg: &Config) -> Tollgate {
-        let mut dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let config_path = dir.path().join("tollgate.toml");
         let db = dir.path().join("tollgate.db");
         let text = format!(
@@ -350,44 +355,33 @@ impl Tollgate {
         if let Some(keys) = &cfg.static_keys {
             import_keys(&config_path, keys);
         }
-        let mut last_logs = String::new();
-        for attempt in 0..3 {
-            let addr = reserve_port();
-            let mut tg = Tollgate {
-                child: None,
-                addr,
-                dir,
-                config: cfg.clone(),
-            };
-            tg.spawn(&config_path, attempt);
-            match tg.wait_healthy(Duration::from_secs(30)).await {
-                Ok(()) => return tg,
-                Err(e) => {
-                    last_logs = format!("{e}\n--- logs ---\n{}", tg.logs());
-                    let retry = last_logs.contains("in use");
-                    tg.kill();
-                    // Take the temp dir back for the next attempt.
-                    dir = std::mem::replace(
-                        &mut tg.dir,
-                        tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")),
-                    );
-                    if !retry {
-                        break;
-                    }
-                }
-            }
+        let mut tg = Tollgate {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+            config: cfg.clone(),
+        };
+        tg.spawn(&config_path);
+        let log = tg.log_path();
+        if let Some(child) = tg.child.as_mut() {
+            tg.addr = listening::wait_listening(child, &log, 0, Duration::from_secs(30));
         }
-        panic!(
-            "tollgate did not become healthy.\n--- config ---\n{}\n{last_logs}",
-            cfg.to_toml()
-        );
+        if let Err(e) = tg.wait_healthy(Duration::from_secs(30)).await {
+            panic!(
+                "tollgate did not become healthy.\n--- config ---\n{}\n{e}\n--- logs ---\n{}",
+                cfg.to_toml(),
+                tg.logs()
+            );
+        }
+        tg
     }
 
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("tollgate.log")
     }
 
-    fn spawn(&mut self, config_path: &Path, attempt: usize) {
+    /// Starts `tollgate serve` on a port the kernel picks (see [`listening`]).
+    fn spawn(&mut self, config_path: &Path) {
         let log = std::fs::File::create(self.log_path())
             .unwrap_or_else(|e| panic!("create log file: {e}"));
         let log2 = log
@@ -398,15 +392,12 @@ impl Tollgate {
             .arg("--config")
             .arg(config_path)
             .arg("--listen")
-            .arg(self.addr.to_string())
+            .arg("127.0.0.1:0")
             .args(&self.config.args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
-            .env(
-                "RUST_LOG",
-                std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", log_filter())
             .env("NO_COLOR", "1");
         for p in &self.config.providers {
             if p.with_key {
@@ -418,7 +409,7 @@ impl Tollgate {
         }
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} (attempt {attempt}): {e}", binary()));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary()));
         self.child = Some(child);
     }
 
