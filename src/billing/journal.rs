@@ -16,8 +16,9 @@
 //! they survive `kill -9` (or a panic) of the process, but not a power loss or kernel crash (the
 //! kernel writes the pages back in its own time). With [`JournalOptions::fsync`] the copy is
 //! followed by `msync(MS_SYNC)` of its range, which also survives those, at the cost of a disk
-//! flush per append. An append without fsync is a memory copy (plus a page fault per 4 KiB of
-//! journal), cheap enough to call from async code.
+//! flush per append. An append without fsync is a memory copy (plus, in a segment file used for
+//! the first time, a page fault per 4 KiB; see the spare below), cheap enough to call from async
+//! code.
 //!
 //! # On-disk format
 //!
