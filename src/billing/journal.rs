@@ -476,18 +476,15 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         let mut result = Ok(());
         let mut rest = applied.into_iter();
         while let Some(mut seg) = rest.next() {
-            if let Some(m) = seg.mapped.take() {
-                if want_spare && spare.is_none() {
-                    match self.make_spare(&seg.path, m) {
-                        Ok(s) => {
-                            spare = Some(s);
-                            removed = true;
-                            continue;
-                        }
-                        Err(e) => tracing::debug!(error = %e, "journal: segment not reused"),
+            let reuse = want_spare && spare.is_none();
+            if let Some(m) = seg.mapped.take().filter(|_| reuse) {
+                match self.make_spare(&seg.path, m) {
+                    Ok(s) => {
+                        spare = Some(s);
+                        removed = true;
+                        continue;
                     }
-                } else {
-                    drop(m);
+                    Err(e) => tracing::debug!(error = %e, "journal: segment not reused"),
                 }
             }
             if let Err(e) = remove_if_exists(&seg.path) {
@@ -501,17 +498,9 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             }
             removed = true;
         }
-        if let Some(s) = spare {
-            let mut st = self.lock();
-            if st.spare.is_none() {
-                st.spare = Some(s);
-            } else {
-                // A concurrent checkpoint made one first.
-                drop(st);
-                let path = s.path.clone();
-                drop(s);
-                remove_if_exists(&path)?;
-            }
+        // A concurrent checkpoint may have made a spare meanwhile: one is enough.
+        if let Some(old) = spare.and_then(|s| self.lock().spare.replace(s)) {
+            remove_if_exists(&old.path)?;
         }
         if removed && self.opts.fsync {
             sync_dir(&self.dir)?;
@@ -631,34 +620,17 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
                 st.current.grow(bytes, self.opts.fsync)?;
             }
         } else {
-            let new = match st.spare.take() {
-                Some(sp) if sp.map.len() as u64 >= bytes => match fs::rename(&sp.path, &path) {
-                    Ok(()) => Current::fresh(path, sp.file, sp.map),
-                    Err(_) => {
-                        let _ = remove_if_exists(&sp.path);
-                        Current::open(path, true, bytes, self.opts.fsync)?
-                    }
-                },
-                other => {
-                    if let Some(sp) = other {
-                        let _ = remove_if_exists(&sp.path);
-                    }
-                    Current::open(path, true, bytes, self.opts.fsync)?
-                }
+            let new = match take_spare(st, &path, bytes) {
+                Some(reused) => reused,
+                None => Current::open(path, true, bytes, self.opts.fsync)?,
             };
             let old = std::mem::replace(&mut st.current, new);
             st.sealed.push(old.seal());
-            // Only the newest sealed segments stay mapped.
-            let mapped = st.sealed.iter().filter(|s| s.mapped.is_some()).count();
-            let mut extra = mapped.saturating_sub(MAPPED_SEALED);
-            for seg in st.sealed.iter_mut() {
-                if extra == 0 {
-                    break;
-                }
-                if let Some(m) = seg.mapped.take() {
-                    m.release(self.opts.fsync);
-                    extra -= 1;
-                }
+            // Only the newest sealed segments stay mapped (segments are sealed at the end of
+            // `sealed`, so the one just out of that window is the only one to release).
+            let out = st.sealed.len().checked_sub(MAPPED_SEALED + 1);
+            if let Some(m) = out.and_then(|i| st.sealed[i].mapped.take()) {
+                m.release(self.opts.fsync);
             }
         }
         st.must_rotate = false;
@@ -667,6 +639,17 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         }
         Ok(())
     }
+}
+
+/// The spare renamed to `path`, ready to append to, if there is one of at least `bytes` (a spare
+/// that cannot be used is deleted).
+fn take_spare(st: &mut State, path: &Path, bytes: u64) -> Option<Current> {
+    let sp = st.spare.take()?;
+    if sp.map.len() as u64 >= bytes && fs::rename(&sp.path, path).is_ok() {
+        return Some(Current::fresh(path.to_path_buf(), sp.file, sp.map));
+    }
+    let _ = remove_if_exists(&sp.path);
+    None
 }
 
 /// A record serialized outside the journal's lock (see [`Journal::encode`]).
