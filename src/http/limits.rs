@@ -79,9 +79,6 @@ fn subject_of(state: &AppState, key_id: &str, account_id: &str, row: &SubjectRow
 pub async fn subject(state: &AppState, principal: Option<&Principal>) -> Option<LimitSubject> {
     let p = principal?;
     let row = subject_row(state, p).await?;
-    if row.limits_nothing() {
-        return None;
-    }
     let s = subject_of(state, &p.key_id, &p.account_id, &row);
     // Without a limit there is nothing to admit, reserve or settle (and no header to send).
     s.is_limited().then_some(s)

@@ -26,14 +26,6 @@ pub struct SubjectRow {
     pub key: PlanConfig,
 }
 
-impl SubjectRow {
-    /// No plan and no override: nothing limits this key (the common case, decided without
-    /// building a subject).
-    pub fn limits_nothing(&self) -> bool {
-        self.plan.is_none() && !LimitKind::any_set(&self.account) && !LimitKind::any_set(&self.key)
-    }
-}
-
 /// Whose overrides: an account or a key, by id.
 #[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {
@@ -381,29 +373,6 @@ pub fn to_lines(p: &PlanConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_a_row_without_plan_or_override_limits_nothing() {
-        assert!(SubjectRow::default().limits_nothing());
-        let planned = SubjectRow {
-            plan: Some("free".into()),
-            ..SubjectRow::default()
-        };
-        assert!(!planned.limits_nothing());
-        for key_side in [false, true] {
-            let mut row = SubjectRow::default();
-            let o = if key_side {
-                &mut row.key
-            } else {
-                &mut row.account
-            };
-            o.requests_per_day = Some(3);
-            assert!(
-                !row.limits_nothing(),
-                "override on the key side: {key_side}"
-            );
-        }
-    }
 
     #[test]
     fn json_patch_sets_clears_and_refuses() {
