@@ -44,9 +44,23 @@ fn engine() -> &'static Engine {
 }
 
 /// Tests share the CPU; run them one at a time so timings and concurrency checks are meaningful.
+/// Each test starts with an idle engine: a job's permit is returned on the engine thread just
+/// after its last event is sent, so the previous test's final request can still hold one when
+/// that test has already returned.
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let e = engine();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.in_flight() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the previous test left {} requests in flight",
+            e.in_flight()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    guard
 }
 
 fn user(text: &str) -> ChatMessage {
