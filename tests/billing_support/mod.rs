@@ -116,6 +116,30 @@ impl Db {
         b
     }
 
+    /// Waits (up to 30 s) until no [`Billing`] of this process holds the journal directory's lock:
+    /// a dropped one's background tasks let go of it when they next wake (within ~100 ms when
+    /// idle, later on a loaded machine).
+    pub async fn journal_released(&self) {
+        let path = self.dir.path().join("journal").join("lock");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let free = match std::fs::OpenOptions::new().write(true).open(&path) {
+                Ok(f) => f.try_lock().is_ok(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                Err(e) => panic!("open {}: {e}", path.display()),
+            };
+            if free {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the journal at {} is still locked 30 s after its billing was dropped",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn sqlite_file(&self) -> Option<PathBuf> {
         tollgate::store::sqlite_file_of(&self.url)
     }
