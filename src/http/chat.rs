@@ -100,11 +100,14 @@ pub struct Dispatched {
     pub stream_cost: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
 }
 
+/// The charge of a complete answer, in USD.
+const COST_HEADER: header::HeaderName = header::HeaderName::from_static("x-tollgate-cost-usd");
+
 /// Sets `x-tollgate-cost-usd` (a complete answer's charge) on its response.
 pub fn annotate_cost(resp: &mut Response, cost_micros: Option<u64>) {
     if let Some(c) = cost_micros.and_then(|c| i64::try_from(c).ok()) {
-        if let Ok(v) = HeaderValue::from_str(&crate::billing::format_usd(c)) {
-            resp.headers_mut().insert("x-tollgate-cost-usd", v);
+        if let Ok(v) = HeaderValue::try_from(crate::billing::format_usd(c)) {
+            resp.headers_mut().insert(COST_HEADER, v);
         }
     }
 }
