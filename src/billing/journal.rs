@@ -58,12 +58,14 @@
 //! the next sequence number across a restart).
 //!
 //! The first applied segment that is still mapped is not deleted but kept as the *spare*: renamed
-//! to `spare-….wal` (out of the segments' names), zeroed and flushed, still mapped. The next
-//! rotation renames it into place and appends to it, so appends touch pages that are already in
-//! memory and mapped instead of faulting in fresh ones (a fault per 4 KiB of a new sparse file,
-//! with the file system's block reservation, was ~0.7 µs per billed request). A spare only ever
-//! holds applied records, so [`Journal::open`] deletes any it finds; the zeros are on disk
-//! before the file is named a segment again, so a power loss cannot show its old records there.
+//! to `spare-….wal` (out of the segments' names), emptied durably (its records punched out of the
+//! file, or zeroed and flushed where the file system cannot punch holes), each of its pages
+//! written once more, and kept mapped. The next rotation renames it into place and appends to it,
+//! so appends find their pages mapped and writable instead of faulting them in under the journal's
+//! mutex (a fault per 4 KiB, with the file system's block reservation, was ~0.7 µs per billed
+//! request): that work was done on the checkpoint's thread. A spare only ever holds applied
+//! records, so [`Journal::open`] deletes any it finds; the zeros are on disk before the file is
+//! named a segment again, so a power loss cannot show its old records there.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -509,9 +511,10 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
     }
 
     /// Turns an applied segment into a [`Spare`]: renamed out of the segment namespace first (so
-    /// a crash while zeroing leaves a spare, which the next open deletes, never a segment with
-    /// some records zeroed), then zeroed and flushed (so zeros, not the old records, are on disk
-    /// before the file is named a segment again). On error the renamed file is deleted.
+    /// a crash while emptying it leaves a spare, which the next open deletes, never a segment with
+    /// some records gone), then emptied durably (so zeros, not the old records, are on disk
+    /// before the file is named a segment again; see [`punch_durably`]). On error the renamed
+    /// file is deleted.
     fn make_spare(&self, path: &Path, m: Mapped) -> io::Result<Spare> {
         // Only the file this process mapped: not whatever may have replaced it at that path.
         #[cfg(unix)]
@@ -534,13 +537,13 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             mut map,
             used,
         } = m;
-        map[..used].fill(0);
-        match map.flush() {
+        match empty_durably(&file, &mut map, used, true) {
             Ok(()) => {
-                // The flush left the pages clean, and the kernel write-protects clean pages of a
-                // shared file mapping to see them dirtied: the first append to each would fault
-                // (the file system's `page_mkwrite`), under the journal's mutex. Writing one byte
-                // per page here takes those faults off the request path; the bytes stay zero.
+                // A punched page is no longer in memory, and a flushed one is clean, which the
+                // kernel write-protects in a shared file mapping to see it dirtied: either way the
+                // first append to each page would fault (and the file system reserve a block for
+                // it), under the journal's mutex. Writing one byte per page here takes those faults
+                // off the request path; the bytes stay zero.
                 for at in (0..map.len()).step_by(PAGE) {
                     map[at] = std::hint::black_box(0);
                 }
@@ -855,6 +858,45 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
+}
+
+/// Empties the first `len` bytes of `file` without writing them: punches a hole (the blocks are
+/// freed and read back as zeros; the page cache drops its copies, including any not yet written
+/// back) and fsyncs, which makes the hole durable with one metadata commit. Writing zeros over a
+/// segment and flushing them wrote every page of every reused segment back to disk: its `msync`
+/// was ~0.31 µs of CPU per billed request at ~23k requests/s, where the punch and its fsync are
+/// ~0.06 (the pages the punch dropped are faulted in again when the spare is touched: +0.13).
+/// Fails where the file system cannot punch holes (the caller then writes zeros).
+fn punch_durably(file: &File, len: usize) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{fallocate, FallocateFlags};
+        let len = u64::try_from(len).map_err(io::Error::other)?;
+        if len > 0 {
+            fallocate(
+                file,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                0,
+                len,
+            )?;
+        }
+        file.sync_all()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, len);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Makes the first `used` bytes of a mapped segment zero on disk: by [`punch_durably`] where the
+/// file system can (and `punch`), else by writing zeros and flushing them.
+fn empty_durably(file: &File, map: &mut MmapMut, used: usize, punch: bool) -> io::Result<()> {
+    if punch && punch_durably(file, used).is_ok() {
+        return Ok(());
+    }
+    map[..used].fill(0);
+    map.flush()
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
@@ -1534,6 +1576,43 @@ mod tests {
             let want: Vec<(u64, Rec)> = (first_last + 1..n).map(|k| (k, rec(k))).collect();
             assert_eq!(replayed.records, want, "fsync {fsync}");
             assert_eq!(j.append(&rec(n)).unwrap(), n);
+        }
+    }
+
+    /// Both ways of emptying a segment leave zeros where its records were, and punching frees
+    /// their blocks (where the file system punches holes: ext4, XFS, Btrfs, tmpfs).
+    #[test]
+    fn emptying_a_segment_leaves_zeros_and_punching_frees_its_blocks() {
+        use std::io::Write;
+        const LEN: usize = 64 * PAGE;
+        for punch in [true, false] {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("seg");
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            file.write_all(&vec![0xA5; LEN]).unwrap();
+            file.sync_all().unwrap();
+            // SAFETY: a file of this test's own temporary directory, not truncated while mapped.
+            let mut map = unsafe { MmapMut::map_mut(&file) }.unwrap();
+            let used = LEN - PAGE / 2;
+            empty_durably(&file, &mut map, used, punch).unwrap();
+            let bytes = fs::read(&path).unwrap();
+            assert!(bytes[..used].iter().all(|&b| b == 0), "punch {punch}");
+            assert!(bytes[used..].iter().all(|&b| b == 0xA5), "punch {punch}");
+            #[cfg(target_os = "linux")]
+            if punch {
+                use std::os::unix::fs::MetadataExt;
+                let blocks = fs::metadata(&path).unwrap().blocks() * 512;
+                assert!(
+                    blocks < (LEN / 4) as u64,
+                    "{blocks} bytes still allocated after the punch"
+                );
+            }
         }
     }
 
