@@ -312,7 +312,9 @@ struct Job {
     max_tokens: u32,
     tx: mpsc::Sender<EngineEvent>,
     submitted: Instant,
-    _permit: Permit,
+    /// Returned when the job is dropped, or just before its final event is sent (so a client
+    /// that has the final event finds the place free again).
+    permit: Option<Permit>,
 }
 
 struct Inner {
@@ -578,7 +580,7 @@ impl Engine {
             max_tokens,
             tx,
             submitted: Instant::now(),
-            _permit: permit,
+            permit: Some(permit),
         };
         inner.jobs.send(job).map_err(|_| EngineError::Unavailable)?;
         Ok(rx)

@@ -471,6 +471,9 @@ fn finish(mut a: Active, mut reason: FinishReason) {
         completion_tokens: a.generated,
         cached_tokens: u32::try_from(a.cached).unwrap_or(u32::MAX),
     };
+    // The sequence's slot is already free: its place is returned before the client hears the
+    // request is over, so a request it sends next is not refused for a place still held.
+    drop(a.job.permit.take());
     let _ = a.job.tx.try_send(EngineEvent::Done {
         finish_reason: reason,
         usage,
