@@ -294,11 +294,11 @@ impl<'m> Scheduler<'m> {
             tracing::error!(error = %e, "llama_decode failed");
             for &i in &involved {
                 let slot = &mut self.slots[i];
-                if let Some(a) = slot.active.take() {
-                    let _ = a
-                        .job
-                        .tx
-                        .try_send(EngineEvent::Error(EngineError::Internal(e.to_string())));
+                if let Some(mut a) = slot.active.take() {
+                    send_last(
+                        &mut a.job,
+                        EngineEvent::Error(EngineError::Internal(e.to_string())),
+                    );
                 }
                 let seq = u32::try_from(slot.seq).ok();
                 let _ = ctx.clear_kv_cache_seq(seq, None, None);
@@ -471,13 +471,20 @@ fn finish(mut a: Active, mut reason: FinishReason) {
         completion_tokens: a.generated,
         cached_tokens: u32::try_from(a.cached).unwrap_or(u32::MAX),
     };
-    // The sequence's slot is already free: its place is returned before the client hears the
-    // request is over, so a request it sends next is not refused for a place still held.
-    drop(a.job.permit.take());
-    let _ = a.job.tx.try_send(EngineEvent::Done {
-        finish_reason: reason,
-        usage,
-    });
+    send_last(
+        &mut a.job,
+        EngineEvent::Done {
+            finish_reason: reason,
+            usage,
+        },
+    );
+}
+
+/// Sends a request's last event (its slot is already free). Its place is returned first, so a
+/// request the client sends next is not refused for a place still held.
+fn send_last(job: &mut Job, event: EngineEvent) {
+    drop(job.permit.take());
+    let _ = job.tx.try_send(event);
 }
 
 fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
