@@ -103,12 +103,8 @@ pub fn usd_json(m: Micros) -> serde_json::Value {
 /// The exact decimal text of a micro-USD amount as a raw JSON number (`1` → `0.000001`), for
 /// wire types that want the cost without float formatting (no exponent form).
 pub fn usd_raw(m: Micros) -> Box<serde_json::value::RawValue> {
-    if m == 0 {
-        return serde_json::value::RawValue::from_string("0".to_string())
-            .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
-    }
     let (buf, start) = usd_digits(m);
-    // A non-zero amount keeps a digit before or after the point once trailing zeros go.
+    // Trailing zeros go, then a trailing point: the whole part keeps its digits (`0` for zero).
     let end = buf.len() - buf.iter().rev().take_while(|&&b| b == b'0').count();
     let end = if buf[end - 1] == b'.' { end - 1 } else { end };
     let text: String = buf[start..end].iter().map(|&b| char::from(b)).collect();

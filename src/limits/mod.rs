@@ -172,9 +172,8 @@ impl LimitSubject {
                 k.set(&mut per_account, account_value);
             }
         }
-        let has = |p: &PlanConfig| LimitKind::ALL.iter().any(|k| k.of(p).is_some());
-        let key_plan = has(&per_key).then(|| Arc::new(per_key));
-        let account_plan = has(&per_account).then(|| Arc::new(per_account));
+        let key_plan = LimitKind::any_set(&per_key).then(|| Arc::new(per_key));
+        let account_plan = LimitKind::any_set(&per_account).then(|| Arc::new(per_account));
         LimitSubject::account_key(key_id, account_id, key_plan, account_plan)
     }
 
