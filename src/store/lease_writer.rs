@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 
 use super::leases::{
     capture_statements, checked_against, final_values, Arg, LeaseFinal, LeaseInfo, Val,
-    FINAL_TARGET,
+    FINAL_COLUMNS, FINAL_TARGET,
 };
 use super::{now_ms, StoreError, SQLITE_PRAGMAS};
 
@@ -174,12 +174,9 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Columns of [`FINAL_TARGET`] (values of [`final_values`]).
-const FINAL_PARAMS: usize = 30;
-
 /// A final row's insert (columns of [`FINAL_TARGET`], values of [`final_values`]).
 fn insert_final_sql() -> String {
-    let params: Vec<String> = (1..=FINAL_PARAMS).map(|i| format!("?{i}")).collect();
+    let params: Vec<String> = (1..=FINAL_COLUMNS).map(|i| format!("?{i}")).collect();
     format!(
         "INSERT INTO {FINAL_TARGET} VALUES ({}) ON CONFLICT (id) DO NOTHING",
         params.join(", ")
@@ -244,11 +241,11 @@ fn apply(conn: &mut Connection, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, Sto
     let mut written = Vec::with_capacity(finals.len());
     {
         let mut insert = tx.prepare_cached(&insert_final_sql())?;
-        let mut bound: Option<[Val<'_>; FINAL_PARAMS]> = None;
+        let mut bound: Option<[Val<'_>; FINAL_COLUMNS]> = None;
         for f in &finals {
             let values = final_values(f);
             for (i, v) in values.iter().enumerate() {
-                if bound.is_none_or(|b| b[i] != *v) {
+                if bound.as_ref().is_none_or(|b| b[i] != *v) {
                     insert.raw_bind_parameter(i + 1, v)?;
                 }
             }
@@ -374,7 +371,7 @@ mod tests {
                     .trim_end_matches(')')
             );
             conn.query_row(&sql, [id], |r| {
-                (0..FINAL_PARAMS).map(|i| r.get(i)).collect()
+                (0..FINAL_COLUMNS).map(|i| r.get(i)).collect()
             })
             .unwrap_or_else(|e| panic!("read {id}: {e}"))
         };
@@ -416,7 +413,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("explain: {e}"));
         let ops: Vec<String> = stmt
             .query_map(
-                params_from_iter(std::iter::repeat_n(rusqlite::types::Null, 30)),
+                params_from_iter(std::iter::repeat_n(rusqlite::types::Null, FINAL_COLUMNS)),
                 |r| r.get::<_, String>(1),
             )
             .unwrap_or_else(|e| panic!("query: {e}"))

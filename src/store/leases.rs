@@ -193,7 +193,10 @@ pub(super) const LEASE_COLS: &str = "id, account_id, key_id, key_reserved, state
 /// 32,766 bind parameters).
 pub const MAX_FINALS: usize = 512;
 
-const FINAL_COLS: [(&str, &str); 30] = [
+/// Columns of a final row ([`FINAL_COLS`], [`FINAL_TARGET`], [`final_values`]).
+pub(super) const FINAL_COLUMNS: usize = 30;
+
+const FINAL_COLS: [(&str, &str); FINAL_COLUMNS] = [
     ("v_id", "text"),
     ("v_lease", "text"),
     ("v_account", "text"),
@@ -290,7 +293,7 @@ pub(super) enum Val<'a> {
 }
 
 /// A final row's values in [`FINAL_COLS`] order.
-pub(super) fn final_values(f: &LeaseFinal) -> [Val<'_>; 30] {
+pub(super) fn final_values(f: &LeaseFinal) -> [Val<'_>; FINAL_COLUMNS] {
     use Val::{Int, Text};
     let net = f.network_share();
     [
@@ -332,7 +335,7 @@ pub(super) fn final_values(f: &LeaseFinal) -> [Val<'_>; 30] {
 fn bind_finals<'q>(q: AnyQuery<'q>, b: Backend, rows: &'q [Arc<LeaseFinal>]) -> AnyQuery<'q> {
     match b {
         Backend::Postgres => {
-            let mut cols: [String; 30] = std::array::from_fn(|_| String::from("{"));
+            let mut cols: [String; FINAL_COLUMNS] = std::array::from_fn(|_| String::from("{"));
             for f in rows {
                 for (col, v) in cols.iter_mut().zip(final_values(f)) {
                     if col.len() > 1 {
