@@ -17,7 +17,7 @@
 //!   hold; charges in its lost journal are lost (never double-charged), at most one lease slice
 //!   per key.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
@@ -111,8 +111,7 @@ impl Book {
 
 #[derive(Default)]
 struct Queue {
-    /// Journal sequence numbers not yet reflected in the database.
-    outstanding: BTreeSet<u64>,
+    /// The last journal sequence number appended.
     last_seq: u64,
     /// Requests in flight: id → sequence number of their hold record (if journaled).
     open: HashMap<String, Option<u64>>,
@@ -122,9 +121,17 @@ struct Queue {
 }
 
 impl Queue {
-    /// Every journal record up to this sequence number is reflected in the database.
+    /// Every journal record up to this sequence number is reflected in the database. The
+    /// records that are not: an open request's hold, a pending row's end and hold (a row leaves
+    /// `pending` once its transaction has committed). Scanned once per checkpoint, instead of
+    /// keeping an ordered set that every request would update.
     fn applied_upto(&self) -> u64 {
-        match self.outstanding.first() {
+        let pending = self
+            .pending
+            .iter()
+            .flat_map(|((end, hold), _)| std::iter::once(*end).chain(*hold));
+        let open = self.open.values().flatten().copied();
+        match pending.chain(open).min() {
             Some(first) => first.saturating_sub(1),
             None => self.last_seq,
         }
@@ -322,27 +329,35 @@ impl Leases {
         book
     }
 
-    /// Admits request `id` for `amount` against the key's lease (taking or topping up the lease
-    /// when it is short). Returns the lease it was admitted under. `record` (the request's row as it would be if it
-    /// never finished) is journaled: pass it when the client can learn the id before the request
-    /// ends (a streamed answer), so a crash leaves the request recorded; without it the admission
-    /// is kept in memory only.
-    pub async fn admit(
-        &self,
-        p: &Principal,
-        id: &str,
-        amount: i64,
-        record: Option<LeaseFinal>,
-    ) -> Result<Leased, BillingError> {
+    /// Takes `amount` from the key's lease (taking or topping up the lease when it is short) for
+    /// one request, which [`Self::register`] then records. Returns the lease it was taken from.
+    pub async fn admit(&self, p: &Principal, amount: i64) -> Result<Leased, BillingError> {
         let book = self.book(p);
         let lease_id = match book.take(amount, Instant::now()) {
             Some(id) => id,
-            None => self.refill(p, &book, amount).await?,
+            // The slow path's future (a database round trip) lives on the heap, so the common
+            // path's future (and every caller's) stays small.
+            None => Box::pin(self.refill(p, &book, amount)).await?,
         };
+        Ok(Leased { lease_id, book })
+    }
+
+    /// Records request `id`, admitted for `amount` under `lease`. `record` (the request's row as
+    /// it would be if it never finished) is journaled: pass it when the client can learn the id
+    /// before the request ends (a streamed answer), so a crash leaves the request recorded;
+    /// without it the admission is kept in memory only. On failure the amount goes back to the
+    /// lease.
+    pub fn register(
+        &self,
+        lease: &Leased,
+        id: &str,
+        amount: i64,
+        record: Option<LeaseFinal>,
+    ) -> Result<(), BillingError> {
         // Encoded before the lock; checked, journaled and registered under it, so a concurrent
         // `finish` or a duplicate id sees either nothing or all of it.
         let rec = record.map(|mut row| {
-            row.lease_id = lease_id.clone();
+            row.lease_id = lease.lease_id.clone();
             Journal::encode(&Entry::Hold(Arc::new(row)))
         });
         let res = rec.transpose().map_err(io_err).and_then(|rec| {
@@ -354,7 +369,6 @@ impl Leases {
             let seq = match rec {
                 Some(rec) => {
                     let seq = self.journal.append_encoded(rec).map_err(io_err)?;
-                    q.outstanding.insert(seq);
                     q.last_seq = q.last_seq.max(seq);
                     Some(seq)
                 }
@@ -363,13 +377,10 @@ impl Leases {
             q.open.insert(id.to_string(), seq);
             Ok(())
         });
-        match res {
-            Ok(()) => Ok(Leased { lease_id, book }),
-            Err(e) => {
-                self.give_back(&book, &lease_id, amount, 0);
-                Err(e)
-            }
+        if res.is_err() {
+            self.give_back(&lease.book, &lease.lease_id, amount, 0);
         }
+        res
     }
 
     /// Returns `amount - charged` of a finished (or refused) request to its lease (unless the
@@ -488,7 +499,7 @@ impl Leases {
 
     /// Records a leased request's end: journals its final row and queues it for the database.
     /// `None` when the request was already finished (nothing written).
-    pub async fn finish(&self, hold: &Hold, row: LeaseFinal) -> Result<Option<()>, BillingError> {
+    pub fn finish(&self, hold: &Hold, row: LeaseFinal) -> Result<Option<()>, BillingError> {
         let charged = row.cost_micros;
         let row = Arc::new(row);
         let rec = Journal::encode(&Entry::Final(Arc::clone(&row))).map_err(io_err)?;
@@ -503,7 +514,6 @@ impl Leases {
             // and its credit stays promised until then.
             let seq = self.journal.append_encoded(rec).map_err(io_err)?;
             q.open.remove(&hold.request_id);
-            q.outstanding.insert(seq);
             q.last_seq = q.last_seq.max(seq);
             q.pending.push(((seq, hold_seq), row));
         }
@@ -536,15 +546,13 @@ impl Leases {
     async fn write_pending(&self) -> bool {
         let _one = self.writer.lock().await;
         // Under the lock (which every finishing request takes) only the shared rows are taken.
-        let (seqs, rows): (Vec<Seqs>, Vec<Arc<LeaseFinal>>) = {
+        let rows: Vec<Arc<LeaseFinal>> = {
             let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let n = q.pending.len().min(MAX_BATCH);
-            q.pending[..n]
-                .iter()
-                .map(|(seqs, f)| (*seqs, Arc::clone(f)))
-                .unzip()
+            q.pending[..n].iter().map(|(_, f)| Arc::clone(f)).collect()
         };
-        if rows.is_empty() {
+        let n = rows.len();
+        if n == 0 {
             return false;
         }
         let res =
@@ -554,13 +562,7 @@ impl Leases {
             Ok(Ok(_)) => {
                 let written: Vec<_> = {
                     let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                    for (s, h) in &seqs {
-                        q.outstanding.remove(s);
-                        if let Some(h) = h {
-                            q.outstanding.remove(h);
-                        }
-                    }
-                    q.pending.drain(..seqs.len()).collect()
+                    q.pending.drain(..n).collect()
                 };
                 // The last references to the rows (the store's are gone): freeing a batch of
                 // them is not done under the lock that every finishing request takes.
@@ -706,5 +708,72 @@ fn owner_id(dir: &Path) -> Result<String, BillingError> {
             std::fs::write(&path, &id).map_err(io_err)?;
             Ok(id)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str) -> Arc<LeaseFinal> {
+        Arc::new(LeaseFinal {
+            id: id.to_string(),
+            lease_id: "lease".to_string(),
+            account_id: "acct".to_string(),
+            key_id: None,
+            model: "m".to_string(),
+            provider: None,
+            upstream_model: None,
+            price_id: None,
+            state: "settled".to_string(),
+            hold_micros: 0,
+            hold_expires_at: 0,
+            status: None,
+            http_status: None,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            reasoning_tokens: 0,
+            cost_micros: 0,
+            computed_cost_micros: 0,
+            input_cost_micros: 0,
+            cached_cost_micros: 0,
+            output_cost_micros: 0,
+            network_cost_micros: 0,
+            estimated: false,
+            delivered: true,
+            latency_ms: None,
+            created_at: 0,
+            finished_at: 0,
+        })
+    }
+
+    /// The journal may drop records only below every one not yet in the database: an open
+    /// request's hold, and a pending row's end and (older) hold.
+    #[test]
+    fn applied_upto_stops_below_every_record_not_yet_written() {
+        let mut q = Queue {
+            last_seq: 9,
+            ..Default::default()
+        };
+        assert_eq!(q.applied_upto(), 9, "nothing outstanding: all applied");
+        // Records 3: the hold of a stream still open; 4 and 6: the hold and end of one that
+        // finished; 5: the end of a request whose admission was not journaled. "quiet" is open
+        // with no journaled hold.
+        q.open.insert("streaming".to_string(), Some(3));
+        q.open.insert("quiet".to_string(), None);
+        q.pending.push(((5, None), row("a")));
+        q.pending.push(((6, Some(4)), row("b")));
+        assert_eq!(q.applied_upto(), 2);
+        q.open.remove("streaming");
+        assert_eq!(
+            q.applied_upto(),
+            3,
+            "the finished stream's hold (4) is not written yet"
+        );
+        q.pending.drain(..1);
+        assert_eq!(q.applied_upto(), 3);
+        q.pending.clear();
+        assert_eq!(q.applied_upto(), 9);
     }
 }
