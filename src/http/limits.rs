@@ -19,7 +19,7 @@ use crate::billing::{Billing, Principal};
 use crate::config::PlanConfig;
 use crate::error::GatewayError;
 use crate::limits::overrides::{self, Patch, SubjectRow, Target};
-use crate::limits::{LimitStatus, LimitSubject, RateHeaders, ScopeKind};
+use crate::limits::{LimitKind, LimitStatus, LimitSubject, RateHeaders, ScopeKind};
 use crate::store::{AccountRow, KeyRow};
 
 /// The plan named by an account, resolved against `[[plans]]`.
@@ -79,6 +79,15 @@ fn subject_of(state: &AppState, key_id: &str, account_id: &str, row: &SubjectRow
 pub async fn subject(state: &AppState, principal: Option<&Principal>) -> Option<LimitSubject> {
     let p = principal?;
     let row = subject_row(state, p).await?;
+    // Nothing set in the plan or either override: no subject to build (an unknown plan takes
+    // the long way, which says so in the log).
+    let plan_limited = row
+        .plan
+        .as_deref()
+        .is_some_and(|name| state.config.plan(name).is_none_or(LimitKind::any_set));
+    if !plan_limited && !LimitKind::any_set(&row.account) && !LimitKind::any_set(&row.key) {
+        return None;
+    }
     let s = subject_of(state, &p.key_id, &p.account_id, &row);
     // Without a limit there is nothing to admit, reserve or settle (and no header to send).
     s.is_limited().then_some(s)

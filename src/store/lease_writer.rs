@@ -213,8 +213,12 @@ fn apply(conn: &mut Connection, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, Sto
             "SELECT account_id, key_id, key_reserved, state FROM credit_leases WHERE id = ?1",
         )?;
         let mut looked_up = std::collections::HashSet::new();
+        let mut last = None;
         for f in &finals {
-            if !looked_up.insert(f.lease_id.as_str()) {
+            // A batch's rows come in runs of one lease: most need no set lookup.
+            if last.replace(f.lease_id.as_str()) == Some(f.lease_id.as_str())
+                || !looked_up.insert(f.lease_id.as_str())
+            {
                 continue;
             }
             let lease = get
