@@ -719,32 +719,8 @@ mod tests {
         Arc::new(LeaseFinal {
             id: id.to_string(),
             lease_id: "lease".to_string(),
-            account_id: "acct".to_string(),
-            key_id: None,
-            model: "m".to_string(),
-            provider: None,
-            upstream_model: None,
-            price_id: None,
             state: "settled".to_string(),
-            hold_micros: 0,
-            hold_expires_at: 0,
-            status: None,
-            http_status: None,
-            prompt_tokens: 0,
-            cached_tokens: 0,
-            completion_tokens: 0,
-            reasoning_tokens: 0,
-            cost_micros: 0,
-            computed_cost_micros: 0,
-            input_cost_micros: 0,
-            cached_cost_micros: 0,
-            output_cost_micros: 0,
-            network_cost_micros: 0,
-            estimated: false,
-            delivered: true,
-            latency_ms: None,
-            created_at: 0,
-            finished_at: 0,
+            ..LeaseFinal::default()
         })
     }
 

@@ -648,23 +648,10 @@ impl Billing {
                 state: "held".to_string(),
                 hold_micros: amount,
                 hold_expires_at: expires_at,
-                status: None,
-                http_status: None,
-                prompt_tokens: 0,
-                cached_tokens: 0,
-                completion_tokens: 0,
-                reasoning_tokens: 0,
-                cost_micros: 0,
-                computed_cost_micros: 0,
-                input_cost_micros: 0,
-                cached_cost_micros: 0,
-                output_cost_micros: 0,
-                network_cost_micros: 0,
-                estimated: false,
-                delivered: false,
-                latency_ms: None,
                 created_at: now,
                 finished_at: now,
+                // Nothing used, charged or delivered yet.
+                ..LeaseFinal::default()
             });
             leases.register(&lease, &params.request_id, amount, record)?;
             return Ok(held(price, Some(lease)));

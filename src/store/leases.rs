@@ -55,8 +55,9 @@ pub enum GrantOutcome {
     NoAccount,
 }
 
-/// A leased request's row, final, as the lease's owner recorded it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+/// A leased request's row, final, as the lease's owner recorded it. (`Default`: empty texts and
+/// zeros, for building a row from the fields that matter.)
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct LeaseFinal {
     pub id: String,
     pub lease_id: String,
