@@ -19,14 +19,18 @@ use crate::billing::{Billing, Principal};
 use crate::config::PlanConfig;
 use crate::error::GatewayError;
 use crate::limits::overrides::{self, Patch, SubjectRow, Target};
-use crate::limits::{LimitKind, LimitStatus, LimitSubject, RateHeaders, ScopeKind};
+use crate::limits::{LimitStatus, LimitSubject, RateHeaders, ScopeKind};
 use crate::store::{AccountRow, KeyRow};
 
 /// The plan named by an account, resolved against `[[plans]]`.
-fn resolve_plan(state: &AppState, account_id: &str, name: Option<&str>) -> Option<PlanConfig> {
+fn resolve_plan<'a>(
+    state: &'a AppState,
+    account_id: &str,
+    name: Option<&str>,
+) -> Option<&'a PlanConfig> {
     let name = name?;
     match state.config.plan(name) {
-        Some(p) => Some(p.clone()),
+        Some(p) => Some(p),
         None => {
             tracing::warn!(account_id, plan = %name, "account names a plan that is not in [[plans]]; only its overrides apply");
             None
@@ -67,7 +71,7 @@ fn subject_of(state: &AppState, key_id: &str, account_id: &str, row: &SubjectRow
     LimitSubject::effective(
         key_id.to_string(),
         account_id.to_string(),
-        plan.as_ref(),
+        plan,
         &row.account,
         &row.key,
     )
@@ -79,18 +83,18 @@ fn subject_of(state: &AppState, key_id: &str, account_id: &str, row: &SubjectRow
 pub async fn subject(state: &AppState, principal: Option<&Principal>) -> Option<LimitSubject> {
     let p = principal?;
     let row = subject_row(state, p).await?;
-    // Nothing set in the plan or either override: no subject to build (an unknown plan takes
-    // the long way, which says so in the log).
-    let plan_limited = row
-        .plan
-        .as_deref()
-        .is_some_and(|name| state.config.plan(name).is_none_or(LimitKind::any_set));
-    if !plan_limited && !LimitKind::any_set(&row.account) && !LimitKind::any_set(&row.key) {
+    // Without a limit there is nothing to admit, reserve or settle (and no header to send).
+    let plan = resolve_plan(state, &p.account_id, row.plan.as_deref());
+    if !LimitSubject::any_limit(plan, &row.account, &row.key) {
         return None;
     }
-    let s = subject_of(state, &p.key_id, &p.account_id, &row);
-    // Without a limit there is nothing to admit, reserve or settle (and no header to send).
-    s.is_limited().then_some(s)
+    Some(LimitSubject::effective(
+        p.key_id.clone(),
+        p.account_id.clone(),
+        plan,
+        &row.account,
+        &row.key,
+    ))
 }
 
 /// Where the request path leaves the rate headers for [`rate_headers`] to put on the response,

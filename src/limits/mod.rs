@@ -180,6 +180,18 @@ impl LimitSubject {
     pub fn is_limited(&self) -> bool {
         !self.scopes.is_empty()
     }
+
+    /// Whether [`Self::effective`] with these plans would limit anything, without building it
+    /// (every request of an unlimited key asks).
+    pub fn any_limit(
+        plan: Option<&PlanConfig>,
+        account_overrides: &PlanConfig,
+        key_overrides: &PlanConfig,
+    ) -> bool {
+        plan.is_some_and(LimitKind::any_set)
+            || LimitKind::any_set(account_overrides)
+            || LimitKind::any_set(key_overrides)
+    }
 }
 
 /// What a request asks for: the worst case reserved up front.
@@ -1001,6 +1013,7 @@ mod tests {
         let none = PlanConfig::default();
         // Plan only: per-minute and concurrency on the key, the daily quota on the account.
         let s = LimitSubject::effective("k".into(), "a".into(), Some(&pro), &none, &none);
+        assert!(LimitSubject::any_limit(Some(&pro), &none, &none));
         let key = plan_of(&s, ScopeKind::Key).expect("key scope");
         let acct = plan_of(&s, ScopeKind::Account).expect("account scope");
         assert_eq!(
@@ -1035,12 +1048,22 @@ mod tests {
         // Overrides without a plan limit too; nothing at all means unlimited.
         let s = LimitSubject::effective("k".into(), "a".into(), None, &a_over, &none);
         assert!(s.is_limited());
+        assert!(LimitSubject::any_limit(None, &a_over, &none));
+        assert!(LimitSubject::any_limit(None, &none, &k_over));
         assert_eq!(
             plan_of(&s, ScopeKind::Key).and_then(|p| p.requests_per_minute),
             Some(60)
         );
         let s = LimitSubject::effective("k".into(), "a".into(), None, &none, &none);
         assert!(!s.is_limited());
+        assert!(!LimitSubject::any_limit(None, &none, &none));
+        let empty_plan = PlanConfig {
+            name: "free".into(),
+            ..Default::default()
+        };
+        let s = LimitSubject::effective("k".into(), "a".into(), Some(&empty_plan), &none, &none);
+        assert!(!s.is_limited());
+        assert!(!LimitSubject::any_limit(Some(&empty_plan), &none, &none));
     }
 
     #[tokio::test]

@@ -21,8 +21,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::ConnectOptions;
 
 use super::leases::{
-    accounts_of, bind_args, capture_statements, checked_against, final_values, leases_of,
-    LeaseFinal, Val, FINAL_TARGET, LEASE_COLS, LOCK_ACCOUNTS_PG,
+    accounts_of, bind_args, capture_statements, checked_against, final_values, lease_ids_of,
+    leases_of, LeaseFinal, Val, FINAL_TARGET, LEASE_COLS, LOCK_ACCOUNTS_PG,
 };
 use super::{now_ms, StoreError};
 
@@ -55,9 +55,7 @@ pub(super) async fn apply(
         .fetch_all(&mut *tx)
         .await?;
     // The leases involved, locked so a sweeper cannot close one meanwhile.
-    let mut lease_ids: Vec<&str> = finals.iter().map(|f| f.lease_id.as_str()).collect();
-    lease_ids.sort_unstable();
-    lease_ids.dedup();
+    let lease_ids = lease_ids_of(&finals);
     let leases = leases_of(
         sqlx::query(&format!(
             "SELECT {LEASE_COLS} FROM credit_leases WHERE id = ANY($1) ORDER BY id FOR UPDATE"

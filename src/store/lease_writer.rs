@@ -26,8 +26,8 @@ use rusqlite::{
 use tokio::sync::oneshot;
 
 use super::leases::{
-    capture_statements, checked_against, final_values, Arg, LeaseFinal, LeaseInfo, Val,
-    FINAL_COLUMNS, FINAL_TARGET,
+    capture_statements, checked_against, final_values, lease_ids_of, Arg, LeaseFinal, LeaseInfo,
+    Val, FINAL_COLUMNS, FINAL_TARGET,
 };
 use super::{now_ms, StoreError, SQLITE_PRAGMAS};
 
@@ -212,17 +212,9 @@ fn apply(conn: &mut Connection, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, Sto
         let mut get = tx.prepare_cached(
             "SELECT account_id, key_id, key_reserved, state FROM credit_leases WHERE id = ?1",
         )?;
-        let mut looked_up = std::collections::HashSet::new();
-        let mut last = None;
-        for f in &finals {
-            // A batch's rows come in runs of one lease: most need no set lookup.
-            if last.replace(f.lease_id.as_str()) == Some(f.lease_id.as_str())
-                || !looked_up.insert(f.lease_id.as_str())
-            {
-                continue;
-            }
+        for id in lease_ids_of(&finals) {
             let lease = get
-                .query_row([&f.lease_id], |r| {
+                .query_row([id], |r| {
                     Ok(LeaseInfo {
                         account_id: r.get(0)?,
                         key_id: r.get(1)?,
@@ -232,7 +224,7 @@ fn apply(conn: &mut Connection, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, Sto
                 })
                 .optional()?;
             if let Some(lease) = lease {
-                leases.insert(f.lease_id.clone(), lease);
+                leases.insert(id.to_string(), lease);
             }
         }
     }

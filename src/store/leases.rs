@@ -401,6 +401,14 @@ fn for_update(b: Backend) -> &'static str {
 pub(super) const LOCK_ACCOUNTS_PG: &str = "SELECT id FROM accounts \
      WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) ORDER BY id FOR UPDATE";
 
+/// The distinct leases of a batch of finals, in order (the order PostgreSQL locks them in).
+pub(super) fn lease_ids_of(finals: &[Arc<LeaseFinal>]) -> Vec<&str> {
+    let mut ids: Vec<&str> = finals.iter().map(|f| f.lease_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// The distinct accounts of a batch of finals, as the JSON array [`LOCK_ACCOUNTS_PG`] binds.
 pub(super) fn accounts_of(finals: &[Arc<LeaseFinal>]) -> String {
     let ids: std::collections::BTreeSet<&str> =
@@ -951,9 +959,7 @@ impl Store {
                 .await?;
         }
         // The leases involved, locked (PostgreSQL) so a sweeper cannot close one meanwhile.
-        let mut lease_ids: Vec<&str> = finals.iter().map(|f| f.lease_id.as_str()).collect();
-        lease_ids.sort_unstable();
-        lease_ids.dedup();
+        let lease_ids = lease_ids_of(&finals);
         let sql = format!(
             "SELECT {LEASE_COLS} FROM credit_leases WHERE id IN ({}) ORDER BY id{}",
             in_list(b, lease_ids.len()),
