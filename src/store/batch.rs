@@ -26,10 +26,12 @@ use sqlx::{Any, Connection, Row};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::accounts::KeyAuthRow;
+use super::leases::Arg;
 use super::ledger::{
     available_of, held_of, request_from, FinalState, HoldInsert, HoldOutcome, RequestRow,
     SettleWrite, REQUEST_COLS, REVENUE_FEE, REVENUE_NETWORK,
 };
+use super::usage::{usage_statements, UsageRow, ADD_USAGE_SQLITE};
 use super::{new_id, now_ms, Backend, Store, StoreError};
 
 /// Most operations folded into one transaction (keeps every statement far below the backends'
@@ -747,6 +749,12 @@ impl Store {
                 false,
             )
             .await?;
+        }
+        let rows = out.iter().flatten().filter_map(UsageRow::of_row);
+        for (sql, args) in usage_statements(rows) {
+            let args = args.into_iter().map(Arg::into_json).collect();
+            self.write(tx, writes, (sql, &ADD_USAGE_SQLITE), args, 1, false)
+                .await?;
         }
         settled.accounts = accts;
         settled.keys = keys;

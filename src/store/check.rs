@@ -57,7 +57,8 @@ impl Store {
     ///    released totals equal its `hold`, `capture` and `release`/`expire` transactions, its
     ///    captured total equals the charges of its request rows, a closed lease holds nothing, and
     ///    no open lease is past its expiry at the cutoff. A leased request has no transactions of
-    ///    its own: it is final, charged at most its hold, and only `settled` ones cost anything.
+    ///    its own: it is final, charged at most its hold, and only `settled` ones cost anything;
+    /// 7. `usage_by_second` adds up the settled requests, group for group.
     pub async fn check_ledger(
         &self,
         expiry_cutoff_ms: Option<i64>,
@@ -288,7 +289,63 @@ impl Store {
                 ));
             }
         }
+        usage_problems(&mut rep, &mut tx).await?;
         tx.rollback().await?;
         Ok(rep)
     }
+}
+
+/// Check 7: `usage_by_second` holds exactly the settled requests' counts, tokens and costs, per
+/// account, second, key and model.
+async fn usage_problems(
+    rep: &mut LedgerReport,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+) -> Result<(), StoreError> {
+    type Groups = HashMap<(String, i64, String, String), [i64; 6]>;
+    fn groups(rows: &[sqlx::any::AnyRow]) -> Result<Groups, sqlx::Error> {
+        rows.iter()
+            .map(|r| {
+                let key = (r.try_get(0)?, get_i64(r, 1)?, r.try_get(2)?, r.try_get(3)?);
+                let mut totals = [0; 6];
+                for (i, t) in totals.iter_mut().enumerate() {
+                    *t = get_i64(r, 4 + i)?;
+                }
+                Ok((key, totals))
+            })
+            .collect()
+    }
+    let from_requests = groups(
+        &sqlx::query(
+            "SELECT account_id, CAST(created_at / 1000 AS BIGINT), COALESCE(key_id, ''), model, \
+             CAST(COUNT(*) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), \
+             CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+             CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(cost_micros) AS BIGINT) \
+             FROM requests WHERE state = 'settled' \
+             GROUP BY account_id, CAST(created_at / 1000 AS BIGINT), COALESCE(key_id, ''), model",
+        )
+        .fetch_all(&mut **tx)
+        .await?,
+    )?;
+    let rolled_up = groups(
+        &sqlx::query(
+            "SELECT account_id, at_second, key_id, model, requests, prompt_tokens, cached_tokens, \
+             completion_tokens, reasoning_tokens, cost_micros FROM usage_by_second",
+        )
+        .fetch_all(&mut **tx)
+        .await?,
+    )?;
+    let mut keys: Vec<_> = from_requests.keys().chain(rolled_up.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        let (want, got) = (from_requests.get(k), rolled_up.get(k));
+        if want != got {
+            let (account, second, key, model) = k;
+            rep.problems.push(format!(
+                "usage of account {account} at second {second} (key {key:?}, model {model}): \
+                 {got:?} != its settled requests' {want:?}"
+            ));
+        }
+    }
+    Ok(())
 }

@@ -20,6 +20,7 @@ use sqlx::Row;
 
 use super::batch::{batch_rows, bind_strs, in_list, AnyQuery};
 use super::ledger::{available_of, held_of, REVENUE_FEE, REVENUE_NETWORK};
+use super::usage::{usage_statements, UsageRow};
 use super::{new_id, now_ms, Backend, Store, StoreError};
 
 /// A request for (more) lease credit.
@@ -480,11 +481,22 @@ pub(super) enum Arg {
     Int(i64),
 }
 
+impl Arg {
+    /// The argument as the batch writer's JSON-carried arguments hold it.
+    pub(super) fn into_json(self) -> serde_json::Value {
+        match self {
+            Arg::Text(t) => t.into(),
+            Arg::Int(n) => n.into(),
+        }
+    }
+}
+
 /// The statements that charge a batch's newly written rows (`written`: a replay leaves out those
 /// already there), in the order every writer of lease finals runs them, in the transaction that
 /// inserted the rows: per key its spend; per lease its captured total, the account's held
 /// balance, the key's reservation, and the capture's ledger transaction with its (non-zero)
-/// lines. A lease missing from `leases` charges nothing.
+/// lines; last, the settled rows' usage (see [`usage_statements`]). A lease missing from
+/// `leases` charges nothing.
 pub(super) fn capture_statements<'a>(
     written: impl IntoIterator<Item = &'a LeaseFinal>,
     leases: &HashMap<String, LeaseInfo>,
@@ -492,8 +504,10 @@ pub(super) fn capture_statements<'a>(
 ) -> Vec<(&'static str, Vec<Arg>)> {
     use Arg::{Int, Text};
     let mut charges = Charges::default();
+    let mut settled = Vec::new();
     for f in written {
         charges.add(f);
+        settled.extend(UsageRow::of_final(f));
     }
     let mut out = Vec::new();
     for (key_id, spent) in &charges.per_key {
@@ -542,6 +556,7 @@ pub(super) fn capture_statements<'a>(
             }
         }
     }
+    out.extend(usage_statements(settled));
     out
 }
 

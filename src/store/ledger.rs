@@ -14,6 +14,8 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
 use super::accounts::is_unique_violation;
+use super::leases::bind_args;
+use super::usage::{usage_statements, UsageRow};
 use super::{new_id, now_ms, Store, StoreError};
 
 pub const FUNDING: &str = "external:funding";
@@ -518,6 +520,9 @@ impl Store {
             ],
         )
         .await?;
+        for (sql, args) in usage_statements(UsageRow::of_row(&rec)) {
+            bind_args(sqlx::query(sql), args).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(Some(rec))
     }
