@@ -1162,24 +1162,12 @@ mod tests {
     /// at no charge.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_writer_applies_a_batch_once() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = Store::connect(&url)
-            .await
-            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let (_dir, store, acct) = crate::store::test_support::funded_file_store().await;
         let writer = store
             .lease_writer
             .clone()
             .unwrap_or_else(|| panic!("a SQLite file has a lease writer"));
         assert!(!writer.started(), "started on first use only");
-        let acct = match store.create_account("acme", None).await {
-            Ok(Some(a)) => a,
-            other => panic!("account: {other:?}"),
-        };
-        store
-            .apply_credit(&acct.id, 1_000_000, "topup", "test", None)
-            .await
-            .unwrap_or_else(|e| panic!("credit: {e}"));
         let key = match store
             .insert_key(&acct.id, "tg_lw", "digest", false, None, Some(800_000))
             .await

@@ -265,6 +265,31 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// What the store's unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::{AccountRow, Store};
+
+    /// A migrated SQLite file (kept while the directory lives) with one account, "acme", holding
+    /// $1.00.
+    pub(crate) async fn funded_file_store() -> (tempfile::TempDir, Store, AccountRow) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = Store::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let acct = match store.create_account("acme", None).await {
+            Ok(Some(a)) => a,
+            other => panic!("account: {other:?}"),
+        };
+        store
+            .apply_credit(&acct.id, 1_000_000, "topup", "test", None)
+            .await
+            .unwrap_or_else(|e| panic!("credit: {e}"));
+        (dir, store, acct)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

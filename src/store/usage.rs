@@ -383,19 +383,7 @@ mod store_tests {
     /// reads it back.
     #[tokio::test]
     async fn a_settlement_on_its_own_adds_its_usage() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = Store::connect(&url)
-            .await
-            .unwrap_or_else(|e| panic!("connect: {e}"));
-        let acct = match store.create_account("acme", None).await {
-            Ok(Some(a)) => a,
-            other => panic!("account: {other:?}"),
-        };
-        store
-            .apply_credit(&acct.id, 1_000_000, "topup", "test", None)
-            .await
-            .unwrap_or_else(|e| panic!("credit: {e}"));
+        let (_dir, store, acct) = crate::store::test_support::funded_file_store().await;
         for (id, state) in [("r1", FinalState::Settled), ("r2", FinalState::Released)] {
             let hold = HoldInsert {
                 request_id: id.to_string(),
