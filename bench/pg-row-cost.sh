@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# What one request row costs PostgreSQL, and which part of the row costs what.
+#
+# The lease slot of bench/billing.sh (the real gateway, billing on with lease admission, through
+# the fake upstream) fills a throwaway PostgreSQL's `requests` table. Those rows are copied out
+# in COPY's binary format, in batches of 2,048 (the lease writer's batches at full load are
+# ~2,000 rows), and copied in again, one transaction per batch as the writer does, into tables
+# that each differ from `requests` in one thing: no secondary index, no check constraints, no
+# primary key, only some of the columns. For each, the server backend's CPU time per row (from
+# /proc/PID/stat) is printed, median of ROUNDS interleaved rounds. Nothing else runs meanwhile,
+# so these are idle-machine costs; beside the gateway and the load generator (bench/billing.sh)
+# the same rows cost more.
+#
+#   bench/pg-row-cost.sh [rounds]          # default 3
+#   PROFILE=dev bench/pg-row-cost.sh ...    # a debug build fills the table instead
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for v in $(scripts/ggml-cpu-flags.sh); do export "${v?}"; done # llama.cpp build options as `make` sets them
+rounds="${1:-3}"
+if [ "${PROFILE:-release}" = "release" ]; then
+    cargo build --release --bin tollgate --example billing_bench
+    dir=target/release
+else
+    cargo build --bin tollgate --example billing_bench
+    dir=target/debug
+fi
+eval "$(scripts/pg-test.sh start)"
+tmp=$(mktemp -d)
+trap 'scripts/pg-test.sh stop "$TOLLGATE_TEST_PG_DIR"; rm -rf "$tmp"' EXIT
+# The server reads and writes the batch files itself (COPY … FILE), as its own user.
+rows="$TOLLGATE_TEST_PG_DIR/rows"
+mkdir -p "$rows"
+chmod 777 "$rows"
+psql_() { psql -X -q -v ON_ERROR_STOP=1 "$TOLLGATE_TEST_PG_URL" "$@"; }
+hz=$(getconf CLK_TCK)
+
+lock=()
+if [ -d /work/notes ]; then lock=(flock /work/notes/bench.lock); fi
+echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), $(nproc) CPUs, $(date -u +%FT%TZ), $(psql_ -Atc 'SHOW server_version')"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+"${lock[@]}" "$dir/examples/billing_bench" --bin "$dir/tollgate" --secs 10 --rounds 1 --concurrency 8 \
+    --delay-ms 0 --lease-pg "$TOLLGATE_TEST_PG_URL" >"$tmp/fill.out" 2>&1 \
+    || { cat "$tmp/fill.out" >&2; exit 1; }
+n=$(psql_ -Atc "SELECT count(*) FROM requests")
+batches=$((n / 2048))
+if [ "$batches" -gt 100 ]; then batches=100; fi
+if [ "$batches" -lt 20 ]; then
+    echo "only $n request rows were written; need 40,960" >&2
+    exit 1
+fi
+total=$((batches * 2048))
+
+# Column lists by type, in table order.
+cols_of() {
+    psql_ -Atc "SELECT string_agg(column_name, ', ' ORDER BY ordinal_position)
+        FROM information_schema.columns WHERE table_name = 'requests' AND data_type = '$1'"
+}
+text_cols=$(cols_of text)
+int_cols=$(cols_of bigint)
+all_cols=$(psql_ -Atc "SELECT count(*) FROM information_schema.columns WHERE table_name = 'requests'")
+
+# The batches, in id order (the writer's rows arrive nearly in id order: ids are UUIDv7).
+for i in $(seq 0 $((batches - 1))); do
+    for set in all:'*' text:"$text_cols" int:"$int_cols" id:id; do
+        psql_ -c "COPY (SELECT ${set#*:} FROM requests ORDER BY id OFFSET $((i * 2048)) LIMIT 2048)
+            TO '$rows/${set%%:*}-$i.bin' (FORMAT binary)"
+    done
+done
+
+# name|files|what it has|DDL
+variants=(
+    "as migrated|all|every column, primary key, partial index of open holds, check constraints|CREATE TABLE v (LIKE requests INCLUDING ALL)"
+    "no partial index|all|every column, primary key, check constraints|CREATE TABLE v (LIKE requests INCLUDING DEFAULTS INCLUDING CONSTRAINTS); ALTER TABLE v ADD PRIMARY KEY (id)"
+    "no checks|all|every column, primary key, partial index|CREATE TABLE v (LIKE requests INCLUDING DEFAULTS); ALTER TABLE v ADD PRIMARY KEY (id); CREATE INDEX ON v (hold_expires_at) WHERE state = 'held'"
+    "primary key only|all|every column, primary key|CREATE TABLE v (LIKE requests INCLUDING DEFAULTS); ALTER TABLE v ADD PRIMARY KEY (id)"
+    "heap only|all|every column ($all_cols), no index, no constraint|CREATE TABLE v (LIKE requests INCLUDING DEFAULTS)"
+    "text columns|text|the $(echo "$text_cols" | tr ',' '\n' | wc -l) TEXT columns, no index|CREATE TABLE v AS SELECT $text_cols FROM requests LIMIT 0"
+    "integer columns|int|the $(echo "$int_cols" | tr ',' '\n' | wc -l) BIGINT columns, no index|CREATE TABLE v AS SELECT $int_cols FROM requests LIMIT 0"
+    "id only|id|the id column, no index|CREATE TABLE v AS SELECT id FROM requests LIMIT 0"
+    "id and its primary key|id|the id column, primary key|CREATE TABLE v AS SELECT id FROM requests LIMIT 0; ALTER TABLE v ADD PRIMARY KEY (id)"
+)
+
+# Backend CPU ticks spent copying every batch into a fresh table made by DDL.
+measure() { # files ddl
+    local script="$tmp/copy.sql"
+    {
+        echo "DROP TABLE IF EXISTS v; $2;"
+        echo "CHECKPOINT;"
+        echo "SELECT pg_backend_pid() AS pid \\gset"
+        echo "\\setenv PGPID :pid"
+        echo "\\! awk '{print \$14 + \$15}' /proc/\$PGPID/stat > $tmp/before"
+        for i in $(seq 0 $((batches - 1))); do
+            echo "BEGIN; COPY v FROM '$rows/$1-$i.bin' (FORMAT binary); COMMIT;"
+        done
+        echo "\\! awk '{print \$14 + \$15}' /proc/\$PGPID/stat > $tmp/after"
+    } >"$script"
+    "${lock[@]}" psql -X -q -v ON_ERROR_STOP=1 "$TOLLGATE_TEST_PG_URL" -f "$script" >/dev/null
+    echo $(($(cat "$tmp/after") - $(cat "$tmp/before")))
+}
+
+declare -A ticks
+for _ in $(seq "$rounds"); do
+    for k in "${!variants[@]}"; do
+        IFS='|' read -r _ files _ ddl <<<"${variants[$k]}"
+        ticks[$k]="${ticks[$k]:-} $(measure "$files" "$ddl")"
+    done
+done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "$total rows ($batches COPYs of 2,048, binary) per table, $rounds rounds; backend CPU per row:"
+echo
+echo "| table | what it has | µs per row (median) | rounds |"
+echo "|---|---|---|---|"
+for k in "${!variants[@]}"; do
+    IFS='|' read -r name _ what _ <<<"${variants[$k]}"
+    python3 - "$name" "$what" "$hz" "$total" "${ticks[$k]}" <<'PY'
+import statistics, sys
+name, what, hz, rows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+us = [int(t) * 1e6 / hz / rows for t in sys.argv[5].split()]
+print(f"| {name} | {what} | {statistics.median(us):.2f} | {' / '.join(f'{u:.2f}' for u in us)} |")
+PY
+done
