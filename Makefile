@@ -47,7 +47,11 @@ build: deps-build
 release-pgo: deps-build
 	scripts/pgo-build.sh
 
+# Auth is required by default: on a store without keys, scripts/first-key.sh makes the account
+# `local` and prints its first key (once) before the server starts.
 run: deps-build model
+	$(CARGO) build
+	@scripts/first-key.sh $(CARGO) run -q --
 	$(CARGO) run -- serve
 
 lint:

@@ -62,9 +62,12 @@ cleanup() { if [ -n "$P" ]; then kill "$P" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 wait_up() { for _ in $(seq 1 600); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "bench: $1 never came up" >&2; exit 1; }
 
+# The built-in config (the embedded model) in open mode: the engine is measured, not keys or billing.
+{ cat src/config/default.toml; printf '\n[auth]\nrequired = false\n'; } >"$OUT/tollgate.toml"
+
 run_tollgate() { # $1 = round
   TOLLGATE_LOCAL_THREADS="$THREADS" TOLLGATE_LOCAL_SLOTS=8 RUST_LOG=warn \
-    nice -n "$NICE" "$TG_BIN" serve --listen "127.0.0.1:$TG_PORT" >"$OUT/tollgate-$1.log" 2>&1 &
+    nice -n "$NICE" "$TG_BIN" serve --config "$OUT/tollgate.toml" --listen "127.0.0.1:$TG_PORT" >"$OUT/tollgate-$1.log" 2>&1 &
   P=$!
   wait_up "http://127.0.0.1:$TG_PORT/healthz"
   nice -n "$NICE" python3 bench/engine_load.py --base "http://127.0.0.1:$TG_PORT/v1" \

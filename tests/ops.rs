@@ -1,5 +1,6 @@
 //! Operational behaviour of the real binary: `--version`, `config check`, model cards, request ids,
-//! body limits without reading the whole body, open-mode refusal off loopback, graceful shutdown.
+//! body limits without reading the whole body, open-mode refusal off loopback, graceful shutdown,
+//! `make run`'s first key.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -256,6 +257,70 @@ fn open_mode_is_refused_off_loopback() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("open mode"));
+}
+
+/// `make run`'s first start: scripts/first-key.sh creates one key and prints it, then `serve` with
+/// the built-in config (no `--config`) requires a key and takes that one; a second run of the
+/// script creates none; the key is in clear neither in the server's log nor in the database.
+#[test]
+fn first_start_key_is_what_the_built_in_config_requires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("tollgate.db");
+    let url = format!("sqlite://{}", db.display());
+    let first_key = || {
+        let out = Command::new("bash")
+            .arg("scripts/first-key.sh")
+            .args([BIN, "--database-url", &url])
+            .output()
+            .expect("run scripts/first-key.sh");
+        assert!(
+            out.status.success(),
+            "first-key.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let printed = first_key();
+    let key = printed
+        .split_whitespace()
+        .find(|w| w.starts_with("tg-") && w.len() > 40)
+        .unwrap_or_else(|| panic!("no key printed:\n{printed}"))
+        .to_string();
+    assert_eq!(first_key(), "", "a second run prints (and creates) nothing");
+
+    let log = dir.path().join("serve.log");
+    let mut child = Command::new(BIN)
+        .args(["--database-url", &url, "serve", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn tollgate");
+    let addr = listening::wait_listening(&mut child, &log, 0, Duration::from_secs(30));
+    let account = |auth: &str| {
+        raw(
+            addr,
+            format!("GET /v1/account HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+    let anonymous = account("");
+    let with_key = account(&format!("authorization: Bearer {key}\r\n"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
+    assert!(
+        with_key.starts_with("HTTP/1.1 200") && with_key.contains(r#""name":"local""#),
+        "{with_key}"
+    );
+    for file in [log, db.clone(), db.with_extension("db-wal")] {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&key),
+            "the key is in clear in {}",
+            file.display()
+        );
+    }
 }
 
 #[cfg(unix)]

@@ -1215,7 +1215,9 @@ id = "kimi-k2.6"
     #[test]
     fn builtin_default_is_valid() {
         let c = Config::builtin_default().expect("default config parses");
-        assert!(!c.auth.required);
+        // Auth is required by default, the built-in config included; open mode is opt-in.
+        assert!(c.auth.required);
+        assert_eq!(c.database_url, "sqlite://tollgate.db");
         assert!(c.server.listen.ip().is_loopback());
         assert!(c.models.iter().any(|m| m.id == "smollm2-135m-instruct"));
     }
