@@ -20,20 +20,23 @@ fn write_config(dir: &tempfile::TempDir, body: &str) -> std::path::PathBuf {
     path
 }
 
-/// Runs a billing CLI command against the config's store; returns stdout.
-fn cli(config: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("run cli");
+/// Runs a command to its end; panics with its stderr unless it succeeded; returns its stdout.
+fn stdout_of(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
     assert!(
         out.status.success(),
-        "{args:?}: {}",
+        "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a billing CLI command against the config's store; returns stdout.
+fn cli(config: &std::path::Path, args: &[&str]) -> String {
+    stdout_of(
+        Command::new(BIN).args(args).arg("--config").arg(config),
+        &format!("{args:?}"),
+    )
 }
 
 /// Creates a funded account and returns a fresh customer key for it.
@@ -73,28 +76,38 @@ fn start(config: &std::path::Path) -> Server {
 
 fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let key = customer_key(config);
-    // The log goes beside the config; a second start appends, and only its own lines count.
+    // The log goes beside the config.
     let log = config.with_file_name("serve.log");
-    let from = std::fs::metadata(&log)
+    let (child, addr) = serve(&["--config".as_ref(), config.as_os_str()], env, &log);
+    Server { child, addr, key }
+}
+
+/// Starts `tollgate GLOBAL… serve --listen 127.0.0.1:0` with its stderr appended to `log` and
+/// waits until it listens (a second start appends to the same log; only its own lines count).
+fn serve(
+    global: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+    log: &std::path::Path,
+) -> (Child, SocketAddr) {
+    let from = std::fs::metadata(log)
         .map(|m| m.len() as usize)
         .unwrap_or(0);
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log)
+        .open(log)
         .expect("log file");
     let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(global)
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::from(logf))
         .spawn()
         .expect("spawn tollgate");
-    let addr = listening::wait_listening(&mut child, &log, from, Duration::from_secs(20));
-    Server { child, addr, key }
+    let addr = listening::wait_listening(&mut child, log, from, Duration::from_secs(20));
+    (child, addr)
 }
 
 /// Sends raw bytes and reads the whole response (the server closes or we time out).
@@ -268,17 +281,12 @@ fn first_start_key_is_what_the_built_in_config_requires() {
     let db = dir.path().join("tollgate.db");
     let url = format!("sqlite://{}", db.display());
     let first_key = || {
-        let out = Command::new("bash")
-            .arg("scripts/first-key.sh")
-            .args([BIN, "--database-url", &url])
-            .output()
-            .expect("run scripts/first-key.sh");
-        assert!(
-            out.status.success(),
-            "first-key.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of(
+            Command::new("bash")
+                .arg("scripts/first-key.sh")
+                .args([BIN, "--database-url", &url]),
+            "scripts/first-key.sh",
+        )
     };
     let printed = first_key();
     let key = printed
@@ -288,26 +296,23 @@ fn first_start_key_is_what_the_built_in_config_requires() {
         .to_string();
     assert_eq!(first_key(), "", "a second run prints (and creates) nothing");
 
+    // The built-in config, as `make run` serves it.
     let log = dir.path().join("serve.log");
-    let mut child = Command::new(BIN)
-        .args(["--database-url", &url, "serve", "--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn tollgate");
-    let addr = listening::wait_listening(&mut child, &log, 0, Duration::from_secs(30));
-    let account = |auth: &str| {
-        raw(
-            addr,
-            format!("GET /v1/account HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n")
-                .as_bytes(),
-        )
+    let (child, addr) = serve(&["--database-url".as_ref(), url.as_ref()], &[], &log);
+    let server = Server {
+        child,
+        addr,
+        key: key.clone(),
     };
-    let anonymous = account("");
-    let with_key = account(&format!("authorization: Bearer {key}\r\n"));
-    let _ = child.kill();
-    let _ = child.wait();
+    let anonymous = raw(
+        server.addr,
+        b"GET /v1/account HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    let with_key = raw(
+        server.addr,
+        &server.req(b"GET /v1/account HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\nconnection: close\r\n\r\n"),
+    );
+    drop(server); // stopped before its files are read
     assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
     assert!(
         with_key.starts_with("HTTP/1.1 200") && with_key.contains(r#""name":"local""#),
