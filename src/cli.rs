@@ -228,6 +228,7 @@ async fn serve(
     let shutdown = crate::http::shutdown_signal();
     let billing = crate::open_billing(&cfg).await?;
     let _sweeper = billing.as_ref().map(|b| b.spawn_sweeper());
+    let _key_watch = billing.as_ref().and_then(|b| b.spawn_key_watch());
     if let Some(b) = &billing {
         if b.store()
             .list_keys(None)

@@ -531,8 +531,9 @@ async fn gateway_flow(db: &Db) -> Billing {
     let rec = record(db, &b, &rid).await;
     assert_eq!((rec.state.as_str(), rec.cost_micros), ("released", 0));
 
-    // Revocation (here by another process, as the CLI does) takes effect on the next request;
-    // with lease admission's key cache (5 s by default), within that time.
+    // Revocation (here by another process, as the CLI does) takes effect on the next request.
+    // Lease admission caches key rows (here for 600 s, longer than `applied` waits): the key
+    // epoch the revocation bumps drops that cache within ~0.1 s.
     let prefix = tollgate::billing::keys::visible_prefix(&key).unwrap_or_default();
     b.revoke_key(&prefix)
         .await

@@ -503,9 +503,22 @@ async fn keys(db: &Db) -> Billing {
         b.authenticate(&long).await,
         Err(BillingError::Unauthorized)
     ));
+    // Each change to what a key carries moves the key epoch (what caching instances watch).
+    let epoch = || async {
+        b.store()
+            .key_epoch()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let before = epoch().await;
     b.revoke_key(&p.key_prefix)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        epoch().await,
+        before + 1,
+        "a revocation moves the key epoch"
+    );
     assert!(matches!(
         b.authenticate(&raw).await,
         Err(BillingError::Revoked)
@@ -560,9 +573,15 @@ async fn keys(db: &Db) -> Billing {
         b.hold(&p2, &params("c5", "m", 0, 500)).await,
         Err(BillingError::KeySpendCapReached)
     ));
+    let before = epoch().await;
     b.set_key_cap(&p2.key_prefix, None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        epoch().await,
+        before + 1,
+        "a cap change moves the key epoch"
+    );
 
     // the raw keys appear nowhere in the database
     assert_no_secret_in_db(db, &b, &[&raw, &raw2]).await;

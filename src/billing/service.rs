@@ -265,6 +265,9 @@ const PRICE_CACHE_TTL: Duration = Duration::from_secs(5);
 const TOUCH_EVERY_MS: i64 = 60_000;
 /// Most keys cached at once (the cache is emptied when full).
 const KEY_CACHE_MAX: usize = 100_000;
+/// How often an instance with a key cache reads the store's key epoch (see
+/// [`Billing::spawn_key_watch`]).
+const KEY_WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// The billing service. Clone the `Arc`; all methods take `&self`.
 pub struct Billing {
@@ -872,6 +875,50 @@ impl Billing {
                 }
             }
         })
+    }
+
+    /// With a key cache (`key_cache`, lease admission's default), reads the store's key epoch
+    /// every [`KEY_WATCH_EVERY`] and drops the cache when it has moved: a key revoked, a cap or a
+    /// plan changed by another process (the CLI, another instance) counts from the next request
+    /// after that read, not after the cache's lifetime. The lifetime still bounds a cached row's
+    /// age if the store cannot be read. `None` without a key cache (every request reads the key).
+    pub fn spawn_key_watch(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        if self.settings.key_cache.is_zero() {
+            return None;
+        }
+        let weak = Arc::downgrade(self);
+        Some(tokio::spawn(async move {
+            let mut seen = None;
+            let mut failing = false;
+            let mut tick = tokio::time::interval(KEY_WATCH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else { return };
+                match tokio::time::timeout(Duration::from_secs(5), me.store.key_epoch()).await {
+                    Ok(Ok(epoch)) => {
+                        // The first read too: a row cached before it may predate a change.
+                        if seen != Some(epoch) {
+                            me.forget_keys();
+                            seen = Some(epoch);
+                        }
+                        failing = false;
+                    }
+                    // Said once per failure, not ten times a second.
+                    Ok(Err(e)) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "could not read the key epoch; cached keys live out their key_cache");
+                    }
+                    Err(_) if !failing => {
+                        failing = true;
+                        tracing::warn!(
+                            "reading the key epoch timed out; cached keys live out their key_cache"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }))
     }
 
     /// Checks the ledger invariants (see [`Store::check_ledger`]).

@@ -11,6 +11,7 @@ use sqlx::Row;
 
 use super::LimitKind;
 use crate::config::PlanConfig;
+use crate::store::accounts::BUMP_KEY_EPOCH;
 use crate::store::{now_ms, Store, StoreError};
 
 /// Largest count a limit may be set to (as in `[[plans]]`).
@@ -220,6 +221,7 @@ pub async fn apply(
             }
             q.bind(now_ms()).execute(&mut *tx).await?;
         }
+        sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
         tx.commit().await?;
     }
     read(store, target).await
@@ -228,11 +230,14 @@ pub async fn apply(
 /// Sets (or clears) the plan of account `name`; false when there is no such account.
 pub async fn set_plan(store: &Store, name: &str, plan: Option<&str>) -> Result<bool, StoreError> {
     let _gate = store.write_gate().await;
+    let mut tx = store.begin_write().await?;
     let res = sqlx::query("UPDATE accounts SET plan = $1 WHERE name = $2")
         .bind(plan)
         .bind(name)
-        .execute(store.pool())
+        .execute(&mut *tx)
         .await?;
+    sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
+    tx.commit().await?;
     Ok(res.rows_affected() == 1)
 }
 
@@ -480,7 +485,10 @@ mod tests {
         .expect("apply");
         assert_eq!(o.requests_per_minute, None);
         assert_eq!(o.spend_cap_daily_micros, Some(10));
+        // Each of those changes, and the plan's below, moves the key epoch (key caches watch it).
+        assert_eq!(store.key_epoch().await.expect("epoch"), 2);
         assert!(set_plan(&store, "acme", None).await.expect("plan"));
+        assert_eq!(store.key_epoch().await.expect("epoch"), 3);
         assert!(!set_plan(&store, "nobody", None).await.expect("plan"));
         let row = read_subject(&store, &a.id, "key_x")
             .await

@@ -312,24 +312,43 @@ impl Store {
     /// Revokes a key by prefix. Returns false when no active key has that prefix.
     pub async fn revoke_key(&self, prefix: &str) -> Result<bool, StoreError> {
         let _gate = self.write_gate().await;
+        let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "UPDATE api_keys SET revoked_at = $1 WHERE prefix = $2 AND revoked_at IS NULL",
         )
         .bind(now_ms())
         .bind(prefix)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(res.rows_affected() == 1)
     }
 
     /// Sets or clears a key's spend cap (micro-USD over the key's lifetime).
     pub async fn set_key_cap(&self, prefix: &str, cap: Option<i64>) -> Result<bool, StoreError> {
         let _gate = self.write_gate().await;
+        let mut tx = self.begin_write().await?;
         let res = sqlx::query("UPDATE api_keys SET spend_cap_micros = $1 WHERE prefix = $2")
             .bind(cap)
             .bind(prefix)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(res.rows_affected() == 1)
     }
+
+    /// How many times what an authenticated key carries has changed (see migration 0008): a
+    /// cache of key rows is stale once this has moved.
+    pub async fn key_epoch(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT epoch FROM key_epoch WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
 }
+
+/// Counts one change to what an authenticated key carries; run in the change's transaction.
+pub(crate) const BUMP_KEY_EPOCH: &str = "UPDATE key_epoch SET epoch = epoch + 1 WHERE id = 1";

@@ -71,11 +71,13 @@ impl Db {
     }
 
     /// The `[billing]` lines that select this database's admission mode (a journal in the test's
-    /// directory, short lease expiry so the recovery tests see expired leases released).
+    /// directory, short lease expiry so the recovery tests see expired leases released, and a key
+    /// cache that outlives every test: a key change made by another process must reach the
+    /// gateway through the key epoch, not the cache's expiry).
     pub fn admission_toml(&self) -> String {
         if self.lease {
             format!(
-                "admission = \"lease\"\nlease_ttl_secs = 6\njournal_dir = \"{}\"\n",
+                "admission = \"lease\"\nlease_ttl_secs = 6\nkey_cache_secs = 600\njournal_dir = \"{}\"\n",
                 self.dir.path().join("journal").display()
             )
         } else {
