@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -281,6 +282,10 @@ pub struct Billing {
     leases: Option<Arc<Leases>>,
     /// Authenticated keys by digest, when `key_cache` is set: (read at, row).
     keys: std::sync::Mutex<HashMap<String, (Instant, Arc<crate::store::KeyAuthRow>)>>,
+    /// How many times the key cache was dropped; changed only under the `keys` lock. A row read
+    /// from the store is cached only if no drop happened while it was read (it may predate the
+    /// change that caused the drop).
+    keys_dropped: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Billing {
@@ -313,6 +318,7 @@ impl Billing {
             price_book: std::sync::OnceLock::new(),
             leases: None,
             keys: std::sync::Mutex::new(HashMap::new()),
+            keys_dropped: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -396,6 +402,7 @@ impl Billing {
         let row = match self.cached_key(&digest) {
             Some(row) => row,
             None => {
+                let dropped = self.keys_dropped.load(Ordering::Acquire);
                 let row = Arc::new(
                     Box::pin(self.store.key_by_hash(&digest))
                         .await?
@@ -403,10 +410,12 @@ impl Billing {
                 );
                 if !self.settings.key_cache.is_zero() {
                     if let Ok(mut c) = self.keys.lock() {
-                        if c.len() >= KEY_CACHE_MAX {
-                            c.clear();
+                        if self.keys_dropped.load(Ordering::Acquire) == dropped {
+                            if c.len() >= KEY_CACHE_MAX {
+                                c.clear();
+                            }
+                            c.insert(digest.clone(), (Instant::now(), row.clone()));
                         }
-                        c.insert(digest.clone(), (Instant::now(), row.clone()));
                     }
                 }
                 row
@@ -453,11 +462,12 @@ impl Billing {
         }
     }
 
-    /// Drops every cached key row (a key changed through this instance).
+    /// Drops every cached key row (a key changed through this instance, or the store's key
+    /// epoch moved).
     fn forget_keys(&self) {
-        if let Ok(mut c) = self.keys.lock() {
-            c.clear();
-        }
+        let mut c = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        c.clear();
+        self.keys_dropped.fetch_add(1, Ordering::Release);
     }
 
     // ---- prices ---------------------------------------------------------------------------
