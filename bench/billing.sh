@@ -54,7 +54,8 @@ if [ -n "$spins" ]; then
     trap 'rm -rf "$tmp"' EXIT
     modes=(--burn-ns "$spins")
 else
-    eval "$("${pin[@]}" scripts/pg-test.sh start)"
+    pg=$("${pin[@]}" scripts/pg-test.sh start) # a failed start stops here (set -e)
+    eval "$pg"
     trap 'scripts/pg-test.sh stop "$TOLLGATE_TEST_PG_DIR"; rm -rf "$tmp"' EXIT
     modes=(--sqlite "sqlite://$tmp/bench.db" --pg "$TOLLGATE_TEST_PG_URL"
         --lease-sqlite "sqlite://$tmp/lease.db" --lease-pg "$TOLLGATE_TEST_PG_URL")

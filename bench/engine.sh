@@ -63,7 +63,9 @@ trap cleanup EXIT
 wait_up() { for _ in $(seq 1 600); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "bench: $1 never came up" >&2; exit 1; }
 
 # The built-in config (the embedded model) in open mode: the engine is measured, not keys or billing.
-{ cat src/config/default.toml; printf '\n[auth]\nrequired = false\n'; } >"$OUT/tollgate.toml"
+# (A relative model_path is read from the config file's directory: made absolute here.)
+{ sed "s|model_path = \"models/|model_path = \"$ROOT/models/|" src/config/default.toml
+  printf '\n[auth]\nrequired = false\n'; } >"$OUT/tollgate.toml"
 
 run_tollgate() { # $1 = round
   TOLLGATE_LOCAL_THREADS="$THREADS" TOLLGATE_LOCAL_SLOTS=8 RUST_LOG=warn \

@@ -7,9 +7,9 @@
 # ~2,000 rows), and copied in again, one transaction per batch as the writer does, into tables
 # that each differ from `requests` in one thing: no secondary index, no check constraints, no
 # primary key, only some of the columns. For each, the server backend's CPU time per row (from
-# /proc/PID/stat) is printed, median of ROUNDS interleaved rounds. Nothing else runs meanwhile,
-# so these are idle-machine costs; beside the gateway and the load generator (bench/billing.sh)
-# the same rows cost more.
+# /proc/PID/schedstat, in nanoseconds) is printed, median of ROUNDS interleaved rounds. Nothing
+# else runs meanwhile, so these are idle-machine costs; beside the gateway and the load generator
+# (bench/billing.sh) the same rows cost more.
 #
 #   bench/pg-row-cost.sh [rounds]          # default 3
 #   PROFILE=dev bench/pg-row-cost.sh ...    # a debug build fills the table instead
@@ -24,7 +24,8 @@ else
     cargo build --bin tollgate --example billing_bench
     dir=target/debug
 fi
-eval "$(scripts/pg-test.sh start)"
+pg=$(scripts/pg-test.sh start) # a failed start stops here (set -e), not at the first use
+eval "$pg"
 tmp=$(mktemp -d)
 trap 'scripts/pg-test.sh stop "$TOLLGATE_TEST_PG_DIR"; rm -rf "$tmp"' EXIT
 # The server reads and writes the batch files itself (COPY … FILE), as its own user.
@@ -32,7 +33,6 @@ rows="$TOLLGATE_TEST_PG_DIR/rows"
 mkdir -p "$rows"
 chmod 777 "$rows"
 psql_() { psql -X -q -v ON_ERROR_STOP=1 "$TOLLGATE_TEST_PG_URL" "$@"; }
-hz=$(getconf CLK_TCK)
 
 lock=()
 if [ -d /work/notes ]; then lock=(flock /work/notes/bench.lock); fi
@@ -80,7 +80,7 @@ variants=(
     "id and its primary key|id|the id column, primary key|CREATE TABLE v AS SELECT id FROM requests LIMIT 0; ALTER TABLE v ADD PRIMARY KEY (id)"
 )
 
-# Backend CPU ticks spent copying every batch into a fresh table made by DDL.
+# Backend CPU nanoseconds spent copying every batch into a fresh table made by DDL.
 measure() { # files ddl
     local script="$tmp/copy.sql"
     {
@@ -88,21 +88,21 @@ measure() { # files ddl
         echo "CHECKPOINT;"
         echo "SELECT pg_backend_pid() AS pid \\gset"
         echo "\\setenv PGPID :pid"
-        echo "\\! awk '{print \$14 + \$15}' /proc/\$PGPID/stat > $tmp/before"
+        echo "\\! cut -d' ' -f1 /proc/\$PGPID/schedstat > $tmp/before"
         for i in $(seq 0 $((batches - 1))); do
             echo "BEGIN; COPY v FROM '$rows/$1-$i.bin' (FORMAT binary); COMMIT;"
         done
-        echo "\\! awk '{print \$14 + \$15}' /proc/\$PGPID/stat > $tmp/after"
+        echo "\\! cut -d' ' -f1 /proc/\$PGPID/schedstat > $tmp/after"
     } >"$script"
     "${lock[@]}" psql -X -q -v ON_ERROR_STOP=1 "$TOLLGATE_TEST_PG_URL" -f "$script" >/dev/null
     echo $(($(cat "$tmp/after") - $(cat "$tmp/before")))
 }
 
-declare -A ticks
+declare -A cpu_ns
 for _ in $(seq "$rounds"); do
     for k in "${!variants[@]}"; do
         IFS='|' read -r _ files _ ddl <<<"${variants[$k]}"
-        ticks[$k]="${ticks[$k]:-} $(measure "$files" "$ddl")"
+        cpu_ns[$k]="${cpu_ns[$k]:-} $(measure "$files" "$ddl")"
     done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -113,10 +113,10 @@ echo "| table | what it has | µs per row (median) | rounds |"
 echo "|---|---|---|---|"
 for k in "${!variants[@]}"; do
     IFS='|' read -r name _ what _ <<<"${variants[$k]}"
-    python3 - "$name" "$what" "$hz" "$total" "${ticks[$k]}" <<'PY'
+    python3 - "$name" "$what" "$total" "${cpu_ns[$k]}" <<'PY'
 import statistics, sys
-name, what, hz, rows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-us = [int(t) * 1e6 / hz / rows for t in sys.argv[5].split()]
+name, what, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
+us = [int(ns) / 1000 / rows for ns in sys.argv[4].split()]
 print(f"| {name} | {what} | {statistics.median(us):.2f} | {' / '.join(f'{u:.2f}' for u in us)} |")
 PY
 done

@@ -13,11 +13,14 @@ if [ $# -eq 0 ]; then
 fi
 tg=("$@")
 
-# `keys list` prints a header line, then one line per key (revoked ones included).
-if [ "$("${tg[@]}" keys list | tail -n +2 | wc -l)" -gt 0 ]; then
+# `keys list` prints a header line, then one line per key (revoked ones included). Read into a
+# variable first, so that a failing command stops the script instead of reading as "no keys".
+keys=$("${tg[@]}" keys list)
+if [ "$(printf '%s\n' "$keys" | awk 'NR > 1 && NF' | wc -l)" -gt 0 ]; then
     exit 0
 fi
-if ! "${tg[@]}" accounts list | tail -n +2 | cut -f1 | grep -qx local; then
+# (awk reads to the end: `grep -q` could exit first and, under pipefail, fail the pipeline.)
+if ! "${tg[@]}" accounts list | awk -F'\t' 'NR > 1 && $1 == "local" { found = 1 } END { exit !found }'; then
     "${tg[@]}" accounts create local >/dev/null
 fi
 key=$("${tg[@]}" keys create --account local)
@@ -32,6 +35,6 @@ cat <<EOF
     -H 'content-type: application/json' \\
     -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Say hello"}]}'
 
-  Another key: cargo run -q -- keys create --account local
+  Another key: target/debug/tollgate keys create --account local
 
 EOF

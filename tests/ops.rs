@@ -294,7 +294,12 @@ fn first_start_key_is_what_the_built_in_config_requires() {
         .find(|w| w.starts_with("tg-") && w.len() > 40)
         .unwrap_or_else(|| panic!("no key printed:\n{printed}"))
         .to_string();
-    assert_eq!(first_key(), "", "a second run prints (and creates) nothing");
+    assert_eq!(first_key(), "", "a second run prints nothing");
+    let keys = stdout_of(
+        Command::new(BIN).args(["--database-url", &url, "keys", "list"]),
+        "keys list",
+    );
+    assert_eq!(keys.lines().count(), 2, "a header and the one key:\n{keys}");
 
     // The built-in config, as `make run` serves it.
     let log = dir.path().join("serve.log");

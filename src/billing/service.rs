@@ -391,9 +391,11 @@ impl Billing {
 
     // ---- authentication -------------------------------------------------------------------
 
-    /// Resolves a raw key (`tg-…`) to its principal. Revocation takes effect immediately: the key
-    /// row is read on every call (an indexed lookup by digest; the digest is compared again in
-    /// constant time).
+    /// Resolves a raw key (`tg-…`) to its principal: an indexed lookup by digest (the digest is
+    /// compared again in constant time). Without a key cache (hold admission's default) the row
+    /// is read on every call, so a revocation takes effect on the next request; with one (lease
+    /// admission's default), a change through this instance drops the cache at once and one made
+    /// elsewhere within ~0.1 s (see [`Self::spawn_key_watch`]).
     pub async fn authenticate(&self, raw_key: &str) -> Result<Principal, BillingError> {
         if !keys::well_formed(raw_key) {
             return Err(BillingError::Unauthorized);
@@ -462,9 +464,9 @@ impl Billing {
         }
     }
 
-    /// Drops every cached key row (a key changed through this instance, or the store's key
-    /// epoch moved).
-    fn forget_keys(&self) {
+    /// Drops every cached key row (a key, its account's plan or limits changed through this
+    /// instance, or the store's key epoch moved).
+    pub fn forget_keys(&self) {
         let mut c = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         c.clear();
         self.keys_dropped.fetch_add(1, Ordering::Release);

@@ -236,7 +236,9 @@ pub async fn set_plan(store: &Store, name: &str, plan: Option<&str>) -> Result<b
         .bind(name)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
+    if res.rows_affected() > 0 {
+        sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
+    }
     tx.commit().await?;
     Ok(res.rows_affected() == 1)
 }
@@ -490,6 +492,11 @@ mod tests {
         assert!(set_plan(&store, "acme", None).await.expect("plan"));
         assert_eq!(store.key_epoch().await.expect("epoch"), 3);
         assert!(!set_plan(&store, "nobody", None).await.expect("plan"));
+        assert_eq!(
+            store.key_epoch().await.expect("epoch"),
+            3,
+            "nothing changed"
+        );
         let row = read_subject(&store, &a.id, "key_x")
             .await
             .expect("read")

@@ -320,7 +320,9 @@ impl Store {
         .bind(prefix)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
+        if res.rows_affected() > 0 {
+            sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(res.rows_affected() == 1)
     }
@@ -334,7 +336,9 @@ impl Store {
             .bind(prefix)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
+        if res.rows_affected() > 0 {
+            sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(res.rows_affected() == 1)
     }
