@@ -319,8 +319,10 @@ async fn admin_call(
 }
 
 /// Plan changes and overrides, made through the CLI and the admin API while the server runs, are
-/// enforced from the very next request.
-async fn changes_apply_on_next_request(stack: Stack, up: &FakeUpstream) {
+/// enforced from the very next request. With a key cache (lease admission), a change made by the
+/// CLI (another process) arrives through the key epoch, which the server reads every 100 ms: the
+/// test then waits `cli_settles` after each CLI change; admin API changes still apply at once.
+async fn changes_apply_on_next_request(stack: Stack, up: &FakeUpstream, cli_settles: Duration) {
     let key = stack.account("acme", None);
     let admin = stack.admin();
     let tg = stack.start(&[]);
@@ -338,6 +340,7 @@ async fn changes_apply_on_next_request(stack: Stack, up: &FakeUpstream) {
     assert!(stack
         .cli(&["accounts", "set-plan", "acme", "three_rpm"])
         .contains("plan=three_rpm"));
+    tokio::time::sleep(cli_settles).await;
     let mut statuses = Vec::new();
     for _ in 0..4 {
         statuses.push(chat(&c, &base, &key, false).await.0);
@@ -395,6 +398,7 @@ async fn changes_apply_on_next_request(stack: Stack, up: &FakeUpstream) {
     // An account override (CLI) raises the daily quota to 3: one more, then refused.
     let out = stack.cli(&["accounts", "limits", "acme", "--requests-per-day", "3"]);
     assert!(out.contains("requests_per_day\t3"), "{out}");
+    tokio::time::sleep(cli_settles).await;
     let (status, h, _) = chat(&c, &base, &key, false).await;
     assert_eq!(status, 200);
     assert_eq!(
@@ -483,6 +487,7 @@ async fn changes_apply_on_next_request(stack: Stack, up: &FakeUpstream) {
     // The CLI clears the account's overrides: back to the plan's 2 a day (already used up).
     let out = stack.cli(&["accounts", "limits", "acme", "--clear"]);
     assert!(out.contains("requests_per_day\t-"), "{out}");
+    tokio::time::sleep(cli_settles).await;
     let (status, _, body) = chat(&c, &base, &key, false).await;
     assert_eq!(status, 429);
     assert_eq!(body["error"]["code"], "daily_quota_exceeded");
@@ -502,7 +507,16 @@ async fn changes_apply_on_next_request(stack: Stack, up: &FakeUpstream) {
 async fn plan_and_override_changes_apply_on_next_request_sqlite() {
     let up = FakeUpstream::start(0).await;
     let stack = Stack::sqlite(&up.base_url(), &plans(""));
-    changes_apply_on_next_request(stack, &up).await;
+    changes_apply_on_next_request(stack, &up, Duration::ZERO).await;
+}
+
+/// The same with lease admission, whose key cache (600 s here) outlives the test.
+#[tokio::test]
+async fn plan_and_override_changes_apply_under_a_key_cache() {
+    let up = FakeUpstream::start(0).await;
+    let lease = "[billing]\nadmission = \"lease\"\nkey_cache_secs = 600\n";
+    let stack = Stack::sqlite(&up.base_url(), &plans(lease));
+    changes_apply_on_next_request(stack, &up, Duration::from_secs(1)).await;
 }
 
 /// The same on PostgreSQL (`TOLLGATE_TEST_PG_URL`, as `make test` sets it; SQLite without it).
@@ -510,5 +524,5 @@ async fn plan_and_override_changes_apply_on_next_request_sqlite() {
 async fn plan_and_override_changes_apply_on_next_request_postgres() {
     let up = FakeUpstream::start(0).await;
     let stack = Stack::shared(&up.base_url(), &plans("")).await;
-    changes_apply_on_next_request(stack, &up).await;
+    changes_apply_on_next_request(stack, &up, Duration::ZERO).await;
 }
