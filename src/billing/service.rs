@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -280,12 +279,28 @@ pub struct Billing {
     price_book: std::sync::OnceLock<Arc<PriceBook>>,
     /// Lease admission, when configured and started ([`Billing::start_leases`]).
     leases: Option<Arc<Leases>>,
-    /// Authenticated keys by digest, when `key_cache` is set: (read at, row).
-    keys: std::sync::Mutex<HashMap<String, (Instant, Arc<crate::store::KeyAuthRow>)>>,
-    /// How many times the key cache was dropped; changed only under the `keys` lock. A row read
-    /// from the store is cached only if no drop happened while it was read (it may predate the
-    /// change that caused the drop).
-    keys_dropped: std::sync::atomic::AtomicU64,
+    /// Authenticated keys by digest, when `key_cache` is set.
+    keys: std::sync::Mutex<KeyCache>,
+}
+
+/// Key rows read less than `key_cache` ago, all valid as of one count of key changes
+/// ([`Store::key_changes`]): when the count has moved, they are dropped.
+#[derive(Default)]
+struct KeyCache {
+    changes: u64,
+    /// By digest: (read at, row).
+    rows: HashMap<String, (Instant, Arc<crate::store::KeyAuthRow>)>,
+}
+
+impl KeyCache {
+    /// Drops the rows if a key changed since they were read (`changes` is the store's count now).
+    fn as_of(&mut self, changes: u64) -> &mut Self {
+        if self.changes != changes {
+            self.rows.clear();
+            self.changes = changes;
+        }
+        self
+    }
 }
 
 impl std::fmt::Debug for Billing {
@@ -317,8 +332,7 @@ impl Billing {
             }),
             price_book: std::sync::OnceLock::new(),
             leases: None,
-            keys: std::sync::Mutex::new(HashMap::new()),
-            keys_dropped: std::sync::atomic::AtomicU64::new(0),
+            keys: std::sync::Mutex::default(),
         }
     }
 
@@ -404,7 +418,8 @@ impl Billing {
         let row = match self.cached_key(&digest) {
             Some(row) => row,
             None => {
-                let dropped = self.keys_dropped.load(Ordering::Acquire);
+                // Counted before the read: a row read while a key changed may predate the change.
+                let changes = self.store.key_changes();
                 let row = Arc::new(
                     Box::pin(self.store.key_by_hash(&digest))
                         .await?
@@ -412,11 +427,12 @@ impl Billing {
                 );
                 if !self.settings.key_cache.is_zero() {
                     if let Ok(mut c) = self.keys.lock() {
-                        if self.keys_dropped.load(Ordering::Acquire) == dropped {
-                            if c.len() >= KEY_CACHE_MAX {
-                                c.clear();
+                        let c = c.as_of(self.store.key_changes());
+                        if c.changes == changes {
+                            if c.rows.len() >= KEY_CACHE_MAX {
+                                c.rows.clear();
                             }
-                            c.insert(digest.clone(), (Instant::now(), row.clone()));
+                            c.rows.insert(digest.clone(), (Instant::now(), row.clone()));
                         }
                     }
                 }
@@ -453,23 +469,15 @@ impl Billing {
         if self.settings.key_cache.is_zero() {
             return None;
         }
-        let c = self.keys.lock().ok()?;
-        let (at, row) = c.get(digest)?;
+        let mut c = self.keys.lock().ok()?;
+        let (at, row) = c.as_of(self.store.key_changes()).rows.get(digest)?;
         (at.elapsed() < self.settings.key_cache).then(|| row.clone())
     }
 
     fn forget_key(&self, digest: &str) {
         if let Ok(mut c) = self.keys.lock() {
-            c.remove(digest);
+            c.rows.remove(digest);
         }
-    }
-
-    /// Drops every cached key row (a key, its account's plan or limits changed through this
-    /// instance, or the store's key epoch moved).
-    pub fn forget_keys(&self) {
-        let mut c = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        c.clear();
-        self.keys_dropped.fetch_add(1, Ordering::Release);
     }
 
     // ---- prices ---------------------------------------------------------------------------
@@ -890,10 +898,12 @@ impl Billing {
     }
 
     /// With a key cache (`key_cache`, lease admission's default), reads the store's key epoch
-    /// every [`KEY_WATCH_EVERY`] and drops the cache when it has moved: a key revoked, a cap or a
-    /// plan changed by another process (the CLI, another instance) counts from the next request
-    /// after that read, not after the cache's lifetime. The lifetime still bounds a cached row's
-    /// age if the store cannot be read. `None` without a key cache (every request reads the key).
+    /// every [`KEY_WATCH_EVERY`] and, when it has moved, counts a key change
+    /// ([`Store::keys_changed`]), which drops the cache: a key revoked, a cap or a plan changed by
+    /// another process (the CLI, another instance) counts from the next request after that read,
+    /// not after the cache's lifetime. (Changes this process makes count as they commit.) The
+    /// lifetime still bounds a cached row's age if the store cannot be read. `None` without a key
+    /// cache (every request reads the key).
     pub fn spawn_key_watch(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         if self.settings.key_cache.is_zero() {
             return None;
@@ -911,7 +921,7 @@ impl Billing {
                     Ok(Ok(epoch)) => {
                         // The first read too: a row cached before it may predate a change.
                         if seen != Some(epoch) {
-                            me.forget_keys();
+                            me.store.keys_changed();
                             seen = Some(epoch);
                         }
                         failing = false;
@@ -1116,7 +1126,6 @@ impl Billing {
 
     pub async fn revoke_key(&self, prefix: &str) -> Result<(), BillingError> {
         if self.store.revoke_key(prefix).await? {
-            self.forget_keys();
             tracing::info!(key = %prefix, "revoked API key");
             Ok(())
         } else {
@@ -1137,7 +1146,6 @@ impl Billing {
         if !self.store.set_key_cap(prefix, cap).await? {
             return Err(BillingError::NotFound(format!("key {prefix}")));
         }
-        self.forget_keys();
         self.key(prefix).await
     }
 

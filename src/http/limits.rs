@@ -334,7 +334,6 @@ async fn apply_patch(
             .await
             .map_err(store_error)?;
         state.limiter.forget_subjects();
-        billing.forget_keys();
     }
     Ok(())
 }
@@ -487,7 +486,6 @@ pub async fn patch_account(
             .await
             .map_err(store_error)?;
         state.limiter.forget_subjects();
-        billing.forget_keys();
         tracing::info!(account = %account.name, plan = ?plan, "account plan changed");
     }
     apply_patch(&state, &billing, Target::Account(&account.id), &patch).await?;

@@ -11,7 +11,6 @@ use sqlx::Row;
 
 use super::LimitKind;
 use crate::config::PlanConfig;
-use crate::store::accounts::BUMP_KEY_EPOCH;
 use crate::store::{now_ms, Store, StoreError};
 
 /// Largest count a limit may be set to (as in `[[plans]]`).
@@ -221,8 +220,7 @@ pub async fn apply(
             }
             q.bind(now_ms()).execute(&mut *tx).await?;
         }
-        sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
-        tx.commit().await?;
+        store.commit_key_change(tx, true).await?;
     }
     read(store, target).await
 }
@@ -236,10 +234,7 @@ pub async fn set_plan(store: &Store, name: &str, plan: Option<&str>) -> Result<b
         .bind(name)
         .execute(&mut *tx)
         .await?;
-    if res.rows_affected() > 0 {
-        sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
+    store.commit_key_change(tx, res.rows_affected() > 0).await?;
     Ok(res.rows_affected() == 1)
 }
 
@@ -497,6 +492,8 @@ mod tests {
             3,
             "nothing changed"
         );
+        // This process counted the same three, as they committed (its key caches watch that).
+        assert_eq!(store.key_changes(), 3);
         let row = read_subject(&store, &a.id, "key_x")
             .await
             .expect("read")

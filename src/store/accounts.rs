@@ -1,6 +1,7 @@
 //! Accounts and API-key rows: create, list, look up by key digest, revoke, spend caps.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 use sqlx::Row;
 
@@ -320,10 +321,7 @@ impl Store {
         .bind(prefix)
         .execute(&mut *tx)
         .await?;
-        if res.rows_affected() > 0 {
-            sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        self.commit_key_change(tx, res.rows_affected() > 0).await?;
         Ok(res.rows_affected() == 1)
     }
 
@@ -336,15 +334,33 @@ impl Store {
             .bind(prefix)
             .execute(&mut *tx)
             .await?;
-        if res.rows_affected() > 0 {
-            sqlx::query(BUMP_KEY_EPOCH).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        self.commit_key_change(tx, res.rows_affected() > 0).await?;
         Ok(res.rows_affected() == 1)
     }
 
-    /// How many times what an authenticated key carries has changed (see migration 0008): a
-    /// cache of key rows is stale once this has moved.
+    /// Commits a transaction that changed what an authenticated key carries (its revocation or
+    /// spend cap, its account's plan, limit overrides) when `changed`: the database's key epoch
+    /// (migration 0008) moves in the same transaction, for other processes, and this process's
+    /// count of key changes after the commit, for its own caches.
+    pub(crate) async fn commit_key_change(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        changed: bool,
+    ) -> Result<(), StoreError> {
+        if changed {
+            sqlx::query("UPDATE key_epoch SET epoch = epoch + 1 WHERE id = 1")
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        if changed {
+            self.keys_changed();
+        }
+        Ok(())
+    }
+
+    /// How many times what an authenticated key carries has changed, by the database's count
+    /// (every process's changes; see migration 0008).
     pub async fn key_epoch(&self) -> Result<i64, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT epoch FROM key_epoch WHERE id = 1")
@@ -352,7 +368,16 @@ impl Store {
                 .await?,
         )
     }
-}
 
-/// Counts one change to what an authenticated key carries; run in the change's transaction.
-pub(crate) const BUMP_KEY_EPOCH: &str = "UPDATE key_epoch SET epoch = epoch + 1 WHERE id = 1";
+    /// How many key changes this process knows of: its own, counted as they commit, and other
+    /// processes', counted when [`key_epoch`](Self::key_epoch) is seen to move. A cache of key
+    /// rows filled at a lower count may be stale.
+    pub fn key_changes(&self) -> u64 {
+        self.key_changes.load(Ordering::Acquire)
+    }
+
+    /// Counts a key change (see [`Self::key_changes`]).
+    pub fn keys_changed(&self) {
+        self.key_changes.fetch_add(1, Ordering::Release);
+    }
+}

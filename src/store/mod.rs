@@ -76,6 +76,9 @@ pub struct Store {
     lease_writer: Option<Arc<lease_writer::LeaseWriter>>,
     /// PostgreSQL: the pool lease finals are copied through (see [`lease_copy`]).
     lease_pg: Option<sqlx::PgPool>,
+    /// Changes to what an authenticated key carries that this process knows of (see
+    /// [`Store::key_changes`]); shared by every clone of the handle.
+    key_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Settings of every SQLite connection, the pool's and the lease writer's (on top of sqlx's default
@@ -187,6 +190,7 @@ impl Store {
                 Backend::Postgres => Some(lease_copy::pool(&url)?),
                 Backend::Sqlite => None,
             },
+            key_changes: Arc::default(),
         };
         store.batcher = batch::spawn(&store);
         Ok(store)
