@@ -118,6 +118,10 @@ struct Queue {
     /// Finished, not yet written: their journal sequence numbers and row.
     /// Shared, so the writer takes a batch under the lock without copying rows there.
     pending: Vec<(Seqs, Arc<LeaseFinal>)>,
+    /// The last write of `pending`'s front failed or timed out, so it may have committed all the
+    /// same: the next write checks which rows the database has (see
+    /// [`Store::apply_lease_finals`]).
+    unsure: bool,
 }
 
 impl Queue {
@@ -233,7 +237,8 @@ impl Leases {
         let mut rows: Vec<Arc<LeaseFinal>> = rows.into_values().map(Arc::new).collect();
         rows.sort_by_key(|r| r.created_at);
         for chunk in rows.chunks(MAX_FINALS) {
-            store.apply_lease_finals(chunk.to_vec()).await?;
+            // Some of them may have been written before the crash.
+            store.apply_lease_finals(chunk.to_vec(), true).await?;
         }
         for id in store.open_leases_of(&owner).await? {
             store
@@ -546,22 +551,29 @@ impl Leases {
     async fn write_pending(&self) -> bool {
         let _one = self.writer.lock().await;
         // Under the lock (which every finishing request takes) only the shared rows are taken.
-        let rows: Vec<Arc<LeaseFinal>> = {
+        let (rows, unsure): (Vec<Arc<LeaseFinal>>, bool) = {
             let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let n = q.pending.len().min(MAX_BATCH);
-            q.pending[..n].iter().map(|(_, f)| Arc::clone(f)).collect()
+            let rows = q.pending[..n].iter().map(|(_, f)| Arc::clone(f)).collect();
+            (rows, q.unsure)
         };
         let n = rows.len();
         if n == 0 {
             return false;
         }
-        let res =
-            tokio::time::timeout(Duration::from_secs(30), self.store.apply_lease_finals(rows))
-                .await;
+        let res = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.store.apply_lease_finals(rows, unsure),
+        )
+        .await;
+        if !matches!(res, Ok(Ok(_))) {
+            self.queue.lock().unwrap_or_else(|e| e.into_inner()).unsure = true;
+        }
         match res {
             Ok(Ok(_)) => {
                 let written: Vec<_> = {
                     let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                    q.unsure = false;
                     q.pending.drain(..n).collect()
                 };
                 // The last references to the rows (the store's are gone): freeing a batch of

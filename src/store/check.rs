@@ -1,11 +1,12 @@
 //! Ledger invariant checker, run after every billing test and by `tollgate ledger check`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::Row;
 
+use super::leases::LeaseFinal;
 use super::ledger::{available_of, held_of};
-use super::{Store, StoreError};
+use super::{pieces, Store, StoreError};
 
 /// Totals the checker saw (for reporting); `problems` is empty when the ledger is consistent.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -215,8 +216,10 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         rep.requests = rows.len() as i64;
+        let mut ids: HashSet<String> = HashSet::with_capacity(rows.len());
         for r in &rows {
             let id: String = r.try_get(0)?;
+            ids.insert(id.clone());
             let state: String = r.try_get(1)?;
             let hold = get_i64(r, 2)?;
             let cost = get_i64(r, 3)?;
@@ -281,6 +284,71 @@ impl Store {
                     .push(format!("request {id}: unknown state {other}")),
             }
         }
+        // Leased requests' packed records: each in the bucket of its id, each id written once
+        // (in one piece, or in `requests` by an earlier version), with no transaction of its own.
+        let own_txns: HashSet<String> = sqlx::query(
+            "SELECT DISTINCT request_id FROM ledger_transactions \
+             WHERE phase IN ('hold', 'final') AND request_id IS NOT NULL",
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()?;
+        let mut packed_settled: Vec<LeaseFinal> = Vec::new();
+        for r in sqlx::query("SELECT id, bucket, rows, data FROM request_pieces")
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let piece = get_i64(&r, 0)?;
+            let (bucket, count) = (get_i64(&r, 1)?, get_i64(&r, 2)?);
+            let data: Vec<u8> = r.try_get(3)?;
+            let records = match pieces::decode(&data) {
+                Ok(records) => records,
+                Err(e) => {
+                    rep.problems.push(format!("request piece {piece}: {e}"));
+                    continue;
+                }
+            };
+            if records.len() as i64 != count {
+                rep.problems.push(format!(
+                    "request piece {piece}: {} records, {count} counted",
+                    records.len()
+                ));
+            }
+            for f in records {
+                let id = f.id.as_str();
+                rep.requests += 1;
+                if pieces::bucket_of(id) != bucket {
+                    rep.problems
+                        .push(format!("request {id}: in piece {piece} of another bucket"));
+                }
+                if !ids.insert(f.id.clone()) {
+                    rep.problems.push(format!("request {id}: written twice"));
+                }
+                if own_txns.contains(id) {
+                    rep.problems.push(format!(
+                        "request {id}: leased but has transactions of its own"
+                    ));
+                }
+                if let Some(e) = leased.get_mut(&f.lease_id) {
+                    *e += f.cost_micros;
+                } else {
+                    rep.problems
+                        .push(format!("request {id}: unknown lease {}", f.lease_id));
+                }
+                match f.state.as_str() {
+                    "settled" | "released" | "expired" => {}
+                    other => rep
+                        .problems
+                        .push(format!("request {id}: leased request in state {other}")),
+                }
+                charge_problems(&mut rep, id, &f.state, f.cost_micros, f.hold_micros);
+                if f.state == "settled" {
+                    packed_settled.push(f);
+                }
+            }
+        }
         for (id, _, captured, _, _, _) in &lease_totals {
             let charged = leased.get(id).copied().unwrap_or(0);
             if *captured != charged {
@@ -289,7 +357,7 @@ impl Store {
                 ));
             }
         }
-        usage_problems(&mut rep, &mut tx).await?;
+        usage_problems(&mut rep, &mut tx, &packed_settled).await?;
         tx.rollback().await?;
         Ok(rep)
     }
@@ -300,6 +368,7 @@ impl Store {
 async fn usage_problems(
     rep: &mut LedgerReport,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    packed_settled: &[LeaseFinal],
 ) -> Result<(), StoreError> {
     type Groups = HashMap<(String, i64, String, String), [i64; 6]>;
     fn groups(rows: &[sqlx::any::AnyRow]) -> Result<Groups, sqlx::Error> {
@@ -326,6 +395,26 @@ async fn usage_problems(
         .fetch_all(&mut **tx)
         .await?,
     )?;
+    let mut from_requests = from_requests;
+    for f in packed_settled {
+        let key = (
+            f.account_id.clone(),
+            f.created_at / 1000,
+            f.key_id.clone().unwrap_or_default(),
+            f.model.clone(),
+        );
+        let t = from_requests.entry(key).or_insert([0; 6]);
+        for (t, v) in t.iter_mut().zip([
+            1,
+            f.prompt_tokens,
+            f.cached_tokens,
+            f.completion_tokens,
+            f.reasoning_tokens,
+            f.cost_micros,
+        ]) {
+            *t += v;
+        }
+    }
     let rolled_up = groups(
         &sqlx::query(
             "SELECT account_id, at_second, key_id, model, requests, prompt_tokens, cached_tokens, \

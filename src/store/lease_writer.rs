@@ -1,14 +1,13 @@
 //! The lease writer: on a SQLite file, [`Store::apply_lease_finals`] runs on a thread of its own
 //! (`lease-writer`) with one rusqlite connection, one hand-off per batch.
 //!
-//! Through sqlx's `Any` driver a batch of leased requests' rows cost ~13 µs of CPU per row, of
-//! which SQLite itself was 1–2 µs: the rest was converting each of a row's 30 binds, allocating,
-//! and waking sqlx's worker thread per statement. Here each row is one execution of a cached
-//! single-row insert bound straight from the [`LeaseFinal`], and its changed-row count says
-//! whether it was new, so a replay needs no second pass.
+//! Through sqlx's `Any` driver a batch of leased requests' rows (a row each, as they were then)
+//! cost ~13 µs of CPU per row, of which SQLite itself was 1–2 µs: the rest was converting binds,
+//! allocating, and waking sqlx's worker thread per statement. Here a batch is one hand-off, and
+//! its records are packed ([`pieces`](super::pieces)): a row per id bucket.
 //!
 //! The transaction is the one of the sqlx path in [`leases`](super::leases) (which an in-memory
-//! SQLite database still uses): the same rows, the same captures
+//! SQLite database still uses): the same pieces, the same captures
 //! ([`capture_statements`](super::leases::capture_statements)), in one `BEGIN IMMEDIATE` …
 //! `COMMIT`. The connection has the pool's settings
 //! (WAL, `synchronous=NORMAL`, `busy_timeout`, `temp_store`, foreign keys); the caller holds the
@@ -26,10 +25,9 @@ use rusqlite::{
 use tokio::sync::oneshot;
 
 use super::leases::{
-    capture_statements, checked_against, final_values, lease_ids_of, Arg, LeaseFinal, LeaseInfo,
-    Val, FINAL_COLUMNS, FINAL_TARGET,
+    capture_statements, checked_against, lease_ids_of, Arg, LeaseFinal, LeaseInfo,
 };
-use super::{now_ms, StoreError, SQLITE_PRAGMAS};
+use super::{now_ms, pieces, StoreError, SQLITE_PRAGMAS};
 
 /// How long a caller waits for its batch (the thread may first wait up to `busy_timeout`, 10 s,
 /// for another process's write lock).
@@ -39,6 +37,7 @@ type Reply = oneshot::Sender<Result<u64, StoreError>>;
 
 struct Job {
     finals: Vec<Arc<LeaseFinal>>,
+    maybe_written: bool,
     reply: Reply,
 }
 
@@ -70,9 +69,17 @@ impl LeaseWriter {
 
     /// Writes one batch (see [`Store::apply_lease_finals`](super::Store::apply_lease_finals)) on
     /// the writer thread; the caller holds the store's write gate. Returns the rows inserted.
-    pub(crate) async fn apply(&self, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, StoreError> {
+    pub(crate) async fn apply(
+        &self,
+        finals: Vec<Arc<LeaseFinal>>,
+        maybe_written: bool,
+    ) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Job { finals, reply })?;
+        self.send(Job {
+            finals,
+            maybe_written,
+            reply,
+        })?;
         match tokio::time::timeout(REPLY_TIMEOUT, answer).await {
             Ok(Ok(res)) => res,
             Ok(Err(_)) => Err(StoreError::LeaseWriter(
@@ -147,9 +154,9 @@ fn run(path: &std::path::Path, jobs: mpsc::Receiver<Job>) {
     let mut conn: Option<Connection> = None;
     for job in jobs {
         let res = match &mut conn {
-            Some(c) => apply(c, job.finals),
+            Some(c) => apply(c, job.finals, job.maybe_written),
             None => match open(path) {
-                Ok(c) => apply(conn.insert(c), job.finals),
+                Ok(c) => apply(conn.insert(c), job.finals, job.maybe_written),
                 Err(e) => Err(e),
             },
         };
@@ -174,15 +181,6 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// A final row's insert (columns of [`FINAL_TARGET`], values of [`final_values`]).
-fn insert_final_sql() -> String {
-    let params: Vec<String> = (1..=FINAL_COLUMNS).map(|i| format!("?{i}")).collect();
-    format!(
-        "INSERT INTO {FINAL_TARGET} VALUES ({}) ON CONFLICT (id) DO NOTHING",
-        params.join(", ")
-    )
-}
-
 impl ToSql for Arg {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         match self {
@@ -192,17 +190,12 @@ impl ToSql for Arg {
     }
 }
 
-impl ToSql for Val<'_> {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        match self {
-            Val::Text(t) => t.to_sql(),
-            Val::Int(n) => n.to_sql(),
-        }
-    }
-}
-
 /// One batch in one transaction (the sqlx path's, statement for statement).
-fn apply(conn: &mut Connection, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, StoreError> {
+fn apply(
+    conn: &mut Connection,
+    finals: Vec<Arc<LeaseFinal>>,
+    maybe_written: bool,
+) -> Result<u64, StoreError> {
     let now = now_ms();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
 
@@ -228,35 +221,42 @@ fn apply(conn: &mut Connection, finals: Vec<Arc<LeaseFinal>>) -> Result<u64, Sto
             }
         }
     }
-    let finals = checked_against(finals, &leases);
+    let mut finals = checked_against(finals, &leases);
 
-    // The rows; each one new (not a replay) is charged. A bound value stays bound after a row is
-    // inserted, so only the columns that differ from the previous row's are bound again: most of
-    // a batch's text columns (lease, account, key, model, provider, status) repeat, and each text
-    // bound is a copy SQLite allocates.
-    let mut written = Vec::with_capacity(finals.len());
-    {
-        let mut insert = tx.prepare_cached(&insert_final_sql())?;
-        let mut bound: Option<[Val<'_>; FINAL_COLUMNS]> = None;
-        for f in &finals {
-            let values = final_values(f);
-            for (i, v) in values.iter().enumerate() {
-                if bound.as_ref().is_none_or(|b| b[i] != *v) {
-                    insert.raw_bind_parameter(i + 1, v)?;
+    if maybe_written {
+        let mut there = Vec::new();
+        {
+            let mut get = tx.prepare_cached(pieces::PIECES_OF_BUCKET)?;
+            for bucket in pieces::buckets_of(&finals) {
+                for data in get.query_map([bucket], |r| r.get::<_, Vec<u8>>(0))? {
+                    there.push(data?);
                 }
             }
-            bound = Some(values);
-            if insert.raw_execute()? > 0 {
-                written.push(f);
+        }
+        let mut rows = Vec::new();
+        {
+            let mut get = tx.prepare_cached("SELECT id FROM requests WHERE id = ?1")?;
+            for f in &finals {
+                if get.exists([&f.id])? {
+                    rows.push(f.id.clone());
+                }
             }
         }
+        let present = pieces::present_in(&finals, &there, rows)?;
+        finals.retain(|f| !present.contains(&f.id));
     }
 
-    for (sql, args) in capture_statements(written.iter().map(|f| &***f), &leases, now) {
+    {
+        let mut insert = tx.prepare_cached(pieces::INSERT_PIECE)?;
+        for p in pieces::pack(&finals)? {
+            insert.execute(rusqlite::params![p.bucket, p.rows, p.data, now])?;
+        }
+    }
+    for (sql, args) in capture_statements(finals.iter().map(|f| &**f), &leases, now) {
         tx.prepare_cached(sql)?.execute(params_from_iter(args))?;
     }
     tx.commit()?;
-    Ok(written.len() as u64)
+    Ok(finals.len() as u64)
 }
 
 #[cfg(test)]
@@ -276,9 +276,9 @@ mod tests {
         (dir, conn)
     }
 
-    /// A batch whose rows differ in some columns and repeat others (NULLs among them) is
-    /// written column for column, although only changed values are bound again between rows;
-    /// the same batch again (a replay) writes nothing.
+    /// A batch whose records differ in some fields and repeat others (NULLs among them) is
+    /// written field for field, packed by bucket; the same batch again as a replay writes
+    /// nothing.
     #[tokio::test]
     async fn a_batch_is_written_column_for_column() {
         let (_dir, mut conn) = migrated().await;
@@ -357,59 +357,76 @@ mod tests {
         .into_iter()
         .map(Arc::new)
         .collect();
-        let written = apply(&mut conn, finals.clone()).unwrap_or_else(|e| panic!("apply: {e}"));
+        let written =
+            apply(&mut conn, finals.clone(), false).unwrap_or_else(|e| panic!("apply: {e}"));
         assert_eq!(written, 4);
-        let read = |conn: &Connection, id: &str| -> Vec<rusqlite::types::Value> {
-            let sql = format!(
-                "SELECT {} FROM requests WHERE id = ?1",
-                FINAL_TARGET
-                    .trim_start_matches("requests (")
-                    .trim_end_matches(')')
-            );
-            conn.query_row(&sql, [id], |r| {
-                (0..FINAL_COLUMNS).map(|i| r.get(i)).collect()
-            })
-            .unwrap_or_else(|e| panic!("read {id}: {e}"))
+        let read = |conn: &Connection| -> Vec<LeaseFinal> {
+            let mut stmt = conn
+                .prepare("SELECT bucket, rows, data FROM request_pieces ORDER BY id")
+                .unwrap_or_else(|e| panic!("select: {e}"));
+            let pieces: Vec<(i64, i64, Vec<u8>)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .and_then(|rows| rows.collect())
+                .unwrap_or_else(|e| panic!("pieces: {e}"));
+            let mut out = Vec::new();
+            for (bucket, rows, data) in pieces {
+                let records = pieces::decode(&data).unwrap_or_else(|e| panic!("decode: {e}"));
+                assert_eq!(records.len() as i64, rows, "the piece's count");
+                assert!(records.iter().all(|f| pieces::bucket_of(&f.id) == bucket));
+                out.extend(records);
+            }
+            out.sort_by(|a, b| a.id.cmp(&b.id));
+            out
         };
-        let expected = |f: &LeaseFinal| -> Vec<rusqlite::types::Value> {
-            use rusqlite::types::Value;
-            final_values(f)
-                .iter()
-                .map(|v| match v {
-                    Val::Text(t) => t.map_or(Value::Null, |t| Value::Text(t.to_string())),
-                    Val::Int(n) => n.map_or(Value::Null, Value::Integer),
-                })
-                .collect()
-        };
-        for f in &finals {
-            assert_eq!(read(&conn, &f.id), expected(f), "row {}", f.id);
-        }
+        let want: Vec<LeaseFinal> = finals.iter().map(|f| LeaseFinal::clone(f)).collect();
+        assert_eq!(read(&conn), want, "every field as recorded");
         assert_eq!(
-            apply(&mut conn, finals.clone()).unwrap_or_else(|e| panic!("replay: {e}")),
+            apply(&mut conn, finals.clone(), true).unwrap_or_else(|e| panic!("replay: {e}")),
             0
         );
-        for f in &finals {
-            assert_eq!(
-                read(&conn, &f.id),
-                expected(f),
-                "row {} after the replay",
-                f.id
-            );
-        }
+        assert_eq!(read(&conn), want, "the replay wrote nothing");
+
+        // A replayed batch leaves out ids a `requests` row has (lease rows of earlier versions),
+        // and writes the rest.
+        conn.execute(
+            "INSERT INTO requests (id, account_id, lease_id, model, state, hold_micros, \
+             hold_expires_at, created_at) VALUES ('r5', 'a1', 'l1', 'm', 'settled', 0, 0, 0)",
+            [],
+        )
+        .unwrap_or_else(|e| panic!("old row: {e}"));
+        let more: Vec<Arc<LeaseFinal>> = ["r5", "r6", "r1"]
+            .iter()
+            .map(|id| {
+                Arc::new(LeaseFinal {
+                    id: id.to_string(),
+                    ..LeaseFinal::clone(&finals[0])
+                })
+            })
+            .collect();
+        assert_eq!(
+            apply(&mut conn, more, true).unwrap_or_else(|e| panic!("replay: {e}")),
+            1,
+            "only r6 is new"
+        );
+        let ids: Vec<String> = read(&conn).into_iter().map(|f| f.id).collect();
+        assert_eq!(ids, ["r1", "r2", "r3", "r4", "r6"]);
     }
 
-    /// Writing a request row builds no temporary B-tree: a CHECK's `IN` over more than two
-    /// constants made SQLite build and drop one per row (a third of the row's CPU), so the
-    /// state CHECK is written as comparisons (migration 0006).
+    /// Writing a request row (hold admission's) builds no temporary B-tree: a CHECK's `IN` over
+    /// more than two constants made SQLite build and drop one per row (a third of the row's
+    /// CPU), so the state CHECK is written as comparisons (migration 0006).
     #[tokio::test]
     async fn a_request_row_insert_opens_no_ephemeral_table() {
         let (_dir, conn) = migrated().await;
         let mut stmt = conn
-            .prepare(&format!("EXPLAIN {}", insert_final_sql()))
+            .prepare(
+                "EXPLAIN INSERT INTO requests (id, account_id, model, state, hold_micros, \
+                 hold_expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
             .unwrap_or_else(|e| panic!("explain: {e}"));
         let ops: Vec<String> = stmt
             .query_map(
-                params_from_iter(std::iter::repeat_n(rusqlite::types::Null, FINAL_COLUMNS)),
+                params_from_iter(std::iter::repeat_n(rusqlite::types::Null, 7)),
                 |r| r.get::<_, String>(1),
             )
             .unwrap_or_else(|e| panic!("query: {e}"))

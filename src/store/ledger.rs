@@ -527,14 +527,31 @@ impl Store {
         Ok(Some(rec))
     }
 
-    /// Fetches one request record.
+    /// Fetches one request record: a `requests` row (hold admission), else a leased request's
+    /// record from the pieces of its id's bucket (see [`pieces`](super::pieces)).
     pub async fn request_by_id(&self, id: &str) -> Result<Option<RequestRow>, StoreError> {
         let sql = format!("SELECT {REQUEST_COLS} FROM requests WHERE id = $1");
         let row = sqlx::query(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(request_from).transpose()?)
+        if let Some(row) = row {
+            return Ok(Some(request_from(&row)?));
+        }
+        let pieces = sqlx::query(super::pieces::PIECES_OF_BUCKET)
+            .bind(super::pieces::bucket_of(id))
+            .fetch_all(&self.pool)
+            .await?;
+        for p in pieces {
+            let data: Vec<u8> = p.try_get(0)?;
+            if let Some(f) = super::pieces::decode(&data)?
+                .into_iter()
+                .find(|f| f.id == id)
+            {
+                return Ok(Some(f.into_row()));
+            }
+        }
+        Ok(None)
     }
 
     /// Ids of holds whose expiry has passed (oldest first).

@@ -10,10 +10,11 @@ pub mod accounts;
 pub mod attempts;
 mod batch;
 pub mod check;
-mod lease_copy;
+mod lease_pg;
 mod lease_writer;
 pub mod leases;
 pub mod ledger;
+mod pieces;
 pub mod prices;
 pub mod usage;
 
@@ -74,7 +75,7 @@ pub struct Store {
     /// SQLite file: the thread that writes lease finals (see [`lease_writer`]), started on first
     /// use. `None` on PostgreSQL and on an in-memory SQLite database (no file to share).
     lease_writer: Option<Arc<lease_writer::LeaseWriter>>,
-    /// PostgreSQL: the pool lease finals are copied through (see [`lease_copy`]).
+    /// PostgreSQL: the pool lease finals are written through (see [`lease_pg`]).
     lease_pg: Option<sqlx::PgPool>,
     /// Changes to what an authenticated key carries that this process knows of (see
     /// [`Store::key_changes`]); shared by every clone of the handle.
@@ -187,7 +188,7 @@ impl Store {
             batcher: None,
             lease_writer: sqlite_file.map(|f| Arc::new(lease_writer::LeaseWriter::new(f))),
             lease_pg: match backend {
-                Backend::Postgres => Some(lease_copy::pool(&url)?),
+                Backend::Postgres => Some(lease_pg::pool(&url)?),
                 Backend::Sqlite => None,
             },
             key_changes: Arc::default(),
