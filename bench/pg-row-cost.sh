@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# What one request row costs PostgreSQL, and which part of the row costs what.
+# What a request's record costs PostgreSQL: as a row of its own (as lease admission wrote it until
+# migration 0009), part by part, and packed (`request_pieces`, as it writes it now).
 #
 # The lease slot of bench/billing.sh (the real gateway, billing on with lease admission, through
-# the fake upstream) fills a throwaway PostgreSQL's `requests` table. Those rows are copied out
-# in COPY's binary format, in batches of 2,048 (the lease writer's batches at full load are
-# ~2,000 rows), and copied in again, one transaction per batch as the writer does, into tables
-# that each differ from `requests` in one thing: no secondary index, no check constraints, no
-# primary key, only some of the columns. For each, the server backend's CPU time per row (from
-# /proc/PID/schedstat, in nanoseconds) is printed, median of ROUNDS interleaved rounds. Nothing
-# else runs meanwhile, so these are idle-machine costs; beside the gateway and the load generator
-# (bench/billing.sh) the same rows cost more.
+# the fake upstream) fills a throwaway PostgreSQL's `request_pieces` table. The pieces are copied
+# out in COPY's binary format, one file each, and copied in again, one transaction per piece (the
+# writer's transaction holds one or two), into tables like `request_pieces` with its `data`
+# stored as migrated (out of line, uncompressed) or compressed (pglz, lz4). The same records,
+# listed by `tollgate requests`, are also put in the `requests` table as rows (the lease id added
+# back: the listing leaves it out), copied out in batches of 2,048 (the writer's batches at full
+# load were ~2,000 rows) and copied in again, one transaction per batch as the writer did, into
+# tables that each differ from `requests` in one thing: no secondary index, no check
+# constraints, no primary key, only some of the columns. For each table, the server backend's
+# CPU time per record (from /proc/PID/schedstat, in nanoseconds) is printed, median of ROUNDS
+# interleaved rounds. Nothing else runs meanwhile, so these are idle-machine costs; beside the
+# gateway and the load generator (bench/billing.sh) the same records cost more.
 #
 #   bench/pg-row-cost.sh [rounds]          # default 3
 #   PROFILE=dev bench/pg-row-cost.sh ...    # a debug build fills the table instead
@@ -41,13 +46,53 @@ echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "${lock[@]}" "$dir/examples/billing_bench" --bin "$dir/tollgate" --secs 10 --rounds 1 --concurrency 8 \
     --delay-ms 0 --lease-pg "$TOLLGATE_TEST_PG_URL" >"$tmp/fill.out" 2>&1 \
     || { cat "$tmp/fill.out" >&2; exit 1; }
-n=$(psql_ -Atc "SELECT count(*) FROM requests")
-batches=$((n / 2048))
-if [ "$batches" -gt 100 ]; then batches=100; fi
-if [ "$batches" -lt 20 ]; then
-    echo "only $n request rows were written; need 40,960" >&2
+pieces=$(psql_ -Atc "SELECT count(*) FROM request_pieces")
+records=$(psql_ -Atc "SELECT COALESCE(sum(rows), 0) FROM request_pieces")
+if [ "$records" -lt 40960 ]; then
+    echo "only $records request records were written; need 40,960" >&2
     exit 1
 fi
+for i in $(seq 0 $((pieces - 1))); do
+    echo "COPY (SELECT * FROM request_pieces ORDER BY id OFFSET $i LIMIT 1) TO '$rows/piece-$i.bin' (FORMAT binary);"
+done | psql_ >/dev/null
+
+# The records as rows of `requests`.
+TOLLGATE_SECRET=pg-row-cost "$dir/tollgate" requests --database-url "$TOLLGATE_TEST_PG_URL" \
+    --from 0 --limit 100000000 >"$rows/records.jsonl"
+psql_ <<SQL
+CREATE TABLE jl (j jsonb);
+\copy jl FROM '$rows/records.jsonl' (FORMAT csv, QUOTE e'\x01', DELIMITER e'\x02')
+CREATE TYPE rr AS (id text, account_id text, key_id text, model text, provider text,
+    upstream_model text, price_id bigint, state text, hold_micros bigint, hold_expires_at bigint,
+    status text, http_status bigint, prompt_tokens bigint, cached_tokens bigint,
+    completion_tokens bigint, reasoning_tokens bigint, cost_micros bigint,
+    computed_cost_micros bigint, input_cost_micros bigint, cached_cost_micros bigint,
+    output_cost_micros bigint, network_cost_micros bigint, platform_fee_micros bigint,
+    estimated boolean, delivered boolean, latency_ms bigint, created_at bigint,
+    finished_at bigint);
+INSERT INTO requests (id, lease_id, account_id, key_id, key_reserved, model, provider,
+    upstream_model, price_id, state, hold_micros, hold_expires_at, status, http_status,
+    prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens, cost_micros,
+    computed_cost_micros, input_cost_micros, cached_cost_micros, output_cost_micros,
+    network_cost_micros, platform_fee_micros, estimated, delivered, latency_ms, created_at,
+    finished_at)
+SELECT r.id, (SELECT min(id) FROM credit_leases), r.account_id, r.key_id, 0, r.model,
+    r.provider, r.upstream_model, r.price_id, r.state, r.hold_micros, r.hold_expires_at,
+    r.status, r.http_status, r.prompt_tokens, r.cached_tokens, r.completion_tokens,
+    r.reasoning_tokens, r.cost_micros, r.computed_cost_micros, r.input_cost_micros,
+    r.cached_cost_micros, r.output_cost_micros, r.network_cost_micros, r.platform_fee_micros,
+    r.estimated::int, r.delivered::int, r.latency_ms, r.created_at, r.finished_at
+FROM jl, jsonb_populate_record(NULL::rr, jl.j) AS r;
+DROP TABLE jl;
+DROP TYPE rr;
+SQL
+n=$(psql_ -Atc "SELECT count(*) FROM requests")
+if [ "$n" != "$records" ]; then
+    echo "$n rows from $records records" >&2
+    exit 1
+fi
+batches=$((n / 2048))
+if [ "$batches" -gt 100 ]; then batches=100; fi
 total=$((batches * 2048))
 
 # Column lists by type, in table order.
@@ -67,8 +112,11 @@ for i in $(seq 0 $((batches - 1))); do
     done
 done
 
-# name|files|what it has|DDL
+# name|files|what it has|DDL ("piece" files: one transaction per piece, counted per record)
 variants=(
+    "request_pieces as migrated|piece|pieces, data out of line uncompressed (STORAGE EXTERNAL), index by bucket|CREATE TABLE v (LIKE request_pieces INCLUDING ALL)"
+    "pieces, pglz|piece|pieces, data compressed by pglz (PostgreSQL's default)|CREATE TABLE v (LIKE request_pieces INCLUDING ALL); ALTER TABLE v ALTER COLUMN data SET STORAGE EXTENDED"
+    "pieces, lz4|piece|pieces, data compressed by lz4|CREATE TABLE v (LIKE request_pieces INCLUDING ALL); ALTER TABLE v ALTER COLUMN data SET STORAGE EXTENDED, ALTER COLUMN data SET COMPRESSION lz4"
     "as migrated|all|every column, primary key, partial index of open holds, check constraints|CREATE TABLE v (LIKE requests INCLUDING ALL)"
     "no partial index|all|every column, primary key, check constraints|CREATE TABLE v (LIKE requests INCLUDING DEFAULTS INCLUDING CONSTRAINTS); ALTER TABLE v ADD PRIMARY KEY (id)"
     "no checks|all|every column, primary key, partial index|CREATE TABLE v (LIKE requests INCLUDING DEFAULTS); ALTER TABLE v ADD PRIMARY KEY (id); CREATE INDEX ON v (hold_expires_at) WHERE state = 'held'"
@@ -89,7 +137,9 @@ measure() { # files ddl
         echo "SELECT pg_backend_pid() AS pid \\gset"
         echo "\\setenv PGPID :pid"
         echo "\\! cut -d' ' -f1 /proc/\$PGPID/schedstat > $tmp/before"
-        for i in $(seq 0 $((batches - 1))); do
+        local files=$batches
+        if [ "$1" = piece ]; then files=$pieces; fi
+        for i in $(seq 0 $((files - 1))); do
             echo "BEGIN; COPY v FROM '$rows/$1-$i.bin' (FORMAT binary); COMMIT;"
         done
         echo "\\! cut -d' ' -f1 /proc/\$PGPID/schedstat > $tmp/after"
@@ -107,13 +157,16 @@ for _ in $(seq "$rounds"); do
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "$total rows ($batches COPYs of 2,048, binary) per table, $rounds rounds; backend CPU per row:"
+echo "$records records in $pieces pieces (a COPY of one piece per transaction); $total of them as rows"
+echo "($batches COPYs of 2,048, binary); $rounds rounds; backend CPU per record:"
 echo
-echo "| table | what it has | µs per row (median) | rounds |"
+echo "| table | what it has | µs per record (median) | rounds |"
 echo "|---|---|---|---|"
 for k in "${!variants[@]}"; do
-    IFS='|' read -r name _ what _ <<<"${variants[$k]}"
-    python3 - "$name" "$what" "$total" "${cpu_ns[$k]}" <<'PY'
+    IFS='|' read -r name files what _ <<<"${variants[$k]}"
+    per=$total
+    if [ "$files" = piece ]; then per=$records; fi
+    python3 - "$name" "$what" "$per" "${cpu_ns[$k]}" <<'PY'
 import statistics, sys
 name, what, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
 us = [int(ns) / 1000 / rows for ns in sys.argv[4].split()]

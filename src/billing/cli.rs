@@ -145,6 +145,21 @@ pub struct UsageArgs {
     pub group_by: String,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct RequestsArgs {
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Start (inclusive): `YYYY-MM-DD`, RFC 3339 UTC, or unix seconds. Default: a day ago.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End (exclusive). Default: now.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// At most this many (the oldest first).
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+}
+
 /// The billing subcommands, for embedding in the top-level clap parser.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BillingCommand {
@@ -162,9 +177,27 @@ pub enum BillingCommand {
     Prices(PricesCmd),
     /// Show usage by day, model or key.
     Usage(UsageArgs),
+    /// Print request records, one JSON object per line (held and leased requests alike).
+    Requests(RequestsArgs),
     /// Ledger maintenance.
     #[command(subcommand)]
     Ledger(LedgerCmd),
+}
+
+/// `--from` / `--to` as milliseconds: `--from` defaults to `back_ms` before now, `--to` to now.
+fn time_range(
+    from: &Option<String>,
+    to: &Option<String>,
+    back_ms: i64,
+) -> Result<(i64, i64), BillingError> {
+    let now = now_ms();
+    let at = |s: &Option<String>, flag: &str, default: i64| match s {
+        Some(s) => {
+            parse_time(s).ok_or_else(|| BillingError::Invalid(format!("bad --{flag} {s:?}")))
+        }
+        None => Ok(default),
+    };
+    Ok((at(from, "from", now - back_ms)?, at(to, "to", now + 1)?))
 }
 
 fn usd_arg(s: &str) -> Result<i64, BillingError> {
@@ -426,20 +459,24 @@ pub async fn run_with(
                 .map_err(io)?;
             }
         }
+        BillingCommand::Requests(args) => {
+            let (from, to) = time_range(&args.from, &args.to, 86_400_000)?;
+            let account_id = match &args.account {
+                Some(name) => Some(billing.account(name).await?.id),
+                None => None,
+            };
+            for r in billing
+                .request_records(account_id.as_deref(), from, to, args.limit)
+                .await?
+            {
+                let line = serde_json::to_string(&r)
+                    .map_err(|e| BillingError::Invalid(format!("request {}: {e}", r.id)))?;
+                writeln!(out, "{line}").map_err(io)?;
+            }
+        }
         BillingCommand::Usage(args) => {
             let group: UsageGroup = args.group_by.parse().map_err(BillingError::Invalid)?;
-            let now = now_ms();
-            let from = match &args.from {
-                Some(s) => parse_time(s)
-                    .ok_or_else(|| BillingError::Invalid(format!("bad --from {s:?}")))?,
-                None => now - 30 * 86_400_000,
-            };
-            let to = match &args.to {
-                Some(s) => {
-                    parse_time(s).ok_or_else(|| BillingError::Invalid(format!("bad --to {s:?}")))?
-                }
-                None => now + 1,
-            };
+            let (from, to) = time_range(&args.from, &args.to, 30 * 86_400_000)?;
             let account_id = match &args.account {
                 Some(name) => Some(billing.account(name).await?.id),
                 None => None,

@@ -1,13 +1,14 @@
 //! Lease admission (`[billing] admission = "lease"`): requests are admitted in memory against a
 //! durable credit lease, each charge (and the admission of a streamed request) is appended to the
-//! local journal before the caller goes on, and a background task writes request rows and
-//! aggregated captures in batches.
+//! local journal before the caller goes on, and a background task writes request records
+//! (packed, see `store/pieces.rs`) and aggregated captures in batches.
 //!
 //! Guarantees (docs/billing.md "Lease admission"):
 //! * no overdraft: a lease is a durable hold on the account (and the key's cap) taken before any
 //!   request is admitted against it, and admission never exceeds what the lease holds;
-//! * exactly once: a request's row and its charge are written in one transaction that skips ids
-//!   already present, so a replay of the journal never charges twice;
+//! * exactly once: a request's record and its charge are written in one transaction; a batch
+//!   that may have been written before (the journal's replay, a retry after an unknown outcome)
+//!   leaves out the records already there, so a replay never charges twice;
 //! * `kill -9`: the journal survives (a record is in the page cache once appended); on restart
 //!   the instance applies it — finished requests are charged, interrupted streamed ones recorded
 //!   `expired` at no charge — and gives back the leases of its previous run. A request answered

@@ -1159,6 +1159,25 @@ impl Billing {
         Ok(self.store.usage(q).await?)
     }
 
+    /// Request records created in `[from_ms, to_ms)`, oldest first, at most `limit` (every
+    /// charge already answered written first).
+    pub async fn request_records(
+        &self,
+        account_id: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<RequestRow>, BillingError> {
+        if to_ms <= from_ms {
+            return Err(BillingError::Invalid("`to` must be after `from`".into()));
+        }
+        self.written_charges().await;
+        Ok(self
+            .store
+            .requests_between(account_id, from_ms, to_ms, limit)
+            .await?)
+    }
+
     pub async fn request_record(&self, id: &str) -> Result<RequestRow, BillingError> {
         if let Some(f) = self.leases.as_ref().and_then(|l| l.pending_row(id)) {
             return Ok(f.into_row());

@@ -56,9 +56,11 @@ impl Store {
     ///    (pass `None` to skip this check);
     /// 6. credit leases (see [`leases`](super::leases)): each lease's granted, captured and
     ///    released totals equal its `hold`, `capture` and `release`/`expire` transactions, its
-    ///    captured total equals the charges of its request rows, a closed lease holds nothing, and
+    ///    captured total equals the charges of its requests, a closed lease holds nothing, and
     ///    no open lease is past its expiry at the cutoff. A leased request has no transactions of
     ///    its own: it is final, charged at most its hold, and only `settled` ones cost anything;
+    ///    its packed record (see [`pieces`](super::pieces)) decodes, is in its id's bucket, and
+    ///    no id is written twice (in two pieces, or in a piece and `requests`);
     /// 7. `usage_by_second` adds up the settled requests, group for group.
     pub async fn check_ledger(
         &self,

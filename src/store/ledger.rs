@@ -554,6 +554,62 @@ impl Store {
         Ok(None)
     }
 
+    /// How long before its record's creation a listed request's id may have been given (the
+    /// request's body read meanwhile): the pieces searched for a time range start this much
+    /// earlier.
+    const MAX_ADMISSION_LAG_SECS: i64 = 3600;
+
+    /// Request records (rows and leased requests' packed records) of `account_id` (or every
+    /// account) created in `[from_ms, to_ms)`, oldest first, at most `limit`.
+    pub async fn requests_between(
+        &self,
+        account_id: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<RequestRow>, StoreError> {
+        let wanted = |account: &str, created: i64| {
+            account_id.is_none_or(|a| a == account) && (from_ms..to_ms).contains(&created)
+        };
+        let sql = format!(
+            "SELECT {REQUEST_COLS} FROM requests WHERE created_at >= $1 AND created_at < $2 \
+             ORDER BY created_at"
+        );
+        let mut out = Vec::new();
+        for r in sqlx::query(&sql)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let row = request_from(&r)?;
+            if wanted(&row.account_id, row.created_at) {
+                out.push(row);
+            }
+        }
+        // A packed record is in the bucket of its id's second, which is at or before its
+        // creation (the id is given on arrival, the record created at admission, after the
+        // request's body is read); ids of another form are in the negative buckets.
+        for r in sqlx::query(
+            "SELECT data FROM request_pieces WHERE (bucket >= $1 AND bucket < $2) OR bucket < 0",
+        )
+        .bind(from_ms.div_euclid(1000) - Self::MAX_ADMISSION_LAG_SECS)
+        .bind(to_ms.div_euclid(1000) + 1)
+        .fetch_all(&self.pool)
+        .await?
+        {
+            let data: Vec<u8> = r.try_get(0)?;
+            for f in super::pieces::decode(&data)? {
+                if wanted(&f.account_id, f.created_at) {
+                    out.push(f.into_row());
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
     /// Ids of holds whose expiry has passed (oldest first).
     pub async fn expired_holds(&self, now: i64, limit: i64) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
