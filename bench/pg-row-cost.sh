@@ -57,7 +57,7 @@ for i in $(seq 0 $((pieces - 1))); do
 done | psql_ >/dev/null
 
 # The records as rows of `requests`.
-TOLLGATE_SECRET=pg-row-cost "$dir/tollgate" requests --database-url "$TOLLGATE_TEST_PG_URL" \
+TOLLGATE_SECRET=pg-row-cost-bench-secret-0123456789abcdef "$dir/tollgate" requests --database-url "$TOLLGATE_TEST_PG_URL" \
     --from 0 --limit 100000000 >"$rows/records.jsonl"
 psql_ <<SQL
 CREATE TABLE jl (j jsonb);

@@ -1167,6 +1167,98 @@ async fn lease_replay(db: &Db) -> Billing {
 }
 both_backends!(lease_replay_charges_each_row_once, lease_replay);
 
+// Leased requests' records, packed by the second of their ids, are found by id and listed by
+// account and time; an id of another form (a negative bucket) too.
+async fn packed_records(db: &Db) -> Billing {
+    let b = db.billing().await;
+    let (p, _) = funded(&b, "acme", 1_000_000).await;
+    let (q, _) = funded(&b, "other", 1_000_000).await;
+    let (lp, lq) = (
+        test_lease(&b, &p, 100_000).await,
+        test_lease(&b, &q, 100_000).await,
+    );
+    let t0 = now_ms() - 10_000;
+    // Ids of three seconds (as the gateway makes them: UUIDv7 of the arrival time), created a
+    // little after their id's time, and one id of another form.
+    let id_at = |ms: i64| {
+        let ts = uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            (ms / 1000) as u64,
+            ((ms % 1000) * 1_000_000) as u32,
+        );
+        format!("req_{}", uuid::Uuid::new_v7(ts).simple())
+    };
+    let mut rows = Vec::new();
+    for i in 0..30i64 {
+        let at = t0 + i * 100;
+        let (lease, who) = if i % 3 == 0 { (&lq, &q) } else { (&lp, &p) };
+        let mut f = leased_final(lease, who, &id_at(at), 10);
+        f.created_at = at + 5;
+        rows.push(Arc::new(f));
+    }
+    let mut odd = leased_final(&lp, &p, "imported-1", 10);
+    odd.created_at = t0 + 1_500;
+    rows.push(Arc::new(odd));
+    let store = b.store().clone();
+    assert_eq!(
+        store
+            .apply_lease_finals(rows.clone(), false)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        31
+    );
+    for f in &rows {
+        let got = b
+            .request_record(&f.id)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", f.id));
+        assert_eq!(
+            serde_json::to_value(&got).ok(),
+            serde_json::to_value(LeaseFinal::clone(f).into_row()).ok(),
+            "{} as written",
+            f.id
+        );
+    }
+    assert!(
+        b.request_record(&id_at(t0 + 50)).await.is_err(),
+        "not written"
+    );
+    let ids = |acct: Option<&str>, from: i64, to: i64| {
+        let b = &b;
+        let acct = acct.map(str::to_string);
+        async move {
+            b.request_records(acct.as_deref(), from, to, usize::MAX)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let want = |pred: &dyn Fn(&LeaseFinal) -> bool| {
+        let mut w: Vec<&LeaseFinal> = rows.iter().map(|f| &**f).filter(|f| pred(f)).collect();
+        w.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        w.into_iter().map(|f| f.id.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(None, 0, now_ms()).await, want(&|_| true));
+    assert_eq!(
+        ids(Some(&p.account_id), 0, now_ms()).await,
+        want(&|f| f.account_id == p.account_id)
+    );
+    let (from, to) = (t0 + 1_005, t0 + 2_105);
+    assert_eq!(
+        ids(Some(&q.account_id), from, to).await,
+        want(&|f| f.account_id == q.account_id && (from..to).contains(&f.created_at))
+    );
+    assert_eq!(
+        ids(None, from, to).await.len(),
+        12,
+        "a window across seconds"
+    );
+    b
+}
+both_backends!(packed_records_are_found_and_listed, packed_records);
+
 // Batches of finals, top-ups and renewals of the same lease at once, from separate connections:
 // every one succeeds. They lock the account, then the lease (`LOCK_ACCOUNTS_PG`); a batch that
 // locked the lease first met a top-up holding the account, and PostgreSQL aborted one of them

@@ -131,30 +131,32 @@ pub enum LedgerCmd {
     Sweep,
 }
 
+/// `--account`, `--from` and `--to` of the commands that read by time.
 #[derive(Debug, Clone, clap::Args)]
-pub struct UsageArgs {
+pub struct Window {
     #[arg(long)]
     pub account: Option<String>,
-    /// Start (inclusive): `YYYY-MM-DD`, RFC 3339 UTC, or unix seconds. Default: 30 days ago.
+    /// Start (inclusive): `YYYY-MM-DD`, RFC 3339 UTC, or unix seconds. Default: 30 days ago
+    /// (`usage`), a day ago (`requests`).
     #[arg(long)]
     pub from: Option<String>,
     /// End (exclusive). Default: now.
     #[arg(long)]
     pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    pub window: Window,
     #[arg(long, default_value = "day")]
     pub group_by: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RequestsArgs {
-    #[arg(long)]
-    pub account: Option<String>,
-    /// Start (inclusive): `YYYY-MM-DD`, RFC 3339 UTC, or unix seconds. Default: a day ago.
-    #[arg(long)]
-    pub from: Option<String>,
-    /// End (exclusive). Default: now.
-    #[arg(long)]
-    pub to: Option<String>,
+    #[command(flatten)]
+    pub window: Window,
     /// At most this many (the oldest first).
     #[arg(long, default_value_t = 1000)]
     pub limit: usize,
@@ -184,20 +186,31 @@ pub enum BillingCommand {
     Ledger(LedgerCmd),
 }
 
-/// `--from` / `--to` as milliseconds: `--from` defaults to `back_ms` before now, `--to` to now.
-fn time_range(
-    from: &Option<String>,
-    to: &Option<String>,
-    back_ms: i64,
-) -> Result<(i64, i64), BillingError> {
-    let now = now_ms();
-    let at = |s: &Option<String>, flag: &str, default: i64| match s {
-        Some(s) => {
-            parse_time(s).ok_or_else(|| BillingError::Invalid(format!("bad --{flag} {s:?}")))
-        }
-        None => Ok(default),
-    };
-    Ok((at(from, "from", now - back_ms)?, at(to, "to", now + 1)?))
+impl Window {
+    /// The account's id (if one is named) and `[from, to)` in milliseconds: `--from` defaults to
+    /// `back_ms` before now, `--to` to now.
+    async fn resolve(
+        &self,
+        billing: &Billing,
+        back_ms: i64,
+    ) -> Result<(Option<String>, i64, i64), BillingError> {
+        let now = now_ms();
+        let at = |s: &Option<String>, flag: &str, default: i64| match s {
+            Some(s) => {
+                parse_time(s).ok_or_else(|| BillingError::Invalid(format!("bad --{flag} {s:?}")))
+            }
+            None => Ok(default),
+        };
+        let (from, to) = (
+            at(&self.from, "from", now - back_ms)?,
+            at(&self.to, "to", now + 1)?,
+        );
+        let account_id = match &self.account {
+            Some(name) => Some(billing.account(name).await?.id),
+            None => None,
+        };
+        Ok((account_id, from, to))
+    }
 }
 
 fn usd_arg(s: &str) -> Result<i64, BillingError> {
@@ -460,11 +473,7 @@ pub async fn run_with(
             }
         }
         BillingCommand::Requests(args) => {
-            let (from, to) = time_range(&args.from, &args.to, 86_400_000)?;
-            let account_id = match &args.account {
-                Some(name) => Some(billing.account(name).await?.id),
-                None => None,
-            };
+            let (account_id, from, to) = args.window.resolve(billing, 86_400_000).await?;
             for r in billing
                 .request_records(account_id.as_deref(), from, to, args.limit)
                 .await?
@@ -476,11 +485,7 @@ pub async fn run_with(
         }
         BillingCommand::Usage(args) => {
             let group: UsageGroup = args.group_by.parse().map_err(BillingError::Invalid)?;
-            let (from, to) = time_range(&args.from, &args.to, 30 * 86_400_000)?;
-            let account_id = match &args.account {
-                Some(name) => Some(billing.account(name).await?.id),
-                None => None,
-            };
+            let (account_id, from, to) = args.window.resolve(billing, 30 * 86_400_000).await?;
             let rows = billing
                 .usage(&UsageQuery {
                     account_id,

@@ -1,8 +1,9 @@
 //! PostgreSQL: lease finals written on a small pool of sqlx's PostgreSQL driver of their own
 //! (the `Any` driver the rest of the store uses binds every value through its own enum, and its
 //! `bytea` as a copy): the accounts and leases locked, the batch's pieces
-//! ([`pieces`](super::pieces)) inserted, the captures of [`capture_statements`], in one
-//! transaction — the transaction of the `Any` path in [`leases`](super::leases).
+//! ([`pieces`](super::pieces)) and captures written by
+//! [`write_batch`](super::leases::write_batch), in one transaction — the transaction of the
+//! `Any` path in [`leases`](super::leases).
 //!
 //! Until the records were packed, each was a `requests` row sent with `COPY … FROM STDIN` in the
 //! binary format: ~3.4 µs of the database's CPU per row, most of what lease billing cost
@@ -15,8 +16,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::ConnectOptions;
 
 use super::leases::{
-    accounts_of, bind_args, capture_statements, checked_against, lease_ids_of, leases_of,
-    LeaseFinal, LEASE_COLS, LOCK_ACCOUNTS_PG,
+    accounts_of, checked_against, lease_ids_of, leases_of, write_batch, LeaseFinal, LEASE_COLS,
+    LOCK_ACCOUNTS_PG,
 };
 use super::{now_ms, pieces, StoreError};
 
@@ -77,18 +78,7 @@ pub(super) async fn apply(
         finals.retain(|f| !present.contains(&f.id));
     }
 
-    for p in pieces::pack(&finals)? {
-        sqlx::query(pieces::INSERT_PIECE)
-            .bind(p.bucket)
-            .bind(p.rows)
-            .bind(p.data)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-    }
-    for (sql, args) in capture_statements(finals.iter().map(|f| &**f), &leases, now) {
-        bind_args(sqlx::query(sql), args).execute(&mut *tx).await?;
-    }
+    write_batch(&mut tx, &finals, &leases, now).await?;
     tx.commit().await?;
     Ok(finals.len() as u64)
 }

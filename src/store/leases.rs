@@ -372,6 +372,38 @@ pub(super) fn capture_statements<'a>(
     out
 }
 
+/// Writes a batch's records (packed) and the captures of their charges, in the caller's
+/// transaction (sqlx, either driver): what every writer of lease finals but SQLite's own thread
+/// does once it has the leases and knows which records are new.
+pub(super) async fn write_batch<DB>(
+    tx: &mut sqlx::Transaction<'static, DB>,
+    finals: &[Arc<LeaseFinal>],
+    leases: &HashMap<String, LeaseInfo>,
+    now: i64,
+) -> Result<(), StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for p in pieces::pack(finals)? {
+        sqlx::query(pieces::INSERT_PIECE)
+            .bind(p.bucket)
+            .bind(p.rows)
+            .bind(p.data)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for (sql, args) in capture_statements(finals.iter().map(|f| &**f), leases, now) {
+        bind_args(sqlx::query(sql), args).execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// Binds a [`capture_statements`] statement's arguments (sqlx, either driver).
 pub(super) fn bind_args<'q, DB>(
     mut q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
@@ -800,18 +832,7 @@ impl Store {
             finals.retain(|f| !present.contains(&f.id));
         }
 
-        for p in pieces::pack(&finals)? {
-            sqlx::query(pieces::INSERT_PIECE)
-                .bind(p.bucket)
-                .bind(p.rows)
-                .bind(p.data)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
-        for (sql, args) in capture_statements(finals.iter().map(|f| &**f), &leases, now) {
-            bind_args(sqlx::query(sql), args).execute(&mut *tx).await?;
-        }
+        write_batch(&mut tx, &finals, &leases, now).await?;
         tx.commit().await?;
         Ok(finals.len() as u64)
     }
