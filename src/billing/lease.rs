@@ -119,9 +119,9 @@ struct Queue {
     /// Finished, not yet written: their journal sequence numbers and row.
     /// Shared, so the writer takes a batch under the lock without copying rows there.
     pending: Vec<(Seqs, Arc<LeaseFinal>)>,
-    /// The last write of `pending`'s front failed or timed out, so it may have committed all the
-    /// same: the next write checks which rows the database has (see
-    /// [`Store::apply_lease_finals`]).
+    /// A write of `pending`'s front was started and is not known to have committed (it failed,
+    /// timed out, was dropped, or is still running): the next write checks which rows the
+    /// database has (see [`Store::apply_lease_finals`]).
     unsure: bool,
 }
 
@@ -553,10 +553,19 @@ impl Leases {
         let _one = self.writer.lock().await;
         // Under the lock (which every finishing request takes) only the shared rows are taken.
         let (rows, unsure): (Vec<Arc<LeaseFinal>>, bool) = {
-            let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let n = q.pending.len().min(MAX_BATCH);
-            let rows = q.pending[..n].iter().map(|(_, f)| Arc::clone(f)).collect();
-            (rows, q.unsure)
+            let rows: Vec<_> = q.pending[..n].iter().map(|(_, f)| Arc::clone(f)).collect();
+            // Unsure from here until this write is known to have committed: whatever ends it
+            // otherwise (an error, the timeout, this future dropped by a caller that gave up,
+            // with the batch already on the writer's thread or its COMMIT sent) leaves the next
+            // write to check what the database has.
+            let unsure = if rows.is_empty() {
+                q.unsure
+            } else {
+                std::mem::replace(&mut q.unsure, true)
+            };
+            (rows, unsure)
         };
         let n = rows.len();
         if n == 0 {
@@ -567,9 +576,6 @@ impl Leases {
             self.store.apply_lease_finals(rows, unsure),
         )
         .await;
-        if !matches!(res, Ok(Ok(_))) {
-            self.queue.lock().unwrap_or_else(|e| e.into_inner()).unsure = true;
-        }
         match res {
             Ok(Ok(_)) => {
                 let written: Vec<_> = {
@@ -735,6 +741,73 @@ mod tests {
             state: "settled".to_string(),
             ..LeaseFinal::default()
         })
+    }
+
+    /// A write whose future is dropped once its batch is on the SQLite writer's thread (a caller
+    /// that gave up waiting) still commits; the next write of the same rows must check what the
+    /// database has, or each request is written and charged twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_dropped_midway_is_not_written_twice() {
+        let (dir, store, acct) = crate::store::test_support::funded_file_store().await;
+        let leases = Leases::open(
+            store.clone(),
+            &dir.path().join("journal"),
+            100_000,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("open: {e}"));
+        let lease_id = match store
+            .grant_lease(&LeaseGrant {
+                lease_id: None,
+                account_id: acct.id.clone(),
+                key_id: None,
+                key_capped: false,
+                owner: leases.owner.clone(),
+                want_micros: 100_000,
+                min_micros: 100_000,
+                expires_at: now_ms() + 60_000,
+            })
+            .await
+        {
+            Ok(GrantOutcome::Granted { lease_id, .. }) => lease_id,
+            other => panic!("grant: {other:?}"),
+        };
+        {
+            let mut q = leases.queue.lock().unwrap_or_else(|e| e.into_inner());
+            for i in 0..5u64 {
+                let f = LeaseFinal {
+                    id: format!("d{i}"),
+                    lease_id: lease_id.clone(),
+                    account_id: acct.id.clone(),
+                    state: "settled".to_string(),
+                    hold_micros: 1_000,
+                    cost_micros: 100,
+                    ..LeaseFinal::default()
+                };
+                q.pending.push(((i + 1, None), Arc::new(f)));
+            }
+        }
+        // Polled once: far enough to hand the batch to the writer's thread; then dropped.
+        let mut first = Box::pin(leases.write_pending());
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        drop(first);
+        assert!(leases.write_pending().await, "the rows are written");
+        assert!(!leases.write_pending().await, "and no longer pending");
+        let rep = store
+            .check_ledger(None)
+            .await
+            .unwrap_or_else(|e| panic!("check: {e}"));
+        assert!(rep.is_ok(), "ledger problems: {:#?}", rep.problems);
+        assert_eq!(rep.requests, 5);
+        let captured: i64 =
+            sqlx::query_scalar("SELECT captured_micros FROM credit_leases WHERE id = $1")
+                .bind(&lease_id)
+                .fetch_one(store.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(captured, 500, "each charged once");
+        store.close().await;
     }
 
     /// The journal may drop records only below every one not yet in the database: an open

@@ -571,17 +571,24 @@ impl Store {
         let wanted = |account: &str, created: i64| {
             account_id.is_none_or(|a| a == account) && (from_ms..to_ms).contains(&created)
         };
+        // The oldest `limit` rows (of the account) suffice: the result is the oldest `limit` of
+        // the rows and the packed records together.
         let sql = format!(
-            "SELECT {REQUEST_COLS} FROM requests WHERE created_at >= $1 AND created_at < $2 \
-             ORDER BY created_at"
+            "SELECT {REQUEST_COLS} FROM requests WHERE created_at >= $1 AND created_at < $2{} \
+             ORDER BY created_at, id LIMIT {}",
+            if account_id.is_some() {
+                " AND account_id = $3"
+            } else {
+                ""
+            },
+            i64::try_from(limit).unwrap_or(i64::MAX)
         );
+        let mut q = sqlx::query(&sql).bind(from_ms).bind(to_ms);
+        if let Some(a) = account_id {
+            q = q.bind(a.to_string());
+        }
         let mut out = Vec::new();
-        for r in sqlx::query(&sql)
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all(&self.pool)
-            .await?
-        {
+        for r in q.fetch_all(&self.pool).await? {
             let row = request_from(&r)?;
             if wanted(&row.account_id, row.created_at) {
                 out.push(row);
