@@ -26,6 +26,9 @@ pub enum GatewayError {
     NotFound { message: String },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
+    /// The client stopped sending its request body for longer than the server waits.
+    #[error("the request body stopped arriving for {secs} s")]
+    RequestTimeout { secs: u64 },
     /// The caller's balance cannot cover the request's worst case.
     #[error("{message}")]
     InsufficientCredits { message: String },

@@ -1191,6 +1191,53 @@ mod gateway {
         assert_eq!(up.chat_requests().len(), 0);
     }
 
+    /// A client that stops sending its body gets 408 `request_timeout` once the body has paused
+    /// for `client_timeout_secs`; one that stops sending its headers has its connection closed
+    /// after as long. Neither holds a connection forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_body_is_408_and_stalled_headers_close_the_connection() {
+        let (up, tg) = stack(Scenario::new(Behavior::moonshot()), |c, _| {
+            c.server("client_timeout_secs", "1")
+        })
+        .await;
+        let head = Bytes::from_static(b"{\"model\":\"kimi-k2.6\",\"messages\":[");
+        let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(head) })
+            .chain(futures::stream::pending());
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            client()
+                .post(tg.url("/v1/chat/completions"))
+                .bearer_auth(KEY)
+                .header("content-type", "application/json")
+                .body(reqwest::Body::wrap_stream(stream))
+                .send(),
+        )
+        .await;
+        let r = match r {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => panic!("request failed instead of 408: {e}"),
+            Err(_) => panic!("no answer within 10 s: a stalled body is waited for"),
+        };
+        assert_eq!(r.status(), 408);
+        let v: Value = r.json().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_error_shape(&v);
+        assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+        assert_eq!(up.chat_requests().len(), 0);
+
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(tg.addr())
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        let mut buf = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await {
+            Ok(_) => {} // closed (with or without a 408 first)
+            Err(_) => panic!("a connection with half its headers is still open after 10 s"),
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upstream_errors_map_to_gateway_statuses() {
         let (up, tg) = stack(

@@ -80,10 +80,10 @@ pub fn error_type(status: u16, upstream_kind: Option<&str>) -> &'static str {
         402 => "billing_error",
         403 => "permission_error",
         404 => "not_found_error",
+        408 | 504 => "timeout_error",
         413 => "request_too_large",
         429 => "rate_limit_error",
         503 => "overloaded_error",
-        504 => "timeout_error",
         _ => "api_error",
     }
 }

@@ -150,6 +150,7 @@ struct RawLimits {
 struct RawServer {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
+    client_timeout_secs: Option<u64>,
     keepalive_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     metrics: Option<bool>,
@@ -444,6 +445,8 @@ impl Default for HealthConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: u64,
+    /// A client's request headers must arrive within this, and its body may pause no longer.
+    pub client_timeout: Duration,
     pub keepalive: Duration,
     pub shutdown_grace: Duration,
     pub metrics: bool,
@@ -660,6 +663,7 @@ fn resolve(
     let server = ServerConfig {
         listen,
         max_body_bytes: raw.server.max_body_bytes.unwrap_or(32 * 1024 * 1024),
+        client_timeout: Duration::from_secs(raw.server.client_timeout_secs.unwrap_or(30).max(1)),
         keepalive: Duration::from_secs(raw.server.keepalive_secs.unwrap_or(10).max(1)),
         shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs.unwrap_or(30)),
         metrics: raw.server.metrics.unwrap_or(true),

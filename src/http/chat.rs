@@ -19,8 +19,21 @@ use crate::gateway::{estimate_prompt_tokens, memory, Answer, Prepared, Served};
 use crate::limits::{Demand, SettleSink};
 use crate::openai::{self, wire::Envelope};
 
-/// Reads a request body, refusing (413) anything over `limit` without reading it all.
-pub async fn read_body(req: Request, limit: u64) -> Result<(HeaderMap, Bytes), GatewayError> {
+/// Whether a body read failed because the body timeout fired (somewhere in the error's chain:
+/// axum and `Limited` wrap it).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source())
+        .any(|e| e.is::<tower_http::timeout::TimeoutError>())
+}
+
+/// Reads a request body, refusing (413) anything over `limit` without reading it all, and (408)
+/// one that pauses longer than `[server] client_timeout_secs` (the router's body timeout, whose
+/// error this recognises; `timeout_secs` is for the message).
+pub async fn read_body(
+    req: Request,
+    limit: u64,
+    timeout_secs: u64,
+) -> Result<(HeaderMap, Bytes), GatewayError> {
     let (parts, body) = req.into_parts();
     if let Some(len) = parts
         .headers
@@ -41,6 +54,7 @@ pub async fn read_body(req: Request, limit: u64) -> Result<(HeaderMap, Bytes), G
         {
             Err(GatewayError::PayloadTooLarge { limit })
         }
+        Err(e) if timed_out(&*e) => Err(GatewayError::RequestTimeout { secs: timeout_secs }),
         Err(e) => Err(GatewayError::invalid(
             format!("could not read the request body: {e}"),
             None,
@@ -137,7 +151,9 @@ pub async fn handle<T>(
     let subject = super::limits::subject(state, principal.as_ref()).await;
     let rate_slot = super::limits::RateSlot::of(&req);
     let scope = memory::scope_of(presented_key(req.headers()));
-    let (_headers, body) = read_body(req, state.config.server.max_body_bytes).await?;
+    let server = &state.config.server;
+    let (_headers, body) =
+        read_body(req, server.max_body_bytes, server.client_timeout.as_secs()).await?;
     let (parsed, extra) = parse(&body)?;
     let mut prepared = state.gateway.prepare(parsed)?;
     let mem = state.gateway.memory();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use futures::task::AtomicWaker;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -20,7 +20,13 @@ use tokio::sync::watch;
 /// Serves `router` on `listener` until `stop` turns true; then stops accepting, lets every open
 /// connection finish its request in flight (idle keep-alive connections close) and returns when
 /// all are closed.
-pub async fn run(listener: TcpListener, router: Router, mut stop: watch::Receiver<bool>) {
+/// A connection's request headers must arrive within `header_timeout` (else it is closed).
+pub async fn run(
+    listener: TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     // Each connection task holds a receiver; `closed()` resolves when the last one is gone.
     let (all_closed, open) = watch::channel(());
     loop {
@@ -39,7 +45,11 @@ pub async fn run(listener: TcpListener, router: Router, mut stop: watch::Receive
         let mut conn_stop = stop.clone();
         let open = open.clone();
         tokio::spawn(Repoll::new(async move {
-            let builder = Builder::new(TokioExecutor::new());
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
             let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(tcp), service));
             let mut stopping = false;
             loop {

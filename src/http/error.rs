@@ -65,6 +65,11 @@ pub fn parts(e: &GatewayError) -> ErrorParts<'_> {
             "invalid_request_error",
             Some("payload_too_large"),
         ),
+        GatewayError::RequestTimeout { .. } => p(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            Some("request_timeout"),
+        ),
         GatewayError::InsufficientCredits { .. } => p(
             StatusCode::PAYMENT_REQUIRED,
             "insufficient_quota",
@@ -205,6 +210,7 @@ mod tests {
                 404,
             ),
             (GatewayError::PayloadTooLarge { limit: 1 }, 413),
+            (GatewayError::RequestTimeout { secs: 1 }, 408),
             (
                 GatewayError::UpstreamFailed {
                     provider: "p".into(),

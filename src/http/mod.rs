@@ -47,6 +47,7 @@ pub struct RequestId(pub String);
 /// Builds the router.
 pub fn app(state: Arc<AppState>) -> Router {
     let billing = state.billing.clone();
+    let body_timeout = state.config.server.client_timeout;
     let router = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/messages", post(messages::messages))
@@ -76,10 +77,15 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn(limits::rate_headers))
         .layer(middleware::from_fn(request_id))
         .with_state(state);
-    match billing {
+    let router = match billing {
         Some(b) => router.merge(admin::router(b)),
         None => router,
-    }
+    };
+    // A body may pause no longer than this between frames (a client that sends headers and
+    // then trickles or stops its body holds a connection no longer).
+    router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        body_timeout,
+    ))
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -280,7 +286,8 @@ pub async fn serve(
     let grace = state.config.server.shutdown_grace;
     let addr: SocketAddr = listener.local_addr()?;
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = conn::run(listener, app(state), rx);
+    let header_timeout = state.config.server.client_timeout;
+    let server = conn::run(listener, app(state), header_timeout, rx);
     tracing::info!("listening on {addr}");
     let mut handle = tokio::spawn(async move {
         server.await;
