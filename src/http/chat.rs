@@ -2,7 +2,7 @@
 //! auth, parse, prepare, dispatch, metering).
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -19,20 +19,17 @@ use crate::gateway::{estimate_prompt_tokens, memory, Answer, Prepared, Served};
 use crate::limits::{Demand, SettleSink};
 use crate::openai::{self, wire::Envelope};
 
-/// Whether a body read failed because the body timeout fired (somewhere in the error's chain:
-/// axum and `Limited` wrap it).
-fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
-    std::iter::successors(Some(e), |e| e.source())
-        .any(|e| e.is::<tower_http::timeout::TimeoutError>())
-}
-
 /// Reads a request body, refusing (413) anything over `limit` without reading it all, and (408)
-/// one that pauses longer than `[server] client_timeout_secs` (the router's body timeout, whose
-/// error this recognises; `timeout_secs` is for the message).
+/// one that pauses longer than `timeout` (`[server] client_timeout_secs`) between frames.
+///
+/// The pause is timed here, frame by frame, only while a frame is not ready: a body that has
+/// arrived with its headers (nearly every API request) starts no timer. (A body-timeout layer
+/// on the router armed and cancelled one per request: ~2 µs of the gateway's CPU per request,
+/// measured.)
 pub async fn read_body(
     req: Request,
     limit: u64,
-    timeout_secs: u64,
+    timeout: Duration,
 ) -> Result<(HeaderMap, Bytes), GatewayError> {
     let (parts, body) = req.into_parts();
     if let Some(len) = parts
@@ -45,21 +42,50 @@ pub async fn read_body(
             return Err(GatewayError::PayloadTooLarge { limit });
         }
     }
-    let limited = http_body_util::Limited::new(body, limit as usize);
-    match limited.collect().await {
-        Ok(c) => Ok((parts.headers, c.to_bytes())),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(GatewayError::PayloadTooLarge { limit })
+    let mut body = http_body_util::Limited::new(body, limit as usize);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    loop {
+        let frame = {
+            let mut next = std::pin::pin!(body.frame());
+            match futures::poll!(next.as_mut()) {
+                std::task::Poll::Ready(f) => f,
+                std::task::Poll::Pending => match tokio::time::timeout(timeout, next).await {
+                    Ok(f) => f,
+                    Err(_) => {
+                        return Err(GatewayError::RequestTimeout {
+                            secs: timeout.as_secs(),
+                        })
+                    }
+                },
+            }
+        };
+        match frame {
+            None => break,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    chunks.push(data);
+                }
+            }
+            Some(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return Err(GatewayError::PayloadTooLarge { limit })
+            }
+            Some(Err(e)) => {
+                return Err(GatewayError::invalid(
+                    format!("could not read the request body: {e}"),
+                    None,
+                ))
+            }
         }
-        Err(e) if timed_out(&*e) => Err(GatewayError::RequestTimeout { secs: timeout_secs }),
-        Err(e) => Err(GatewayError::invalid(
-            format!("could not read the request body: {e}"),
-            None,
-        )),
     }
+    let bytes = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => Bytes::from(chunks.concat()),
+    };
+    Ok((parts.headers, bytes))
 }
 
 /// The worst case a request may use: prompt estimate + maximum output tokens, and their cost at
@@ -152,8 +178,7 @@ pub async fn handle<T>(
     let rate_slot = super::limits::RateSlot::of(&req);
     let scope = memory::scope_of(presented_key(req.headers()));
     let server = &state.config.server;
-    let (_headers, body) =
-        read_body(req, server.max_body_bytes, server.client_timeout.as_secs()).await?;
+    let (_headers, body) = read_body(req, server.max_body_bytes, server.client_timeout).await?;
     let (parsed, extra) = parse(&body)?;
     let mut prepared = state.gateway.prepare(parsed)?;
     let mem = state.gateway.memory();

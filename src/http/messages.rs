@@ -91,8 +91,7 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, req: Request) -> R
         super::authorize(&state, req.headers()).await?;
         let server = &state.config.server;
         let (_h, body) =
-            super::chat::read_body(req, server.max_body_bytes, server.client_timeout.as_secs())
-                .await?;
+            super::chat::read_body(req, server.max_body_bytes, server.client_timeout).await?;
         // count_tokens has no max_tokens; the parser does not require it.
         let parsed = anthropic::parse_messages_request(&body)?;
         let prepared = state.gateway.prepare(parsed)?;

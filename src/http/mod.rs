@@ -47,7 +47,12 @@ pub struct RequestId(pub String);
 /// Builds the router.
 pub fn app(state: Arc<AppState>) -> Router {
     let billing = state.billing.clone();
-    let body_timeout = state.config.server.client_timeout;
+    // A body may pause no longer than `client_timeout` between frames (a client that sends
+    // headers and then trickles or stops its body holds a connection no longer). The API's
+    // POST routes time their bodies as they read them (`chat::read_body`: no timer unless a
+    // frame is late); the admin routes' JSON bodies, through this layer.
+    let admin_body =
+        tower_http::timeout::RequestBodyTimeoutLayer::new(state.config.server.client_timeout);
     let router = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/messages", post(messages::messages))
@@ -62,30 +67,30 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/admin/v1/keys/{prefix}/limits",
             get(limits::key_limits)
                 .patch(limits::patch_key_limits)
-                .delete(limits::clear_key_limits),
+                .delete(limits::clear_key_limits)
+                .layer(admin_body.clone()),
         )
         .route(
             "/admin/v1/accounts/{name}/limits",
             get(limits::account_limits)
                 .patch(limits::patch_account_limits)
-                .delete(limits::clear_account_limits),
+                .delete(limits::clear_account_limits)
+                .layer(admin_body.clone()),
         )
         // GET of the same path is billing's (admin router, merged below)
-        .route("/admin/v1/accounts/{name}", patch(limits::patch_account))
+        .route(
+            "/admin/v1/accounts/{name}",
+            patch(limits::patch_account).layer(admin_body.clone()),
+        )
         .route("/admin/v1/routes/health", get(routes_health))
         .fallback(not_found)
         .layer(middleware::from_fn(limits::rate_headers))
         .layer(middleware::from_fn(request_id))
         .with_state(state);
-    let router = match billing {
-        Some(b) => router.merge(admin::router(b)),
+    match billing {
+        Some(b) => router.merge(admin::router(b).layer(admin_body)),
         None => router,
-    };
-    // A body may pause no longer than this between frames (a client that sends headers and
-    // then trickles or stops its body holds a connection no longer).
-    router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        body_timeout,
-    ))
+    }
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
