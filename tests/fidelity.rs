@@ -1154,6 +1154,26 @@ mod gateway {
         );
     }
 
+    /// A chat completion whose body is `head` and then nothing, ever; the answer, waited for
+    /// up to 10 s (`Err` when there is none by then).
+    async fn send_then_stall(
+        tg: &Tollgate,
+        head: Bytes,
+    ) -> Result<reqwest::Result<reqwest::Response>, tokio::time::error::Elapsed> {
+        let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(head) })
+            .chain(futures::stream::pending());
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            client()
+                .post(tg.url("/v1/chat/completions"))
+                .bearer_auth(KEY)
+                .header("content-type", "application/json")
+                .body(reqwest::Body::wrap_stream(stream))
+                .send(),
+        )
+        .await
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn body_over_limit_is_413_without_reading_it_all() {
         let (up, tg) = stack(Scenario::new(Behavior::moonshot()), |c, _| {
@@ -1171,19 +1191,7 @@ mod gateway {
             "{{\"model\":\"kimi-k2.6\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}",
             "y".repeat(80_000)
         ));
-        let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(head) })
-            .chain(futures::stream::pending());
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            client()
-                .post(tg.url("/v1/chat/completions"))
-                .bearer_auth(KEY)
-                .header("content-type", "application/json")
-                .body(reqwest::Body::wrap_stream(stream))
-                .send(),
-        )
-        .await;
-        match r {
+        match send_then_stall(&tg, head).await {
             Ok(Ok(r)) => assert_eq!(r.status(), 413),
             Ok(Err(e)) => panic!("request failed instead of 413: {e}"),
             Err(_) => panic!("no answer within 10 s: the body is being read to the end"),
@@ -1201,19 +1209,7 @@ mod gateway {
         })
         .await;
         let head = Bytes::from_static(b"{\"model\":\"kimi-k2.6\",\"messages\":[");
-        let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(head) })
-            .chain(futures::stream::pending());
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            client()
-                .post(tg.url("/v1/chat/completions"))
-                .bearer_auth(KEY)
-                .header("content-type", "application/json")
-                .body(reqwest::Body::wrap_stream(stream))
-                .send(),
-        )
-        .await;
-        let r = match r {
+        let r = match send_then_stall(&tg, head).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => panic!("request failed instead of 408: {e}"),
             Err(_) => panic!("no answer within 10 s: a stalled body is waited for"),
