@@ -555,22 +555,17 @@ impl Leases {
         let (rows, unsure): (Vec<Arc<LeaseFinal>>, bool) = {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let n = q.pending.len().min(MAX_BATCH);
-            let rows: Vec<_> = q.pending[..n].iter().map(|(_, f)| Arc::clone(f)).collect();
+            if n == 0 {
+                return false;
+            }
+            let rows = q.pending[..n].iter().map(|(_, f)| Arc::clone(f)).collect();
             // Unsure from here until this write is known to have committed: whatever ends it
             // otherwise (an error, the timeout, this future dropped by a caller that gave up,
             // with the batch already on the writer's thread or its COMMIT sent) leaves the next
             // write to check what the database has.
-            let unsure = if rows.is_empty() {
-                q.unsure
-            } else {
-                std::mem::replace(&mut q.unsure, true)
-            };
-            (rows, unsure)
+            (rows, std::mem::replace(&mut q.unsure, true))
         };
         let n = rows.len();
-        if n == 0 {
-            return false;
-        }
         let res = tokio::time::timeout(
             Duration::from_secs(30),
             self.store.apply_lease_finals(rows, unsure),

@@ -10,9 +10,8 @@
 //! request is charged exactly once even when the same batch is applied twice (a batch that may
 //! have been written before leaves out the records already there, and only records actually
 //! written are captured). On a SQLite file that transaction runs on the lease writer's thread
-//! ([`lease_writer`](super::lease_writer)); on PostgreSQL on sqlx's PostgreSQL driver
-//! ([`lease_pg`](super::lease_pg)); here, through sqlx's `Any` pool, are an in-memory SQLite
-//! database's batches.
+//! ([`lease_writer`](super::lease_writer)); here, through sqlx's `Any` pool, are PostgreSQL's
+//! and an in-memory SQLite database's batches.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -372,38 +371,6 @@ pub(super) fn capture_statements<'a>(
     out
 }
 
-/// Writes a batch's records (packed) and the captures of their charges, in the caller's
-/// transaction (sqlx, either driver): what every writer of lease finals but SQLite's own thread
-/// does once it has the leases and knows which records are new.
-pub(super) async fn write_batch<DB>(
-    tx: &mut sqlx::Transaction<'static, DB>,
-    finals: &[Arc<LeaseFinal>],
-    leases: &HashMap<String, LeaseInfo>,
-    now: i64,
-) -> Result<(), StoreError>
-where
-    DB: sqlx::Database,
-    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    for p in pieces::pack(finals)? {
-        sqlx::query(pieces::INSERT_PIECE)
-            .bind(p.bucket)
-            .bind(p.rows)
-            .bind(p.data)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-    }
-    for (sql, args) in capture_statements(finals.iter().map(|f| &**f), leases, now) {
-        bind_args(sqlx::query(sql), args).execute(&mut **tx).await?;
-    }
-    Ok(())
-}
-
 /// Binds a [`capture_statements`] statement's arguments (sqlx, either driver).
 pub(super) fn bind_args<'q, DB>(
     mut q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
@@ -755,8 +722,9 @@ impl Store {
     /// once without the flag and every later time with it.
     ///
     /// On a SQLite file the batch is handed to the lease writer's thread (one hand-off, under the
-    /// write gate); on PostgreSQL it goes through sqlx's PostgreSQL driver
-    /// ([`lease_pg`](super::lease_pg)); an in-memory SQLite database's, through the `Any` pool.
+    /// write gate); PostgreSQL's and an in-memory SQLite database's go through the `Any` pool.
+    /// (Until the records were packed, PostgreSQL's rows were sent with a binary `COPY` on a pool
+    /// of sqlx's PostgreSQL driver: ~3.4 µs of the database's CPU per row; see BENCHMARKS.md.)
     pub async fn apply_lease_finals(
         &self,
         finals: Vec<Arc<LeaseFinal>>,
@@ -768,9 +736,6 @@ impl Store {
         if let Some(w) = &self.lease_writer {
             let _gate = self.write_gate().await;
             return w.apply(finals, maybe_written).await;
-        }
-        if let Some(pg) = &self.lease_pg {
-            return super::lease_pg::apply(pg, finals, maybe_written).await;
         }
         self.apply_lease_finals_sqlx(finals, maybe_written).await
     }
@@ -832,7 +797,18 @@ impl Store {
             finals.retain(|f| !present.contains(&f.id));
         }
 
-        write_batch(&mut tx, &finals, &leases, now).await?;
+        for p in pieces::pack(&finals)? {
+            sqlx::query(pieces::INSERT_PIECE)
+                .bind(p.bucket)
+                .bind(p.rows)
+                .bind(p.data)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (sql, args) in capture_statements(finals.iter().map(|f| &**f), &leases, now) {
+            bind_args(sqlx::query(sql), args).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(finals.len() as u64)
     }

@@ -568,9 +568,6 @@ impl Store {
         to_ms: i64,
         limit: usize,
     ) -> Result<Vec<RequestRow>, StoreError> {
-        let wanted = |account: &str, created: i64| {
-            account_id.is_none_or(|a| a == account) && (from_ms..to_ms).contains(&created)
-        };
         // The oldest `limit` rows (of the account) suffice: the result is the oldest `limit` of
         // the rows and the packed records together.
         let sql = format!(
@@ -587,13 +584,12 @@ impl Store {
         if let Some(a) = account_id {
             q = q.bind(a.to_string());
         }
-        let mut out = Vec::new();
-        for r in q.fetch_all(&self.pool).await? {
-            let row = request_from(&r)?;
-            if wanted(&row.account_id, row.created_at) {
-                out.push(row);
-            }
-        }
+        let mut out = q
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(request_from)
+            .collect::<Result<Vec<_>, _>>()?;
         // A packed record is in the bucket of its id's second, which is at or before its
         // creation (the id is given on arrival, the record created at admission, after the
         // request's body is read); ids of another form are in the negative buckets.
@@ -606,11 +602,15 @@ impl Store {
         .await?
         {
             let data: Vec<u8> = r.try_get(0)?;
-            for f in super::pieces::decode(&data)? {
-                if wanted(&f.account_id, f.created_at) {
-                    out.push(f.into_row());
-                }
-            }
+            out.extend(
+                super::pieces::decode(&data)?
+                    .into_iter()
+                    .filter(|f| {
+                        account_id.is_none_or(|a| a == f.account_id)
+                            && (from_ms..to_ms).contains(&f.created_at)
+                    })
+                    .map(super::leases::LeaseFinal::into_row),
+            );
         }
         out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         out.truncate(limit);

@@ -10,7 +10,6 @@ pub mod accounts;
 pub mod attempts;
 mod batch;
 pub mod check;
-mod lease_pg;
 mod lease_writer;
 pub mod leases;
 pub mod ledger;
@@ -75,8 +74,6 @@ pub struct Store {
     /// SQLite file: the thread that writes lease finals (see [`lease_writer`]), started on first
     /// use. `None` on PostgreSQL and on an in-memory SQLite database (no file to share).
     lease_writer: Option<Arc<lease_writer::LeaseWriter>>,
-    /// PostgreSQL: the pool lease finals are written through (see [`lease_pg`]).
-    lease_pg: Option<sqlx::PgPool>,
     /// Changes to what an authenticated key carries that this process knows of (see
     /// [`Store::key_changes`]); shared by every clone of the handle.
     key_changes: Arc<std::sync::atomic::AtomicU64>,
@@ -187,10 +184,6 @@ impl Store {
             write_gate: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
             batcher: None,
             lease_writer: sqlite_file.map(|f| Arc::new(lease_writer::LeaseWriter::new(f))),
-            lease_pg: match backend {
-                Backend::Postgres => Some(lease_pg::pool(&url)?),
-                Backend::Sqlite => None,
-            },
             key_changes: Arc::default(),
         };
         store.batcher = batch::spawn(&store);
@@ -243,9 +236,6 @@ impl Store {
         }
         if let Some(w) = &self.lease_writer {
             w.close().await;
-        }
-        if let Some(p) = &self.lease_pg {
-            p.close().await;
         }
         self.pool.close().await;
     }
